@@ -1,0 +1,105 @@
+//! Wiring: validated config → built components → running server and dispatchers.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::config::ValidConfig;
+use crate::deliver::{Dispatcher, Wakers};
+use crate::ingest::IngestLimits;
+use crate::journal::{Journal, SqliteJournal};
+use crate::normalise::VendorRegistry;
+use crate::route::Router as EventRouter;
+
+/// Shared by every request handler.
+pub struct AppState {
+    pub journal: Arc<dyn Journal>,
+    pub vendors: VendorRegistry,
+    pub router: EventRouter,
+    pub wakers: Wakers,
+    pub ingest: IngestLimits,
+}
+
+pub fn http_router(state: Arc<AppState>) -> Router {
+    crate::ingest::router()
+        .merge(crate::admin::router())
+        .with_state(state)
+}
+
+/// Builds everything from config and serves until SIGINT/SIGTERM.
+pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Result<()> {
+    let journal: Arc<dyn Journal> = Arc::new(
+        SqliteJournal::open(&config.data_dir, config.max_batch, config.queue_capacity)
+            .with_context(|| format!("opening journal in {}", config.data_dir.display()))?,
+    );
+    let wakers = Wakers::new(config.destinations.iter().map(|d| d.name.clone()));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut dispatchers = Vec::new();
+    for dest in &config.destinations {
+        let d = Dispatcher::new(dest.clone(), Arc::clone(&journal), &wakers)
+            .with_context(|| format!("building HTTP client for destination {}", dest.name))?;
+        dispatchers.push(tokio::spawn(d.run(stop_rx.clone(), config.shutdown_grace)));
+    }
+    let state = Arc::new(AppState {
+        journal,
+        vendors,
+        router: EventRouter::new(config.routes.clone()),
+        wakers,
+        ingest: IngestLimits {
+            max_body_bytes: config.max_body_bytes,
+            retry_after_s: config.retry_after_s,
+            request_timeout: config.request_timeout,
+            max_json_depth: config.max_json_depth,
+            in_flight: Semaphore::new(config.max_in_flight),
+        },
+    });
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::warn!(
+        %addr,
+        "listening on plain HTTP (no TLS): for local development only; vendors should reach knutepunkt through TLS"
+    );
+    tracing::info!(
+        vendors = ?state.vendors.names(),
+        destinations = config.destinations.len(),
+        routes = config.routes.len(),
+        data_dir = %config.data_dir.display(),
+        "knutepunkt ready"
+    );
+    // The port line is machine-readable: tests and scripts that bind port 0 read it.
+    println!("knutepunkt listening on {addr}");
+    axum::serve(listener, http_router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("HTTP server")?;
+    tracing::info!("draining deliveries");
+    let _ = stop_tx.send(true);
+    for d in dispatchers {
+        let _ = d.await;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutdown requested");
+}

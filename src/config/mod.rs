@@ -1,0 +1,202 @@
+//! Configuration: raw serde types (this file) → pure `validate` → `ValidConfig` → build.
+//!
+//! Every key is documented in `docs/configuration.md`; `deploy/knutepunkt.example.toml` is the
+//! commented example that `knutepunkt check` must accept (a test enforces it).
+
+pub mod validate;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use validate::{ConfigError, ValidConfig, ValidDestination, ValidRoute, load, validate};
+
+/// Top-level config file. Every section has defaults, so an empty file (or none) is valid.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub ingest: IngestConfig,
+    pub mappings: MappingsConfig,
+    #[serde(rename = "destination")]
+    pub destinations: Vec<DestinationConfig>,
+    #[serde(rename = "route")]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the HTTP listener (ingest, admin, health).
+    pub listen: String,
+    /// Seconds to let in-flight requests and deliveries finish on SIGTERM/SIGINT.
+    pub shutdown_grace_s: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            shutdown_grace_s: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `sqlite` (embedded, default). `postgres` is reserved for the PostgreSQL backend.
+    pub kind: String,
+    /// Directory for the embedded journal (`journal.sqlite3` and its WAL).
+    pub data_dir: PathBuf,
+    /// Most commands (ingests, outcomes, claims) that share one transaction and one fsync.
+    pub max_batch: usize,
+    /// Capacity of the writer queue; when full, ingest answers 503 with Retry-After.
+    pub queue_capacity: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            kind: "sqlite".into(),
+            data_dir: PathBuf::from("./data"),
+            max_batch: 512,
+            queue_capacity: 8192,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Largest accepted request body in bytes; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Most ingest requests processed at once; beyond that ingest answers 503 + Retry-After.
+    pub max_in_flight: usize,
+    /// Seconds a vendor is told to wait in `Retry-After` when the gateway sheds load.
+    pub retry_after_s: u64,
+    /// Seconds an ingest request may take in total (reading the body, mapping, durable commit).
+    pub request_timeout_s: u64,
+    /// Largest JSON nesting depth accepted in a vendor body.
+    pub max_json_depth: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            max_in_flight: 4096,
+            retry_after_s: 1,
+            request_timeout_s: 30,
+            max_json_depth: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MappingsConfig {
+    /// Directory holding one `*.toml` mapping file per vendor.
+    pub dir: PathBuf,
+}
+
+impl Default for MappingsConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("./mappings"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    pub name: String,
+    /// Absolute http(s) URL the FHIR Bundle is POSTed to.
+    pub url: String,
+    #[serde(default = "defaults::timeout_ms")]
+    pub timeout_ms: u64,
+    /// Lanes of this destination delivered at once (non-alarm lanes).
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: usize,
+    /// Extra slots reserved for alarm lanes, so alarms never wait for a measurement slot.
+    #[serde(default = "defaults::alarm_concurrency")]
+    pub alarm_concurrency: usize,
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// First backoff ceiling in milliseconds; doubles per attempt (full jitter below it).
+    pub base_delay_ms: u64,
+    /// Largest backoff in milliseconds.
+    pub max_delay_ms: u64,
+    /// Attempts before the delivery is dead-lettered.
+    pub max_attempts: u32,
+    /// Seconds after the event was stored at which it is dead-lettered instead of retried.
+    pub max_age_s: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            base_delay_ms: 500,
+            max_delay_ms: 60_000,
+            max_attempts: 50,
+            max_age_s: 86_400,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Vendors this route matches; empty means any.
+    #[serde(default)]
+    pub vendors: Vec<String>,
+    /// Categories: alarm, event, measurement, medication, note; empty means any.
+    #[serde(default)]
+    pub categories: Vec<String>,
+    /// Municipality numbers (4 digits); empty means any.
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    /// Priorities: critical, high, normal, low; empty means any.
+    #[serde(default)]
+    pub priorities: Vec<String>,
+    pub destinations: Vec<String>,
+}
+
+mod defaults {
+    pub fn timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn concurrency() -> usize {
+        32
+    }
+    pub fn alarm_concurrency() -> usize {
+        8
+    }
+}
+
+/// Where a config came from, for error messages.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub file: String,
+}
+
+impl Source {
+    pub fn defaults() -> Self {
+        Self {
+            file: "<defaults>".into(),
+        }
+    }
+    pub fn file(path: &Path) -> Self {
+        Self {
+            file: path.display().to_string(),
+        }
+    }
+}

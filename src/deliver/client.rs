@@ -1,0 +1,145 @@
+//! One HTTP POST of a FHIR Bundle, reduced to what the classifier needs.
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+
+use super::classify::{self, Class};
+use crate::journal::DeliveryTask;
+
+/// What came back from one attempt.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub class: Class,
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub retry_after: Option<Duration>,
+}
+
+pub fn build(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        // A redirect is a configuration error at the receiver; never follow it with patient data.
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+}
+
+/// Posts the task's Bundle. The `Idempotency-Key` is the event id, the same on every attempt and
+/// every replay, so receivers can drop repeats.
+pub async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    task: &DeliveryTask,
+    attempt: u32,
+) -> Answer {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+json; fhirVersion=4.0"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&task.event_id) {
+        headers.insert("idempotency-key", v.clone());
+        headers.insert("x-knutepunkt-event-id", v);
+    }
+    headers.insert("x-knutepunkt-attempt", HeaderValue::from(attempt));
+    let sent = client
+        .post(url)
+        .headers(headers)
+        .body(task.fhir.to_string())
+        .send()
+        .await;
+    let mut resp = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            let kind = if e.is_timeout() {
+                "timeout"
+            } else if e.is_connect() {
+                "connect error"
+            } else {
+                "transport error"
+            };
+            return Answer {
+                class: Class::Retry,
+                status: None,
+                error: Some(format!("{kind}: {}", error_chain(&e))),
+                retry_after: None,
+            };
+        }
+    };
+    let code = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    let class = classify::status(code);
+    // Read a bounded prefix of the body: it names the reason (e.g. an OperationOutcome) and
+    // draining lets the connection be reused.
+    let mut body = Vec::new();
+    while body.len() < 2048 {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    let error = (class != Class::Delivered).then(|| {
+        let text = String::from_utf8_lossy(&body[..body.len().min(300)]).replace('\n', " ");
+        if text.trim().is_empty() {
+            format!("HTTP {code}")
+        } else {
+            format!("HTTP {code}: {}", text.trim())
+        }
+    });
+    Answer {
+        class,
+        status: Some(code),
+        error,
+        retry_after,
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// `Retry-After` is either delta-seconds or an HTTP date.
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs.min(86_400)));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon"), None);
+        let future = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        let d = parse_retry_after(&future).expect("date");
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(120));
+        assert_eq!(parse_retry_after(&past), Some(Duration::ZERO));
+    }
+}

@@ -1,0 +1,207 @@
+//! Deliver: one dispatcher per destination claims lane heads from the journal, POSTs them, and
+//! records each outcome back in the journal. Nothing about delivery state lives only in memory.
+//!
+//! Isolation: every destination has its own dispatcher, HTTP client and slots, so a dead or
+//! hanging destination never holds up another. Within a destination, each lane holds at most one
+//! attempt at a time (the journal hands out only unleased heads), so a failing key blocks only
+//! itself. Alarm lanes are claimed first and have their own slots.
+
+pub mod backoff;
+pub mod classify;
+pub mod client;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::clock::now_ms;
+use crate::config::ValidDestination;
+use crate::journal::{AttemptRecord, DeliveryTask, Journal, JournalError, LaneClass, Verdict};
+use classify::Class;
+
+/// Longest a dispatcher sleeps without looking at the journal, so a missed wake-up costs at most
+/// this much latency.
+const POLL: Duration = Duration::from_millis(500);
+
+/// Handles to wake dispatchers when new work is journaled.
+#[derive(Clone, Default)]
+pub struct Wakers {
+    by_dest: Arc<HashMap<String, Arc<Notify>>>,
+}
+
+impl Wakers {
+    pub fn new(names: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            by_dest: Arc::new(
+                names
+                    .into_iter()
+                    .map(|n| (n, Arc::new(Notify::new())))
+                    .collect(),
+            ),
+        }
+    }
+    pub fn wake(&self, dest: &str) {
+        if let Some(n) = self.by_dest.get(dest) {
+            n.notify_one();
+        }
+    }
+    pub fn wake_all(&self) {
+        self.by_dest.values().for_each(|n| n.notify_one());
+    }
+    fn get(&self, dest: &str) -> Arc<Notify> {
+        self.by_dest.get(dest).cloned().unwrap_or_default()
+    }
+}
+
+pub struct Dispatcher {
+    dest: ValidDestination,
+    journal: Arc<dyn Journal>,
+    client: reqwest::Client,
+    wake: Arc<Notify>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        dest: ValidDestination,
+        journal: Arc<dyn Journal>,
+        wakers: &Wakers,
+    ) -> Result<Self, reqwest::Error> {
+        let client = client::build(dest.timeout)?;
+        let wake = wakers.get(&dest.name);
+        Ok(Self {
+            dest,
+            journal,
+            client,
+            wake,
+        })
+    }
+
+    /// Runs until `shutdown` turns true, then waits up to `grace` for attempts in flight.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>, grace: Duration) {
+        let this = Arc::new(self);
+        let alarm_slots = Arc::new(Semaphore::new(this.dest.alarm_concurrency));
+        let normal_slots = Arc::new(Semaphore::new(this.dest.concurrency));
+        let classes = [
+            (LaneClass::Alarm, &alarm_slots),
+            (LaneClass::Normal, &normal_slots),
+        ];
+        while !*shutdown.borrow() {
+            let now = now_ms();
+            let mut next_due: Option<i64> = None;
+            let mut failed = false;
+            for (class, slots) in classes {
+                let free = slots.available_permits();
+                match this.journal.claim(&this.dest.name, class, free, now).await {
+                    Ok(claimed) => {
+                        next_due = min_opt(next_due, claimed.next_due_ms);
+                        for task in claimed.tasks {
+                            let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
+                                // Cannot happen (only this loop takes slots); the lease is
+                                // released on restart at worst, never lost.
+                                tracing::error!(dest = %this.dest.name, "no free slot for a claimed lane");
+                                break;
+                            };
+                            let me = Arc::clone(&this);
+                            tokio::spawn(async move {
+                                me.attempt(task).await;
+                                drop(permit);
+                                me.wake.notify_one();
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        failed = true;
+                        tracing::warn!(dest = %this.dest.name, error = %e, "claim failed");
+                    }
+                }
+            }
+            let mut wait = POLL;
+            if failed {
+                wait = Duration::from_secs(1);
+            } else if let Some(due) = next_due {
+                wait = wait.min(Duration::from_millis((due - now_ms()).max(0) as u64));
+            }
+            tokio::select! {
+                _ = this.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        // Let attempts in flight finish and record their outcome; past the grace period their
+        // leases die with the process and the heads are delivered again after restart.
+        let all = this.dest.concurrency + this.dest.alarm_concurrency;
+        let drained = async {
+            let _a = alarm_slots
+                .acquire_many(this.dest.alarm_concurrency as u32)
+                .await;
+            let _n = normal_slots
+                .acquire_many(this.dest.concurrency as u32)
+                .await;
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            tracing::warn!(dest = %this.dest.name, slots = all, "shutdown grace ran out with attempts in flight");
+        }
+    }
+
+    async fn attempt(&self, task: DeliveryTask) {
+        let attempt = task.attempts + 1;
+        let started = Instant::now();
+        let answer = client::post(&self.client, &self.dest.url, &task, attempt).await;
+        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let at_ms = now_ms();
+        let verdict = match answer.class {
+            Class::Delivered => Verdict::Delivered,
+            Class::Permanent => Verdict::DeadLetter {
+                reason: format!(
+                    "permanent failure: {}",
+                    answer.error.clone().unwrap_or_default()
+                ),
+            },
+            Class::Retry => backoff::after_failure(
+                &self.dest.retry,
+                attempt,
+                task.created_at_ms,
+                at_ms,
+                answer.retry_after,
+                rand::random::<f64>(),
+            ),
+        };
+        if let Verdict::DeadLetter { reason } = &verdict {
+            tracing::warn!(dest = %self.dest.name, event_id = %task.event_id, attempt, %reason, "dead-lettered");
+        }
+        let record = AttemptRecord {
+            task,
+            attempt,
+            status: answer.status,
+            error: answer.error,
+            latency_ms,
+            at_ms,
+            verdict,
+        };
+        // The journal may be briefly overloaded or away: keep the outcome until it is written,
+        // since the lane stays leased until then. A crash meanwhile only means a redelivery.
+        let write = || async { self.journal.record(record.clone()).await };
+        let result = write
+            .retry(
+                ExponentialBuilder::default()
+                    .with_max_times(usize::MAX)
+                    .with_max_delay(Duration::from_secs(5)),
+            )
+            .when(|e| matches!(e, JournalError::Overloaded | JournalError::Unavailable(_)))
+            .await;
+        if let Err(e) = result {
+            tracing::error!(dest = %self.dest.name, error = %e, "could not record delivery outcome");
+        }
+    }
+}
+
+fn min_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}

@@ -1,0 +1,77 @@
+//! Journal: the durable record of every accepted event and of its delivery state per destination.
+//!
+//! Design (shared by every backend):
+//! - `events` holds the raw body, the normalised FHIR Bundle and routing facts.
+//! - `deliveries` holds one row per (event, destination): `pending`, `delivered`, `dead` or
+//!   `replayed` (a dead letter that was re-queued as a new row).
+//! - `lanes` holds one row per non-empty (destination, lane class, key) FIFO: its head delivery,
+//!   the head's retry schedule (`next_attempt_at`) and whether a worker holds it (`leased`).
+//!   Only a lane's head is ever handed out, and only while unleased, so per-key order is strict.
+//! - `audit` is the append-only trail of every step.
+//!
+//! A backend commits many commands in one transaction (group commit) and answers none before
+//! that commit is durable.
+
+mod sqlite;
+pub mod types;
+
+pub use sqlite::SqliteJournal;
+pub use types::*;
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum JournalError {
+    /// The writer queue is full: shed load (ingest answers 503 + Retry-After).
+    #[error("journal is overloaded")]
+    Overloaded,
+    /// The store failed or is unreachable; nothing of the command was committed.
+    #[error("journal unavailable: {0}")]
+    Unavailable(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+}
+
+impl From<rusqlite::Error> for JournalError {
+    fn from(e: rusqlite::Error) -> Self {
+        JournalError::Unavailable(e.to_string())
+    }
+}
+
+/// The storage contract. The SQLite backend implements it today; a PostgreSQL backend implements
+/// the same calls with leases that expire (fencing by `LaneLease::token`).
+#[async_trait]
+pub trait Journal: Send + Sync + 'static {
+    /// Stores an event and its pending deliveries; returns once durable. Repeats of a vendor event
+    /// (same vendor event id or idempotency key) return the first event's id and store nothing.
+    async fn append(&self, event: NewEvent) -> Result<Appended, JournalError>;
+
+    /// Leases up to `limit` ready lanes of `dest` in `class`, oldest due first, and returns their
+    /// head deliveries. `next_due` tells when the earliest not-yet-ready lane becomes due.
+    async fn claim(
+        &self,
+        dest: &str,
+        class: LaneClass,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Claimed, JournalError>;
+
+    /// Records the outcome of one attempt, releases the lane lease and advances the lane when the
+    /// head is finished (delivered or dead-lettered).
+    async fn record(&self, attempt: AttemptRecord) -> Result<(), JournalError>;
+
+    /// Re-queues dead letters matching `filter` at the tail of their lanes; returns how many.
+    async fn replay(&self, filter: ReplayFilter) -> Result<Vec<Replayed>, JournalError>;
+
+    /// A durable no-op write: proves the store is writable (readiness).
+    async fn ping(&self) -> Result<(), JournalError>;
+
+    async fn lanes(&self, query: LaneQuery) -> Result<Vec<LaneInfo>, JournalError>;
+    async fn destinations(&self) -> Result<Vec<DestinationStats>, JournalError>;
+    async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>, JournalError>;
+    async fn event(&self, id: &str) -> Result<Option<EventDetail>, JournalError>;
+    async fn stats(&self) -> Result<JournalStats, JournalError>;
+}

@@ -1,0 +1,567 @@
+//! The single writer: drains queued commands into one transaction, commits (one fsync), and only
+//! then answers each caller. Each command runs in its own savepoint so one failing command never
+//! leaves partial rows nor spoils the others in its batch.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::journal::{
+    Appended, AttemptRecord, Claimed, DeliveryTask, JournalError, LaneClass, NewEvent,
+    ReplayFilter, Replayed, Verdict,
+};
+
+type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
+
+pub enum Command {
+    Append(Box<NewEvent>, Reply<Appended>),
+    Claim {
+        dest: String,
+        class: LaneClass,
+        limit: usize,
+        now_ms: i64,
+        reply: Reply<Claimed>,
+    },
+    Record(Box<AttemptRecord>, Reply<()>),
+    Replay(ReplayFilter, Reply<Vec<Replayed>>),
+    Ping(Reply<()>),
+}
+
+/// A command's result, held until the batch commits.
+enum Done {
+    Append(Reply<Appended>, Result<Appended, JournalError>),
+    Claim(Reply<Claimed>, Result<Claimed, JournalError>),
+    Unit(Reply<()>, Result<(), JournalError>),
+    Replay(Reply<Vec<Replayed>>, Result<Vec<Replayed>, JournalError>),
+}
+
+impl Done {
+    fn send(self, commit: &Result<(), String>) {
+        // A failed commit turns every answer into Unavailable: nothing of the batch is durable.
+        fn pick<T>(
+            r: Result<T, JournalError>,
+            commit: &Result<(), String>,
+        ) -> Result<T, JournalError> {
+            match commit {
+                Ok(()) => r,
+                Err(e) => Err(JournalError::Unavailable(format!("commit failed: {e}"))),
+            }
+        }
+        // A caller that gave up (timeout) no longer listens; its result is durable regardless.
+        match self {
+            Done::Append(tx, r) => drop(tx.send(pick(r, commit))),
+            Done::Claim(tx, r) => drop(tx.send(pick(r, commit))),
+            Done::Unit(tx, r) => drop(tx.send(pick(r, commit))),
+            Done::Replay(tx, r) => drop(tx.send(pick(r, commit))),
+        }
+    }
+}
+
+pub fn spawn(
+    conn: Connection,
+    rx: mpsc::Receiver<Command>,
+    max_batch: usize,
+) -> Result<(), JournalError> {
+    std::thread::Builder::new()
+        .name("journal-writer".into())
+        .spawn(move || run(conn, rx, max_batch))
+        .map(|_| ())
+        .map_err(|e| JournalError::Unavailable(format!("spawn writer: {e}")))
+}
+
+fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize) {
+    let tokens = Arc::new(AtomicI64::new(lease_epoch()));
+    let mut batch = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+        }
+        let mut done = Vec::with_capacity(batch.len());
+        let commit = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        {
+            Ok(mut tx) => {
+                for cmd in batch.drain(..) {
+                    done.push(apply(&mut tx, cmd, &tokens));
+                }
+                tx.commit().map_err(|e| e.to_string())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for cmd in batch.drain(..) {
+                    done.push(fail(cmd, &msg));
+                }
+                Err(msg)
+            }
+        };
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, "journal commit failed");
+        }
+        for d in done {
+            d.send(&commit);
+        }
+    }
+}
+
+/// Lease tokens start from the wall clock so tokens never repeat across restarts.
+fn lease_epoch() -> i64 {
+    crate::clock::now_ms().saturating_mul(1000)
+}
+
+fn fail(cmd: Command, msg: &str) -> Done {
+    let err = || JournalError::Unavailable(msg.to_string());
+    match cmd {
+        Command::Append(_, r) => Done::Append(r, Err(err())),
+        Command::Claim { reply, .. } => Done::Claim(reply, Err(err())),
+        Command::Record(_, r) | Command::Ping(r) => Done::Unit(r, Err(err())),
+        Command::Replay(_, r) => Done::Replay(r, Err(err())),
+    }
+}
+
+fn apply(tx: &mut Transaction<'_>, cmd: Command, tokens: &AtomicI64) -> Done {
+    match cmd {
+        Command::Append(ev, r) => Done::Append(r, in_savepoint(tx, |t| append(t, &ev))),
+        Command::Claim {
+            dest,
+            class,
+            limit,
+            now_ms,
+            reply,
+        } => Done::Claim(
+            reply,
+            in_savepoint(tx, |t| claim(t, &dest, class, limit, now_ms, tokens)),
+        ),
+        Command::Record(rec, r) => Done::Unit(r, in_savepoint(tx, |t| record(t, &rec))),
+        Command::Replay(f, r) => Done::Replay(r, in_savepoint(tx, |t| replay(t, &f))),
+        Command::Ping(r) => Done::Unit(r, Ok(())),
+    }
+}
+
+fn in_savepoint<T>(
+    tx: &mut Transaction<'_>,
+    f: impl FnOnce(&Connection) -> Result<T, JournalError>,
+) -> Result<T, JournalError> {
+    let sp = tx.savepoint()?;
+    let out = f(&sp)?;
+    sp.commit()?;
+    Ok(out)
+}
+
+/// One audit row; fields a step does not have stay `None`.
+#[derive(Default)]
+struct Audit<'a> {
+    at: i64,
+    event_id: &'a str,
+    kind: &'a str,
+    dest: Option<&'a str>,
+    attempt: Option<u32>,
+    status: Option<u16>,
+    latency_ms: Option<f64>,
+    detail: Option<&'a str>,
+}
+
+fn audit(c: &Connection, a: Audit<'_>) -> Result<(), JournalError> {
+    c.prepare_cached(
+        "INSERT INTO audit (at, event_id, kind, dest, attempt, status, latency_ms, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        a.at,
+        a.event_id,
+        a.kind,
+        a.dest,
+        a.attempt,
+        a.status,
+        a.latency_ms,
+        a.detail
+    ])?;
+    Ok(())
+}
+
+fn append(c: &Connection, ev: &NewEvent) -> Result<Appended, JournalError> {
+    let env = &ev.envelope;
+    if let Some(vid) = &env.vendor_event_id {
+        let found: Option<String> = c
+            .prepare_cached("SELECT id FROM events WHERE vendor = ?1 AND vendor_event_id = ?2")?
+            .query_row(params![env.vendor, vid], |r| r.get(0))
+            .optional()?;
+        if let Some(id) = found {
+            return Ok(Appended::Duplicate { id });
+        }
+    }
+    if let Some(key) = &ev.idempotency_key {
+        let found: Option<String> = c
+            .prepare_cached("SELECT id FROM events WHERE vendor = ?1 AND idem_key = ?2")?
+            .query_row(params![env.vendor, key], |r| r.get(0))
+            .optional()?;
+        if let Some(id) = found {
+            return Ok(Appended::Duplicate { id });
+        }
+    }
+    let now = crate::clock::now_ms();
+    let class = env.category.lane_class();
+    c.prepare_cached(
+        "INSERT INTO events (id, vendor, vendor_event_id, idem_key, category, priority, tenant, key,
+            lane_class, mapping_version, content_type, raw, fhir, routed_to, received_at, stored_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+    )?
+    .execute(params![
+        env.id,
+        env.vendor,
+        env.vendor_event_id,
+        ev.idempotency_key,
+        env.category.as_str(),
+        env.priority.as_str(),
+        env.tenant,
+        env.key,
+        class.as_i64(),
+        env.mapping_version,
+        ev.content_type,
+        ev.raw,
+        env.fhir,
+        ev.destinations.len() as i64,
+        ev.received_at_ms,
+        now,
+    ])?;
+    let seq = c.last_insert_rowid();
+    audit(
+        c,
+        Audit {
+            at: ev.received_at_ms,
+            event_id: &env.id,
+            kind: "received",
+            detail: Some(&env.vendor),
+            ..Default::default()
+        },
+    )?;
+    let stored = format!("mapping {}", env.mapping_version);
+    audit(
+        c,
+        Audit {
+            at: now,
+            event_id: &env.id,
+            kind: "stored",
+            detail: Some(&stored),
+            ..Default::default()
+        },
+    )?;
+    for dest in &ev.destinations {
+        enqueue(c, seq, &env.id, dest, class, &env.key, now)?;
+    }
+    if ev.destinations.is_empty() {
+        audit(
+            c,
+            Audit {
+                at: now,
+                event_id: &env.id,
+                kind: "unrouted",
+                detail: Some("no route matched"),
+                ..Default::default()
+            },
+        )?;
+    } else {
+        let detail = format!(
+            "routes [{}] -> [{}]",
+            ev.routes.join(","),
+            ev.destinations.join(",")
+        );
+        audit(
+            c,
+            Audit {
+                at: now,
+                event_id: &env.id,
+                kind: "routed",
+                detail: Some(&detail),
+                ..Default::default()
+            },
+        )?;
+    }
+    Ok(Appended::Stored { id: env.id.clone() })
+}
+
+/// Appends a pending delivery at the tail of its lane, creating the lane if it is empty.
+fn enqueue(
+    c: &Connection,
+    seq: i64,
+    event_id: &str,
+    dest: &str,
+    class: LaneClass,
+    key: &str,
+    now: i64,
+) -> Result<i64, JournalError> {
+    c.prepare_cached(
+        "INSERT INTO deliveries (event_seq, event_id, dest, class, lane_key, state, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)",
+    )?
+    .execute(params![seq, event_id, dest, class.as_i64(), key, now])?;
+    let id = c.last_insert_rowid();
+    c.prepare_cached(
+        "INSERT INTO lanes (dest, class, lane_key, head_id, next_attempt_at, leased)
+         VALUES (?1, ?2, ?3, ?4, ?5, 0) ON CONFLICT (dest, class, lane_key) DO NOTHING",
+    )?
+    .execute(params![dest, class.as_i64(), key, id, now])?;
+    Ok(id)
+}
+
+fn claim(
+    c: &Connection,
+    dest: &str,
+    class: LaneClass,
+    limit: usize,
+    now_ms: i64,
+    tokens: &AtomicI64,
+) -> Result<Claimed, JournalError> {
+    let mut tasks = Vec::new();
+    if limit > 0 {
+        let ready: Vec<(String, i64)> = c
+            .prepare_cached(
+                "SELECT lane_key, head_id FROM lanes
+                 WHERE dest = ?1 AND class = ?2 AND leased = 0 AND next_attempt_at <= ?3
+                 ORDER BY next_attempt_at LIMIT ?4",
+            )?
+            .query_map(params![dest, class.as_i64(), now_ms, limit as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        for (lane_key, head_id) in ready {
+            let lease = tokens.fetch_add(1, Ordering::Relaxed);
+            c.prepare_cached(
+                "UPDATE lanes SET leased = ?4 WHERE dest = ?1 AND class = ?2 AND lane_key = ?3",
+            )?
+            .execute(params![dest, class.as_i64(), lane_key, lease])?;
+            let (event_id, attempts, created_at_ms, fhir): (String, u32, i64, String) = c
+                .prepare_cached(
+                    "SELECT d.event_id, d.attempts, d.created_at, e.fhir
+                     FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id = ?1",
+                )?
+                .query_row(params![head_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?;
+            tasks.push(DeliveryTask {
+                delivery_id: head_id,
+                event_id,
+                dest: dest.to_string(),
+                class,
+                lane_key,
+                attempts,
+                created_at_ms,
+                fhir: fhir.into(),
+                lease,
+            });
+        }
+    }
+    let next_due_ms: Option<i64> = c
+        .prepare_cached(
+            "SELECT min(next_attempt_at) FROM lanes
+             WHERE dest = ?1 AND class = ?2 AND leased = 0 AND next_attempt_at > ?3",
+        )?
+        .query_row(params![dest, class.as_i64(), now_ms], |r| r.get(0))?;
+    Ok(Claimed { tasks, next_due_ms })
+}
+
+fn record(c: &Connection, rec: &AttemptRecord) -> Result<(), JournalError> {
+    let t = &rec.task;
+    let holder: Option<i64> = c
+        .prepare_cached(
+            "SELECT leased FROM lanes WHERE dest = ?1 AND class = ?2 AND lane_key = ?3",
+        )?
+        .query_row(params![t.dest, t.class.as_i64(), t.lane_key], |r| r.get(0))
+        .optional()?;
+    if holder != Some(t.lease) {
+        return Err(JournalError::Conflict(format!(
+            "stale lease for delivery {} (lane no longer held by this worker)",
+            t.delivery_id
+        )));
+    }
+    let at = rec.at_ms;
+    audit(
+        c,
+        Audit {
+            at,
+            event_id: &t.event_id,
+            kind: "attempt",
+            dest: Some(&t.dest),
+            attempt: Some(rec.attempt),
+            status: rec.status,
+            latency_ms: Some(rec.latency_ms),
+            detail: rec.error.as_deref(),
+        },
+    )?;
+    match &rec.verdict {
+        Verdict::Delivered => {
+            c.prepare_cached(
+                "UPDATE deliveries SET state = 'delivered', attempts = ?2, last_status = ?3,
+                    last_error = NULL, delivered_at = ?4 WHERE id = ?1",
+            )?
+            .execute(params![t.delivery_id, rec.attempt, rec.status, at])?;
+            audit(
+                c,
+                Audit {
+                    at,
+                    event_id: &t.event_id,
+                    kind: "delivered",
+                    dest: Some(&t.dest),
+                    attempt: Some(rec.attempt),
+                    status: rec.status,
+                    ..Default::default()
+                },
+            )?;
+            advance(c, t, at)
+        }
+        Verdict::Retry { next_attempt_ms } => {
+            c.prepare_cached(
+                "UPDATE deliveries SET attempts = ?2, last_status = ?3, last_error = ?4 WHERE id = ?1",
+            )?
+            .execute(params![t.delivery_id, rec.attempt, rec.status, rec.error])?;
+            c.prepare_cached(
+                "UPDATE lanes SET leased = 0, next_attempt_at = ?4
+                 WHERE dest = ?1 AND class = ?2 AND lane_key = ?3",
+            )?
+            .execute(params![
+                t.dest,
+                t.class.as_i64(),
+                t.lane_key,
+                next_attempt_ms
+            ])?;
+            let detail = format!("next attempt in {} ms", next_attempt_ms - at);
+            audit(
+                c,
+                Audit {
+                    at,
+                    event_id: &t.event_id,
+                    kind: "retry_scheduled",
+                    dest: Some(&t.dest),
+                    attempt: Some(rec.attempt),
+                    status: rec.status,
+                    detail: Some(&detail),
+                    ..Default::default()
+                },
+            )
+        }
+        Verdict::DeadLetter { reason } => {
+            c.prepare_cached(
+                "UPDATE deliveries SET state = 'dead', attempts = ?2, last_status = ?3, last_error = ?4,
+                    dead_at = ?5 WHERE id = ?1",
+            )?
+            .execute(params![t.delivery_id, rec.attempt, rec.status, reason, at])?;
+            audit(
+                c,
+                Audit {
+                    at,
+                    event_id: &t.event_id,
+                    kind: "dead_lettered",
+                    dest: Some(&t.dest),
+                    attempt: Some(rec.attempt),
+                    status: rec.status,
+                    detail: Some(reason),
+                    ..Default::default()
+                },
+            )?;
+            advance(c, t, at)
+        }
+    }
+}
+
+/// The head is finished: the next pending delivery becomes head, or the lane disappears.
+fn advance(c: &Connection, t: &DeliveryTask, at: i64) -> Result<(), JournalError> {
+    let next: Option<i64> = c
+        .prepare_cached(
+            "SELECT id FROM deliveries WHERE dest = ?1 AND class = ?2 AND lane_key = ?3
+             AND state = 'pending' ORDER BY id LIMIT 1",
+        )?
+        .query_row(params![t.dest, t.class.as_i64(), t.lane_key], |r| r.get(0))
+        .optional()?;
+    match next {
+        Some(head) => {
+            c.prepare_cached(
+                "UPDATE lanes SET head_id = ?4, leased = 0, next_attempt_at = ?5
+                 WHERE dest = ?1 AND class = ?2 AND lane_key = ?3",
+            )?
+            .execute(params![t.dest, t.class.as_i64(), t.lane_key, head, at])?;
+        }
+        None => {
+            c.prepare_cached("DELETE FROM lanes WHERE dest = ?1 AND class = ?2 AND lane_key = ?3")?
+                .execute(params![t.dest, t.class.as_i64(), t.lane_key])?;
+        }
+    }
+    Ok(())
+}
+
+fn replay(c: &Connection, f: &ReplayFilter) -> Result<Vec<Replayed>, JournalError> {
+    let rows: Vec<(i64, i64, String, String, i64, String)> = c
+        .prepare_cached(
+            "SELECT d.id, d.event_seq, d.event_id, d.dest, d.class, d.lane_key
+             FROM deliveries d JOIN events e ON e.seq = d.event_seq
+             WHERE d.state = 'dead'
+               AND (?1 IS NULL OR d.id = ?1)
+               AND (?2 IS NULL OR d.dest = ?2)
+               AND (?3 IS NULL OR e.vendor = ?3)
+             ORDER BY d.id LIMIT ?4",
+        )?
+        .query_map(
+            params![
+                f.delivery_id,
+                f.destination,
+                f.vendor,
+                f.limit.max(1) as i64
+            ],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            },
+        )?
+        .collect::<Result<_, _>>()?;
+    if rows.is_empty()
+        && let Some(id) = f.delivery_id
+    {
+        return Err(JournalError::NotFound(format!(
+            "no dead letter with delivery id {id}"
+        )));
+    }
+    let now = crate::clock::now_ms();
+    let mut out = Vec::with_capacity(rows.len());
+    for (dead_id, seq, event_id, dest, class, key) in rows {
+        c.prepare_cached("UPDATE deliveries SET state = 'replayed' WHERE id = ?1")?
+            .execute(params![dead_id])?;
+        let new_id = enqueue(
+            c,
+            seq,
+            &event_id,
+            &dest,
+            LaneClass::from_i64(class),
+            &key,
+            now,
+        )?;
+        let detail =
+            format!("dead delivery {dead_id} re-queued as delivery {new_id} at the lane tail");
+        audit(
+            c,
+            Audit {
+                at: now,
+                event_id: &event_id,
+                kind: "replayed",
+                dest: Some(&dest),
+                detail: Some(&detail),
+                ..Default::default()
+            },
+        )?;
+        out.push(Replayed {
+            event_id,
+            destination: dest,
+            dead_delivery_id: dead_id,
+            new_delivery_id: new_id,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,195 @@
+//! Types crossing the journal boundary: ingest → journal (`NewEvent`), journal → deliver
+//! (`DeliveryTask`), deliver → journal (`AttemptRecord`), and the admin read models.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::normalise::Envelope;
+pub use crate::normalise::LaneClass;
+
+/// An envelope plus everything ingest and routing decided about it.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub envelope: Envelope,
+    pub raw: Vec<u8>,
+    pub content_type: String,
+    pub idempotency_key: Option<String>,
+    pub received_at_ms: i64,
+    /// Destination names from matching routes (deduplicated, in config order).
+    pub destinations: Vec<String>,
+    /// Names of the routes that matched, for the audit trail.
+    pub routes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    Stored { id: String },
+    Duplicate { id: String },
+}
+
+/// The head of one lane, handed to a delivery worker.
+#[derive(Debug, Clone)]
+pub struct DeliveryTask {
+    pub delivery_id: i64,
+    pub event_id: String,
+    pub dest: String,
+    pub class: LaneClass,
+    pub lane_key: String,
+    /// Attempts already made for this delivery (the next one is `attempts + 1`).
+    pub attempts: u32,
+    /// When this delivery row was created (ingest, or replay): the base for max age.
+    pub created_at_ms: i64,
+    pub fhir: Arc<str>,
+    /// Lease token: a backend refuses outcomes carrying a stale token.
+    pub lease: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub tasks: Vec<DeliveryTask>,
+    /// Earliest `next_attempt_at` among this class's unleased lanes that were not ready.
+    pub next_due_ms: Option<i64>,
+}
+
+/// What one attempt ended in, as decided by the delivery worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Delivered,
+    /// Try again at `next_attempt_ms`; the lane stays blocked until then.
+    Retry {
+        next_attempt_ms: i64,
+    },
+    /// Give up on this delivery; the lane moves on.
+    DeadLetter {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub task: DeliveryTask,
+    /// 1-based number of this attempt.
+    pub attempt: u32,
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub latency_ms: f64,
+    pub at_ms: i64,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ReplayFilter {
+    pub delivery_id: Option<i64>,
+    pub destination: Option<String>,
+    pub vendor: Option<String>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Replayed {
+    pub event_id: String,
+    pub destination: String,
+    pub dead_delivery_id: i64,
+    pub new_delivery_id: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LaneQuery {
+    pub destination: Option<String>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LaneInfo {
+    pub destination: String,
+    pub class: LaneClass,
+    pub key: String,
+    pub depth: i64,
+    pub head_event_id: String,
+    pub head_attempts: i64,
+    pub oldest_age_ms: i64,
+    pub next_attempt_at_ms: i64,
+    pub in_flight: bool,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DestinationStats {
+    pub destination: String,
+    pub lanes: i64,
+    pub pending: i64,
+    pub delivered: i64,
+    pub dead: i64,
+    pub oldest_pending_age_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterQuery {
+    pub destination: Option<String>,
+    pub vendor: Option<String>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub delivery_id: i64,
+    pub event_id: String,
+    pub destination: String,
+    pub vendor: String,
+    pub category: String,
+    pub attempts: i64,
+    pub last_status: Option<i64>,
+    pub reason: Option<String>,
+    pub dead_at_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventDetail {
+    pub id: String,
+    pub vendor: String,
+    pub vendor_event_id: Option<String>,
+    pub category: String,
+    pub priority: String,
+    pub tenant: Option<String>,
+    pub key: String,
+    pub mapping_version: String,
+    pub content_type: String,
+    pub received_at_ms: i64,
+    pub stored_at_ms: i64,
+    pub fhir: serde_json::Value,
+    pub deliveries: Vec<DeliveryInfo>,
+    pub audit: Vec<AuditEntry>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryInfo {
+    pub delivery_id: i64,
+    pub destination: String,
+    pub state: String,
+    pub attempts: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub delivered_at_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEntry {
+    pub at_ms: i64,
+    pub kind: String,
+    pub destination: Option<String>,
+    pub attempt: Option<i64>,
+    pub status: Option<i64>,
+    pub latency_ms: Option<f64>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JournalStats {
+    pub events: i64,
+    pub unrouted: i64,
+    pub pending: i64,
+    pub delivered: i64,
+    pub dead: i64,
+}
