@@ -79,12 +79,9 @@ fn main() -> ExitCode {
 fn load_all(
     path: Option<&std::path::Path>,
 ) -> Result<(config::ValidConfig, knutepunkt::normalise::VendorRegistry), Vec<ConfigError>> {
-    let cfg = config::load(path);
-    let dir = match &cfg {
-        Ok(c) => c.mappings_dir.clone(),
-        Err(_) => PathBuf::from("./mappings"),
-    };
-    let vendors = load_vendors(&dir);
+    let (raw, source) = config::parse(path)?;
+    let cfg = config::validate(&raw, &source);
+    let vendors = load_vendors(&raw.mappings.dir);
     match (cfg, vendors) {
         (Ok(c), Ok(v)) => Ok((c, v)),
         (c, v) => {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use validate::{ConfigError, ValidConfig, ValidDestination, ValidRoute, load, validate};
+pub use validate::{ConfigError, ValidConfig, ValidDestination, ValidRoute, load, parse, validate};
 
 /// Top-level config file. Every section has defaults, so an empty file (or none) is valid.
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -63,8 +63,14 @@ pub struct ValidRoute {
 
 /// Reads and parses a config file (or the defaults when `path` is `None`), then validates it.
 pub fn load(path: Option<&Path>) -> Result<ValidConfig, Vec<ConfigError>> {
+    let (raw, source) = parse(path)?;
+    validate(&raw, &source)
+}
+
+/// Reads and parses a config file without validating it (the defaults when `path` is `None`).
+pub fn parse(path: Option<&Path>) -> Result<(RawConfig, Source), Vec<ConfigError>> {
     let Some(path) = path else {
-        return validate(&RawConfig::default(), &Source::defaults());
+        return Ok((RawConfig::default(), Source::defaults()));
     };
     let source = Source::file(path);
     let text = std::fs::read_to_string(path).map_err(|e| {
@@ -75,17 +81,21 @@ pub fn load(path: Option<&Path>) -> Result<ValidConfig, Vec<ConfigError>> {
         }]
     })?;
     let raw: RawConfig = toml::from_str(&text).map_err(|e| {
-        let field = e.span().map_or("-".to_string(), |s| {
-            let line = text[..s.start.min(text.len())].lines().count().max(1);
-            format!("line {line}")
-        });
         vec![ConfigError {
             file: source.file.clone(),
-            field,
+            field: toml_position(&text, &e),
             message: e.message().to_string(),
         }]
     })?;
-    validate(&raw, &source)
+    Ok((raw, source))
+}
+
+/// "line N" of a TOML error, 1-based.
+pub fn toml_position(text: &str, e: &toml::de::Error) -> String {
+    e.span().map_or("-".to_string(), |s| {
+        let upto = &text.as_bytes()[..s.start.min(text.len())];
+        format!("line {}", upto.iter().filter(|&&b| b == b'\n').count() + 1)
+    })
 }
 
 /// Checks every rule and returns all violations, or the validated config.

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::config::ConfigError;
-use crate::config::validate::{is_municipality_number, valid_name};
+use crate::config::validate::{is_municipality_number, toml_position, valid_name};
 
 /// Raw mapping file as written by a municipality.
 #[derive(Debug, Deserialize)]
