@@ -100,10 +100,7 @@ pub fn load_vendors(dir: &Path) -> Result<VendorRegistry, Vec<ConfigError>> {
         let raw: RawMappingFile = match toml::from_str(&text) {
             Ok(r) => r,
             Err(e) => {
-                let line = e.span().map_or(0, |s| {
-                    text[..s.start.min(text.len())].lines().count().max(1)
-                });
-                errors.push(err(&format!("line {line}"), e.message().to_string()));
+                errors.push(err(&toml_position(&text, &e), e.message().to_string()));
                 continue;
             }
         };
