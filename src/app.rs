@@ -7,10 +7,10 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
-use crate::config::ValidConfig;
+use crate::config::{Storage, ValidConfig};
 use crate::deliver::{Dispatcher, Wakers};
 use crate::ingest::IngestLimits;
-use crate::journal::{Journal, SqliteJournal};
+use crate::journal::{Journal, PostgresJournal, SqliteJournal};
 use crate::normalise::VendorRegistry;
 use crate::route::Router as EventRouter;
 
@@ -31,10 +31,7 @@ pub fn http_router(state: Arc<AppState>) -> Router {
 
 /// Builds everything from config and serves until SIGINT/SIGTERM.
 pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Result<()> {
-    let journal: Arc<dyn Journal> = Arc::new(
-        SqliteJournal::open(&config.data_dir, config.max_batch, config.queue_capacity)
-            .with_context(|| format!("opening journal in {}", config.data_dir.display()))?,
-    );
+    let journal = open_journal(&config).await?;
     let wakers = Wakers::new(config.destinations.iter().map(|d| d.name.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut dispatchers = Vec::new();
@@ -68,7 +65,7 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
         vendors = ?state.vendors.names(),
         destinations = config.destinations.len(),
         routes = config.routes.len(),
-        data_dir = %config.data_dir.display(),
+        storage = storage_label(&config.storage),
         "knutepunkt ready"
     );
     // The port line is machine-readable: tests and scripts that bind port 0 read it.
@@ -83,6 +80,39 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
         let _ = d.await;
     }
     Ok(())
+}
+
+async fn open_journal(config: &ValidConfig) -> anyhow::Result<Arc<dyn Journal>> {
+    Ok(match &config.storage {
+        Storage::Sqlite { data_dir } => Arc::new(
+            SqliteJournal::open(data_dir, config.max_batch, config.queue_capacity)
+                .with_context(|| format!("opening journal in {}", data_dir.display()))?,
+        ),
+        Storage::Postgres {
+            url,
+            pool_size,
+            lease,
+        } => Arc::new(
+            PostgresJournal::open(
+                url,
+                *pool_size,
+                *lease,
+                config.max_batch,
+                config.queue_capacity,
+            )
+            .await
+            .context("opening the PostgreSQL journal")?,
+        ),
+    })
+}
+
+/// Where the journal lives, for the start-up log line (never the connection string: it may
+/// hold a password).
+fn storage_label(s: &Storage) -> String {
+    match s {
+        Storage::Sqlite { data_dir } => format!("sqlite:{}", data_dir.display()),
+        Storage::Postgres { .. } => "postgres".to_string(),
+    }
 }
 
 async fn shutdown_signal() {

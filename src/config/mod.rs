@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use validate::{ConfigError, ValidConfig, ValidDestination, ValidRoute, load, parse, validate};
+pub use validate::{
+    ConfigError, Storage, ValidConfig, ValidDestination, ValidRoute, load, parse, validate,
+};
 
 /// Top-level config file. Every section has defaults, so an empty file (or none) is valid.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -46,7 +48,7 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// `sqlite` (embedded, default). `postgres` is reserved for the PostgreSQL backend.
+    /// `sqlite` (embedded, default) or `postgres`.
     pub kind: String,
     /// Directory for the embedded journal (`journal.sqlite3` and its WAL).
     pub data_dir: PathBuf,
@@ -54,6 +56,12 @@ pub struct StorageConfig {
     pub max_batch: usize,
     /// Capacity of the writer queue; when full, ingest answers 503 with Retry-After.
     pub queue_capacity: usize,
+    /// PostgreSQL connection string (key=value or `postgres://` URL), for `kind = "postgres"`.
+    pub url: Option<String>,
+    /// PostgreSQL connections for reads and claims (the writer has its own).
+    pub pool_size: usize,
+    /// Seconds a node holds a lane before another node may take it over (PostgreSQL).
+    pub lease_s: u64,
 }
 
 impl Default for StorageConfig {
@@ -63,6 +71,9 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("./data"),
             max_batch: 512,
             queue_capacity: 8192,
+            url: None,
+            pool_size: 8,
+            lease_s: 30,
         }
     }
 }

@@ -23,12 +23,25 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// Which journal backend to build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Storage {
+    Sqlite {
+        data_dir: PathBuf,
+    },
+    Postgres {
+        url: String,
+        pool_size: usize,
+        lease: Duration,
+    },
+}
+
 /// A config that passed validation; `build` code may rely on every invariant checked here.
 #[derive(Debug, Clone)]
 pub struct ValidConfig {
     pub listen: SocketAddr,
     pub shutdown_grace: Duration,
-    pub data_dir: PathBuf,
+    pub storage: Storage,
     pub max_batch: usize,
     pub queue_capacity: usize,
     pub max_body_bytes: usize,
@@ -115,18 +128,54 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
         );
         SocketAddr::from(([127, 0, 0, 1], 8080))
     });
-    if raw.storage.kind != "sqlite" {
-        errs.push(
-            "storage.kind",
-            format!(
-                "{:?} is not supported by this build; use \"sqlite\"",
-                raw.storage.kind
-            ),
-        );
-    }
-    if raw.storage.data_dir.as_os_str().is_empty() {
-        errs.push("storage.data_dir", "must not be empty, e.g. \"./data\"");
-    }
+    let storage = match raw.storage.kind.as_str() {
+        "sqlite" => {
+            if raw.storage.data_dir.as_os_str().is_empty() {
+                errs.push("storage.data_dir", "must not be empty, e.g. \"./data\"");
+            }
+            Storage::Sqlite {
+                data_dir: raw.storage.data_dir.clone(),
+            }
+        }
+        "postgres" => {
+            let url = raw.storage.url.clone().unwrap_or_default();
+            if url.parse::<tokio_postgres::Config>().is_err() {
+                errs.push(
+                    "storage.url",
+                    "must be a PostgreSQL connection string, e.g. \"postgres://knutepunkt@127.0.0.1/knutepunkt\"",
+                );
+            }
+            positive(&mut errs, "storage.pool_size", raw.storage.pool_size as u64);
+            let slowest = raw
+                .destinations
+                .iter()
+                .map(|d| d.timeout_ms)
+                .max()
+                .unwrap_or(0);
+            if raw.storage.lease_s.saturating_mul(1000) <= slowest.saturating_add(1000) {
+                errs.push(
+                    "storage.lease_s",
+                    format!(
+                        "must exceed the slowest destination timeout ({slowest} ms) by at least 1 s"
+                    ),
+                );
+            }
+            Storage::Postgres {
+                url,
+                pool_size: raw.storage.pool_size,
+                lease: Duration::from_secs(raw.storage.lease_s),
+            }
+        }
+        other => {
+            errs.push(
+                "storage.kind",
+                format!("{other:?} is not a storage kind; use \"sqlite\" or \"postgres\""),
+            );
+            Storage::Sqlite {
+                data_dir: raw.storage.data_dir.clone(),
+            }
+        }
+    };
     positive(&mut errs, "storage.max_batch", raw.storage.max_batch as u64);
     positive(
         &mut errs,
@@ -163,7 +212,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
     Ok(ValidConfig {
         listen,
         shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_s),
-        data_dir: raw.storage.data_dir.clone(),
+        storage,
         max_batch: raw.storage.max_batch,
         queue_capacity: raw.storage.queue_capacity,
         max_body_bytes: raw.ingest.max_body_bytes,
@@ -343,7 +392,12 @@ mod tests {
     fn defaults_are_valid() {
         let c = parse("").expect("valid");
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(
+            c.storage,
+            Storage::Sqlite {
+                data_dir: PathBuf::from("./data")
+            }
+        );
         assert_eq!(c.mappings_dir, PathBuf::from("./mappings"));
     }
 

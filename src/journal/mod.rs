@@ -12,9 +12,12 @@
 //! A backend commits many commands in one transaction (group commit) and answers none before
 //! that commit is durable.
 
+mod command;
+mod postgres;
 mod sqlite;
 pub mod types;
 
+pub use postgres::PostgresJournal;
 pub use sqlite::SqliteJournal;
 pub use types::*;
 

@@ -10,19 +10,18 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rusqlite::Connection;
-use tokio::sync::{mpsc, oneshot};
 
+use super::command::Queue;
 use super::{
     Appended, AttemptRecord, Claimed, DeadLetter, DeadLetterQuery, DestinationStats, EventDetail,
     Journal, JournalError, JournalStats, LaneClass, LaneInfo, LaneQuery, NewEvent, ReplayFilter,
     Replayed,
 };
-use writer::Command;
 
 const SCHEMA_VERSION: i64 = 1;
 
 pub struct SqliteJournal {
-    tx: mpsc::Sender<Command>,
+    queue: Queue,
     reader: Arc<Mutex<Connection>>,
     /// Held for the process lifetime: a second gateway on the same data dir is refused.
     _lock: File,
@@ -47,31 +46,13 @@ impl SqliteJournal {
         // Leases die with the process that held them; their heads become claimable again.
         conn.execute("UPDATE lanes SET leased = 0 WHERE leased != 0", [])?;
         let reader = open_conn(&path)?;
-        let (tx, rx) = mpsc::channel(queue_capacity);
+        let (queue, rx) = Queue::new(queue_capacity);
         writer::spawn(conn, rx, max_batch)?;
         Ok(Self {
-            tx,
+            queue,
             reader: Arc::new(Mutex::new(reader)),
             _lock: lock,
         })
-    }
-
-    async fn call<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, JournalError>>) -> Command,
-        shed: bool,
-    ) -> Result<T, JournalError> {
-        let (reply, rx) = oneshot::channel();
-        let cmd = make(reply);
-        if shed {
-            self.tx.try_send(cmd).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => JournalError::Overloaded,
-                mpsc::error::TrySendError::Closed(_) => writer_gone(),
-            })?;
-        } else {
-            self.tx.send(cmd).await.map_err(|_| writer_gone())?;
-        }
-        rx.await.map_err(|_| writer_gone())?
     }
 
     async fn read<T: Send + 'static>(
@@ -88,10 +69,6 @@ impl SqliteJournal {
         .await
         .map_err(|e| JournalError::Unavailable(e.to_string()))?
     }
-}
-
-fn writer_gone() -> JournalError {
-    JournalError::Unavailable("journal writer stopped".into())
 }
 
 fn open_conn(path: &Path) -> Result<Connection, JournalError> {
@@ -122,8 +99,7 @@ fn migrate(conn: &Connection) -> Result<(), JournalError> {
 #[async_trait]
 impl Journal for SqliteJournal {
     async fn append(&self, event: NewEvent) -> Result<Appended, JournalError> {
-        self.call(|reply| Command::Append(Box::new(event), reply), true)
-            .await
+        self.queue.append(event).await
     }
 
     async fn claim(
@@ -133,32 +109,19 @@ impl Journal for SqliteJournal {
         limit: usize,
         now_ms: i64,
     ) -> Result<Claimed, JournalError> {
-        let dest = dest.to_string();
-        self.call(
-            |reply| Command::Claim {
-                dest,
-                class,
-                limit,
-                now_ms,
-                reply,
-            },
-            false,
-        )
-        .await
+        self.queue.claim(dest, class, limit, now_ms).await
     }
 
     async fn record(&self, attempt: AttemptRecord) -> Result<(), JournalError> {
-        self.call(|reply| Command::Record(Box::new(attempt), reply), false)
-            .await
+        self.queue.record(attempt).await
     }
 
     async fn replay(&self, filter: ReplayFilter) -> Result<Vec<Replayed>, JournalError> {
-        self.call(|reply| Command::Replay(filter, reply), false)
-            .await
+        self.queue.replay(filter).await
     }
 
     async fn ping(&self) -> Result<(), JournalError> {
-        self.call(Command::Ping, false).await
+        self.queue.ping().await
     }
 
     async fn lanes(&self, query: LaneQuery) -> Result<Vec<LaneInfo>, JournalError> {

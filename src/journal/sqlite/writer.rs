@@ -6,58 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
+use crate::journal::command::{AuditRow, Command, Done, fail, gather};
 use crate::journal::{
     Appended, AttemptRecord, Claimed, DeliveryTask, JournalError, LaneClass, NewEvent,
     ReplayFilter, Replayed, Verdict,
 };
-
-type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
-
-pub enum Command {
-    Append(Box<NewEvent>, Reply<Appended>),
-    Claim {
-        dest: String,
-        class: LaneClass,
-        limit: usize,
-        now_ms: i64,
-        reply: Reply<Claimed>,
-    },
-    Record(Box<AttemptRecord>, Reply<()>),
-    Replay(ReplayFilter, Reply<Vec<Replayed>>),
-    Ping(Reply<()>),
-}
-
-/// A command's result, held until the batch commits.
-enum Done {
-    Append(Reply<Appended>, Result<Appended, JournalError>),
-    Claim(Reply<Claimed>, Result<Claimed, JournalError>),
-    Unit(Reply<()>, Result<(), JournalError>),
-    Replay(Reply<Vec<Replayed>>, Result<Vec<Replayed>, JournalError>),
-}
-
-impl Done {
-    fn send(self, commit: &Result<(), String>) {
-        // A failed commit turns every answer into Unavailable: nothing of the batch is durable.
-        fn pick<T>(
-            r: Result<T, JournalError>,
-            commit: &Result<(), String>,
-        ) -> Result<T, JournalError> {
-            match commit {
-                Ok(()) => r,
-                Err(e) => Err(JournalError::Unavailable(format!("commit failed: {e}"))),
-            }
-        }
-        // A caller that gave up (timeout) no longer listens; its result is durable regardless.
-        match self {
-            Done::Append(tx, r) => drop(tx.send(pick(r, commit))),
-            Done::Claim(tx, r) => drop(tx.send(pick(r, commit))),
-            Done::Unit(tx, r) => drop(tx.send(pick(r, commit))),
-            Done::Replay(tx, r) => drop(tx.send(pick(r, commit))),
-        }
-    }
-}
 
 pub fn spawn(
     conn: Connection,
@@ -73,15 +28,8 @@ pub fn spawn(
 
 fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize) {
     let tokens = Arc::new(AtomicI64::new(lease_epoch()));
-    let mut batch = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(cmd) => batch.push(cmd),
-                Err(_) => break,
-            }
-        }
+        let mut batch = gather(first, &mut rx, max_batch);
         let mut done = Vec::with_capacity(batch.len());
         let commit = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         {
@@ -113,16 +61,6 @@ fn lease_epoch() -> i64 {
     crate::clock::now_ms().saturating_mul(1000)
 }
 
-fn fail(cmd: Command, msg: &str) -> Done {
-    let err = || JournalError::Unavailable(msg.to_string());
-    match cmd {
-        Command::Append(_, r) => Done::Append(r, Err(err())),
-        Command::Claim { reply, .. } => Done::Claim(reply, Err(err())),
-        Command::Record(_, r) | Command::Ping(r) => Done::Unit(r, Err(err())),
-        Command::Replay(_, r) => Done::Replay(r, Err(err())),
-    }
-}
-
 fn apply(tx: &mut Transaction<'_>, cmd: Command, tokens: &AtomicI64) -> Done {
     match cmd {
         Command::Append(ev, r) => Done::Append(r, in_savepoint(tx, |t| append(t, &ev))),
@@ -152,20 +90,7 @@ fn in_savepoint<T>(
     Ok(out)
 }
 
-/// One audit row; fields a step does not have stay `None`.
-#[derive(Default)]
-struct Audit<'a> {
-    at: i64,
-    event_id: &'a str,
-    kind: &'a str,
-    dest: Option<&'a str>,
-    attempt: Option<u32>,
-    status: Option<u16>,
-    latency_ms: Option<f64>,
-    detail: Option<&'a str>,
-}
-
-fn audit(c: &Connection, a: Audit<'_>) -> Result<(), JournalError> {
+fn audit(c: &Connection, a: AuditRow<'_>) -> Result<(), JournalError> {
     c.prepare_cached(
         "INSERT INTO audit (at, event_id, kind, dest, attempt, status, latency_ms, detail)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -231,7 +156,7 @@ fn append(c: &Connection, ev: &NewEvent) -> Result<Appended, JournalError> {
     let seq = c.last_insert_rowid();
     audit(
         c,
-        Audit {
+        AuditRow {
             at: ev.received_at_ms,
             event_id: &env.id,
             kind: "received",
@@ -242,7 +167,7 @@ fn append(c: &Connection, ev: &NewEvent) -> Result<Appended, JournalError> {
     let stored = format!("mapping {}", env.mapping_version);
     audit(
         c,
-        Audit {
+        AuditRow {
             at: now,
             event_id: &env.id,
             kind: "stored",
@@ -256,7 +181,7 @@ fn append(c: &Connection, ev: &NewEvent) -> Result<Appended, JournalError> {
     if ev.destinations.is_empty() {
         audit(
             c,
-            Audit {
+            AuditRow {
                 at: now,
                 event_id: &env.id,
                 kind: "unrouted",
@@ -272,7 +197,7 @@ fn append(c: &Connection, ev: &NewEvent) -> Result<Appended, JournalError> {
         );
         audit(
             c,
-            Audit {
+            AuditRow {
                 at: now,
                 event_id: &env.id,
                 kind: "routed",
@@ -381,7 +306,7 @@ fn record(c: &Connection, rec: &AttemptRecord) -> Result<(), JournalError> {
     let at = rec.at_ms;
     audit(
         c,
-        Audit {
+        AuditRow {
             at,
             event_id: &t.event_id,
             kind: "attempt",
@@ -401,7 +326,7 @@ fn record(c: &Connection, rec: &AttemptRecord) -> Result<(), JournalError> {
             .execute(params![t.delivery_id, rec.attempt, rec.status, at])?;
             audit(
                 c,
-                Audit {
+                AuditRow {
                     at,
                     event_id: &t.event_id,
                     kind: "delivered",
@@ -431,7 +356,7 @@ fn record(c: &Connection, rec: &AttemptRecord) -> Result<(), JournalError> {
             let detail = format!("next attempt in {} ms", next_attempt_ms - at);
             audit(
                 c,
-                Audit {
+                AuditRow {
                     at,
                     event_id: &t.event_id,
                     kind: "retry_scheduled",
@@ -451,7 +376,7 @@ fn record(c: &Connection, rec: &AttemptRecord) -> Result<(), JournalError> {
             .execute(params![t.delivery_id, rec.attempt, rec.status, reason, at])?;
             audit(
                 c,
-                Audit {
+                AuditRow {
                     at,
                     event_id: &t.event_id,
                     kind: "dead_lettered",
@@ -547,7 +472,7 @@ fn replay(c: &Connection, f: &ReplayFilter) -> Result<Vec<Replayed>, JournalErro
             format!("dead delivery {dead_id} re-queued as delivery {new_id} at the lane tail");
         audit(
             c,
-            Audit {
+            AuditRow {
                 at: now,
                 event_id: &event_id,
                 kind: "replayed",

@@ -1,0 +1,179 @@
+//! The command queue in front of a backend's single writer: callers enqueue a command with a
+//! reply slot; the writer applies a batch in one transaction and answers after the commit.
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    Appended, AttemptRecord, Claimed, JournalError, LaneClass, NewEvent, ReplayFilter, Replayed,
+};
+
+pub type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
+
+pub enum Command {
+    Append(Box<NewEvent>, Reply<Appended>),
+    Claim {
+        dest: String,
+        class: LaneClass,
+        limit: usize,
+        now_ms: i64,
+        reply: Reply<Claimed>,
+    },
+    Record(Box<AttemptRecord>, Reply<()>),
+    Replay(ReplayFilter, Reply<Vec<Replayed>>),
+    Ping(Reply<()>),
+}
+
+/// A command's result, held until its batch commits.
+pub enum Done {
+    Append(Reply<Appended>, Result<Appended, JournalError>),
+    Claim(Reply<Claimed>, Result<Claimed, JournalError>),
+    Unit(Reply<()>, Result<(), JournalError>),
+    Replay(Reply<Vec<Replayed>>, Result<Vec<Replayed>, JournalError>),
+}
+
+impl Done {
+    /// Answers the caller. A failed commit turns every answer into `Unavailable`: nothing of the
+    /// batch is durable, so nothing may be acknowledged.
+    pub fn send(self, commit: &Result<(), String>) {
+        fn pick<T>(
+            r: Result<T, JournalError>,
+            commit: &Result<(), String>,
+        ) -> Result<T, JournalError> {
+            match commit {
+                Ok(()) => r,
+                Err(e) => Err(JournalError::Unavailable(format!("commit failed: {e}"))),
+            }
+        }
+        // A caller that gave up (timeout) no longer listens; a committed result stays durable.
+        match self {
+            Done::Append(tx, r) => drop(tx.send(pick(r, commit))),
+            Done::Claim(tx, r) => drop(tx.send(pick(r, commit))),
+            Done::Unit(tx, r) => drop(tx.send(pick(r, commit))),
+            Done::Replay(tx, r) => drop(tx.send(pick(r, commit))),
+        }
+    }
+
+    /// Whether the command failed inside the store (not a logical refusal such as a stale lease).
+    pub fn store_failed(&self) -> bool {
+        let failed = |e: Option<&JournalError>| matches!(e, Some(JournalError::Unavailable(_)));
+        match self {
+            Done::Append(_, r) => failed(r.as_ref().err()),
+            Done::Claim(_, r) => failed(r.as_ref().err()),
+            Done::Unit(_, r) => failed(r.as_ref().err()),
+            Done::Replay(_, r) => failed(r.as_ref().err()),
+        }
+    }
+}
+
+/// Fails a command without running it (the store could not start a transaction).
+pub fn fail(cmd: Command, msg: &str) -> Done {
+    let err = || JournalError::Unavailable(msg.to_string());
+    match cmd {
+        Command::Append(_, r) => Done::Append(r, Err(err())),
+        Command::Claim { reply, .. } => Done::Claim(reply, Err(err())),
+        Command::Record(_, r) | Command::Ping(r) => Done::Unit(r, Err(err())),
+        Command::Replay(_, r) => Done::Replay(r, Err(err())),
+    }
+}
+
+/// Drains up to `max` queued commands after `first` without waiting: the group of one commit.
+pub fn gather(first: Command, rx: &mut mpsc::Receiver<Command>, max: usize) -> Vec<Command> {
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(cmd) => batch.push(cmd),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// The caller side of the queue.
+#[derive(Clone)]
+pub struct Queue {
+    tx: mpsc::Sender<Command>,
+}
+
+impl Queue {
+    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Command>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Self { tx }, rx)
+    }
+
+    /// Enqueues a command and waits for its committed answer. With `shed`, a full queue fails at
+    /// once with `Overloaded` (ingest turns that into 503) instead of waiting.
+    pub async fn call<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+        shed: bool,
+    ) -> Result<T, JournalError> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = make(reply);
+        if shed {
+            self.tx.try_send(cmd).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => JournalError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => writer_gone(),
+            })?;
+        } else {
+            self.tx.send(cmd).await.map_err(|_| writer_gone())?;
+        }
+        rx.await.map_err(|_| writer_gone())?
+    }
+
+    pub async fn append(&self, event: NewEvent) -> Result<Appended, JournalError> {
+        self.call(|reply| Command::Append(Box::new(event), reply), true)
+            .await
+    }
+
+    pub async fn claim(
+        &self,
+        dest: &str,
+        class: LaneClass,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Claimed, JournalError> {
+        let dest = dest.to_string();
+        self.call(
+            |reply| Command::Claim {
+                dest,
+                class,
+                limit,
+                now_ms,
+                reply,
+            },
+            false,
+        )
+        .await
+    }
+
+    pub async fn record(&self, attempt: AttemptRecord) -> Result<(), JournalError> {
+        self.call(|reply| Command::Record(Box::new(attempt), reply), false)
+            .await
+    }
+
+    pub async fn replay(&self, filter: ReplayFilter) -> Result<Vec<Replayed>, JournalError> {
+        self.call(|reply| Command::Replay(filter, reply), false)
+            .await
+    }
+
+    pub async fn ping(&self) -> Result<(), JournalError> {
+        self.call(Command::Ping, false).await
+    }
+}
+
+fn writer_gone() -> JournalError {
+    JournalError::Unavailable("journal writer stopped".into())
+}
+
+/// One audit row; fields a step does not have stay `None`.
+#[derive(Default)]
+pub struct AuditRow<'a> {
+    pub at: i64,
+    pub event_id: &'a str,
+    pub kind: &'a str,
+    pub dest: Option<&'a str>,
+    pub attempt: Option<u32>,
+    pub status: Option<u16>,
+    pub latency_ms: Option<f64>,
+    pub detail: Option<&'a str>,
+}

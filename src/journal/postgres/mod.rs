@@ -1,0 +1,192 @@
+//! PostgreSQL journal for production and multi-node operation.
+//!
+//! Same model as the embedded store, with what several nodes need: lane leases that expire
+//! (`storage.lease_s`) so another node takes over the lanes of a dead one, fencing by lease token
+//! (a node whose lease expired cannot record a stale outcome), and `FOR UPDATE SKIP LOCKED` claims
+//! so nodes never hand out the same lane. Polling (every dispatcher looks at least every 500 ms)
+//! is the wake-up mechanism across nodes; ingest wakes its own node's dispatchers at once.
+//!
+//! Each node has one writer connection that commits batches of commands (group commit); the
+//! commands of a batch run pipelined on that connection inside one transaction.
+
+mod read;
+mod writer;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use super::command::Queue;
+use super::{
+    Appended, AttemptRecord, Claimed, DeadLetter, DeadLetterQuery, DestinationStats, EventDetail,
+    Journal, JournalError, JournalStats, LaneClass, LaneInfo, LaneQuery, NewEvent, ReplayFilter,
+    Replayed,
+};
+
+const SCHEMA_VERSION: i32 = 1;
+/// Arbitrary constant naming the migration advisory lock.
+const MIGRATION_LOCK: i64 = 0x6b6e_7574_6570_756e;
+
+pub struct PostgresJournal {
+    queue: Queue,
+    pool: Pool,
+}
+
+impl From<tokio_postgres::Error> for JournalError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        JournalError::Unavailable(db_error_text(&e))
+    }
+}
+
+fn db_error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+impl PostgresJournal {
+    /// Connects (retrying for up to about 30 s while the database starts), migrates the schema
+    /// and starts the writer.
+    pub async fn open(
+        url: &str,
+        pool_size: usize,
+        lease: Duration,
+        max_batch: usize,
+        queue_capacity: usize,
+    ) -> Result<Self, JournalError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| JournalError::Unavailable(format!("storage.url: {e}")))?;
+        config.connect_timeout(Duration::from_secs(5));
+        let connect = || async { writer::connect(&config).await };
+        let client = connect
+            .retry(
+                ExponentialBuilder::default()
+                    .with_max_times(10)
+                    .with_max_delay(Duration::from_secs(5)),
+            )
+            .notify(|e, _| tracing::warn!(error = %e, "waiting for PostgreSQL"))
+            .await?;
+        migrate(&client).await?;
+        drop(client);
+
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| JournalError::Unavailable(format!("pool: {e}")))?;
+        let (queue, rx) = Queue::new(queue_capacity);
+        tokio::spawn(writer::run(config, rx, max_batch, lease));
+        Ok(Self { queue, pool })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, JournalError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| JournalError::Unavailable(format!("database: {e}")))
+    }
+}
+
+/// Applies the schema once, even when several nodes start together.
+async fn migrate(client: &tokio_postgres::Client) -> Result<(), JournalError> {
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS knutepunkt_schema (version INTEGER NOT NULL)")
+        .await
+        .or_else(|e| {
+            // Two nodes racing on CREATE TABLE IF NOT EXISTS may see a unique violation.
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+    client.batch_execute("BEGIN").await?;
+    client
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let current: Option<i32> = client
+        .query_opt("SELECT max(version) FROM knutepunkt_schema", &[])
+        .await?
+        .and_then(|r| r.get(0));
+    let current = current.unwrap_or(0);
+    if current > SCHEMA_VERSION {
+        client.batch_execute("ROLLBACK").await?;
+        return Err(JournalError::Unavailable(format!(
+            "database schema version {current} is newer than this binary ({SCHEMA_VERSION})"
+        )));
+    }
+    if current < 1 {
+        client.batch_execute(include_str!("schema.sql")).await?;
+        client
+            .execute(
+                "INSERT INTO knutepunkt_schema (version) VALUES ($1)",
+                &[&SCHEMA_VERSION],
+            )
+            .await?;
+    }
+    client.batch_execute("COMMIT").await?;
+    Ok(())
+}
+
+#[async_trait]
+impl Journal for PostgresJournal {
+    async fn append(&self, event: NewEvent) -> Result<Appended, JournalError> {
+        self.queue.append(event).await
+    }
+
+    async fn claim(
+        &self,
+        dest: &str,
+        class: LaneClass,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Claimed, JournalError> {
+        self.queue.claim(dest, class, limit, now_ms).await
+    }
+
+    async fn record(&self, attempt: AttemptRecord) -> Result<(), JournalError> {
+        self.queue.record(attempt).await
+    }
+
+    async fn replay(&self, filter: ReplayFilter) -> Result<Vec<Replayed>, JournalError> {
+        self.queue.replay(filter).await
+    }
+
+    async fn ping(&self) -> Result<(), JournalError> {
+        self.queue.ping().await
+    }
+
+    async fn lanes(&self, query: LaneQuery) -> Result<Vec<LaneInfo>, JournalError> {
+        read::lanes(&**self.client().await?, &query).await
+    }
+
+    async fn destinations(&self) -> Result<Vec<DestinationStats>, JournalError> {
+        read::destinations(&**self.client().await?).await
+    }
+
+    async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>, JournalError> {
+        read::dead_letters(&**self.client().await?, &query).await
+    }
+
+    async fn event(&self, id: &str) -> Result<Option<EventDetail>, JournalError> {
+        read::event(&**self.client().await?, id).await
+    }
+
+    async fn stats(&self) -> Result<JournalStats, JournalError> {
+        read::stats(&**self.client().await?).await
+    }
+}

@@ -1,0 +1,648 @@
+//! The node's single writer: one connection, one transaction per batch, commands pipelined.
+//!
+//! Commands of one batch run concurrently on the same transaction, so each command's statements
+//! must be correct under any interleaving with the others' (and with other nodes' transactions):
+//! - an emptied lane keeps its row with `head_id = 0`; an append fills an empty head in the same
+//!   upsert that locks the row, and advancing a lane sets the head to the smallest pending id in a
+//!   single statement; whichever order these run in, no pending delivery is left without a head;
+//! - `record` locks the lane row first (`FOR UPDATE`), so a concurrent append on another node has
+//!   either committed before the next head is computed or will find the lane's new state.
+//!
+//! Any store error rolls the whole batch back and every caller gets `Unavailable`.
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use tokio::sync::mpsc;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, NoTls, Statement, Transaction};
+
+use super::db_error_text;
+use crate::journal::command::{AuditRow, Command, Done, fail, gather};
+use crate::journal::{
+    Appended, AttemptRecord, Claimed, DeliveryTask, JournalError, LaneClass, NewEvent,
+    ReplayFilter, Replayed, Verdict,
+};
+
+/// How often emptied lane rows are removed.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+pub async fn connect(config: &Config) -> Result<Client, JournalError> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "PostgreSQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
+struct Conn {
+    client: Client,
+    s: Stmts,
+}
+
+pub async fn run(
+    config: Config,
+    mut rx: mpsc::Receiver<Command>,
+    max_batch: usize,
+    lease: Duration,
+) {
+    let lease_ms = lease.as_millis() as i64;
+    let mut conn: Option<Conn> = None;
+    let mut last_sweep = Instant::now();
+    while let Some(first) = rx.recv().await {
+        let batch = gather(first, &mut rx, max_batch);
+        if conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+            conn = match open(&config).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    let msg = e.to_string();
+                    for cmd in batch {
+                        fail(cmd, &msg).send(&Err(msg.clone()));
+                    }
+                    continue;
+                }
+            };
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let (done, commit) = run_batch(c, batch, lease_ms).await;
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, "journal batch failed");
+            if c.client.is_closed() {
+                conn = None;
+            }
+        }
+        for d in done {
+            d.send(&commit);
+        }
+        if last_sweep.elapsed() > SWEEP_EVERY
+            && let Some(c) = conn.as_ref()
+        {
+            last_sweep = Instant::now();
+            if let Err(e) = c.client.execute(&c.s.sweep, &[]).await {
+                tracing::warn!(error = %db_error_text(&e), "lane sweep failed");
+            }
+        }
+    }
+}
+
+async fn open(config: &Config) -> Result<Conn, JournalError> {
+    let client = connect(config).await?;
+    let s = Stmts::prepare(&client).await?;
+    Ok(Conn { client, s })
+}
+
+async fn run_batch(
+    c: &mut Conn,
+    batch: Vec<Command>,
+    lease_ms: i64,
+) -> (Vec<Done>, Result<(), String>) {
+    let Conn { client, s } = c;
+    let tx = match client.transaction().await {
+        Ok(tx) => tx,
+        Err(e) => {
+            let msg = db_error_text(&e);
+            return (
+                batch.into_iter().map(|cmd| fail(cmd, &msg)).collect(),
+                Err(msg),
+            );
+        }
+    };
+    let done: Vec<Done> = join_all(batch.into_iter().map(|cmd| apply(&tx, s, cmd, lease_ms))).await;
+    if done.iter().any(Done::store_failed) {
+        let _ = tx.rollback().await;
+        return (
+            done,
+            Err("a statement failed; the batch was rolled back".into()),
+        );
+    }
+    let commit = tx.commit().await.map_err(|e| db_error_text(&e));
+    (done, commit)
+}
+
+async fn apply(tx: &Transaction<'_>, s: &Stmts, cmd: Command, lease_ms: i64) -> Done {
+    match cmd {
+        Command::Append(ev, r) => Done::Append(r, append(tx, s, &ev).await),
+        Command::Claim {
+            dest,
+            class,
+            limit,
+            now_ms,
+            reply,
+        } => Done::Claim(
+            reply,
+            claim(tx, s, &dest, class, limit, now_ms, lease_ms).await,
+        ),
+        Command::Record(rec, r) => Done::Unit(r, record(tx, s, &rec).await),
+        Command::Replay(f, r) => Done::Replay(r, replay(tx, s, &f).await),
+        Command::Ping(r) => Done::Unit(
+            r,
+            tx.execute("SELECT 1", &[])
+                .await
+                .map(|_| ())
+                .map_err(Into::into),
+        ),
+    }
+}
+
+async fn audit(tx: &Transaction<'_>, s: &Stmts, a: AuditRow<'_>) -> Result<(), JournalError> {
+    let attempt = a.attempt.map(|n| n as i32);
+    let status = a.status.map(i32::from);
+    tx.execute(
+        &s.audit,
+        &[
+            &a.at,
+            &a.event_id,
+            &a.kind,
+            &a.dest,
+            &attempt,
+            &status,
+            &a.latency_ms,
+            &a.detail,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn find_existing(
+    tx: &Transaction<'_>,
+    s: &Stmts,
+    ev: &NewEvent,
+) -> Result<Option<String>, JournalError> {
+    let env = &ev.envelope;
+    if let Some(vid) = &env.vendor_event_id
+        && let Some(row) = tx.query_opt(&s.find_vid, &[&env.vendor, vid]).await?
+    {
+        return Ok(Some(row.get(0)));
+    }
+    if let Some(key) = &ev.idempotency_key
+        && let Some(row) = tx.query_opt(&s.find_idem, &[&env.vendor, key]).await?
+    {
+        return Ok(Some(row.get(0)));
+    }
+    Ok(None)
+}
+
+async fn append(tx: &Transaction<'_>, s: &Stmts, ev: &NewEvent) -> Result<Appended, JournalError> {
+    if let Some(id) = find_existing(tx, s, ev).await? {
+        return Ok(Appended::Duplicate { id });
+    }
+    let env = &ev.envelope;
+    let now = crate::clock::now_ms();
+    let class = env.category.lane_class().as_i64() as i16;
+    let routed = ev.destinations.len() as i32;
+    let params: [&(dyn ToSql + Sync); 16] = [
+        &env.id,
+        &env.vendor,
+        &env.vendor_event_id,
+        &ev.idempotency_key,
+        &env.category.as_str(),
+        &env.priority.as_str(),
+        &env.tenant,
+        &env.key,
+        &class,
+        &env.mapping_version,
+        &ev.content_type,
+        &ev.raw,
+        &env.fhir,
+        &routed,
+        &ev.received_at_ms,
+        &now,
+    ];
+    let Some(row) = tx.query_opt(&s.insert_event, &params).await? else {
+        // Another transaction stored the same vendor event first (ON CONFLICT DO NOTHING).
+        let id = find_existing(tx, s, ev).await?.ok_or_else(|| {
+            JournalError::Conflict("event conflicts with a stored event but none matches".into())
+        })?;
+        return Ok(Appended::Duplicate { id });
+    };
+    let seq: i64 = row.get(0);
+    audit(
+        tx,
+        s,
+        AuditRow {
+            at: ev.received_at_ms,
+            event_id: &env.id,
+            kind: "received",
+            detail: Some(&env.vendor),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let stored = format!("mapping {}", env.mapping_version);
+    audit(
+        tx,
+        s,
+        AuditRow {
+            at: now,
+            event_id: &env.id,
+            kind: "stored",
+            detail: Some(&stored),
+            ..Default::default()
+        },
+    )
+    .await?;
+    for dest in &ev.destinations {
+        enqueue(tx, s, seq, &env.id, dest, class, &env.key, now).await?;
+    }
+    if ev.destinations.is_empty() {
+        audit(
+            tx,
+            s,
+            AuditRow {
+                at: now,
+                event_id: &env.id,
+                kind: "unrouted",
+                detail: Some("no route matched"),
+                ..Default::default()
+            },
+        )
+        .await?;
+    } else {
+        let detail = format!(
+            "routes [{}] -> [{}]",
+            ev.routes.join(","),
+            ev.destinations.join(",")
+        );
+        audit(
+            tx,
+            s,
+            AuditRow {
+                at: now,
+                event_id: &env.id,
+                kind: "routed",
+                detail: Some(&detail),
+                ..Default::default()
+            },
+        )
+        .await?;
+    }
+    Ok(Appended::Stored { id: env.id.clone() })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn enqueue(
+    tx: &Transaction<'_>,
+    s: &Stmts,
+    seq: i64,
+    event_id: &str,
+    dest: &str,
+    class: i16,
+    key: &str,
+    now: i64,
+) -> Result<i64, JournalError> {
+    let id: i64 = tx
+        .query_one(
+            &s.insert_delivery,
+            &[&seq, &event_id, &dest, &class, &key, &now],
+        )
+        .await?
+        .get(0);
+    tx.execute(&s.upsert_lane, &[&dest, &class, &key, &id, &now])
+        .await?;
+    Ok(id)
+}
+
+async fn claim(
+    tx: &Transaction<'_>,
+    s: &Stmts,
+    dest: &str,
+    class: LaneClass,
+    limit: usize,
+    now_ms: i64,
+    lease_ms: i64,
+) -> Result<Claimed, JournalError> {
+    let c = class.as_i64() as i16;
+    let mut tasks = Vec::new();
+    if limit > 0 {
+        let until = now_ms + lease_ms;
+        let leased = tx
+            .query(&s.claim, &[&dest, &c, &now_ms, &until, &(limit as i64)])
+            .await?;
+        let heads: Vec<i64> = leased.iter().map(|r| r.get(1)).collect();
+        let rows = tx.query(&s.load_heads, &[&heads]).await?;
+        for lane in &leased {
+            let head: i64 = lane.get(1);
+            let Some(row) = rows.iter().find(|r| r.get::<_, i64>(0) == head) else {
+                return Err(JournalError::Unavailable(format!(
+                    "lane head {head} has no delivery row"
+                )));
+            };
+            let attempts: i32 = row.get(2);
+            let fhir: String = row.get(4);
+            tasks.push(DeliveryTask {
+                delivery_id: head,
+                event_id: row.get(1),
+                dest: dest.to_string(),
+                class,
+                lane_key: lane.get(0),
+                attempts: attempts.max(0) as u32,
+                created_at_ms: row.get(3),
+                fhir: fhir.into(),
+                lease: lane.get(2),
+            });
+        }
+    }
+    let next_due_ms: Option<i64> = tx
+        .query_one(&s.next_due, &[&dest, &c, &now_ms])
+        .await?
+        .get(0);
+    Ok(Claimed { tasks, next_due_ms })
+}
+
+async fn record(tx: &Transaction<'_>, s: &Stmts, rec: &AttemptRecord) -> Result<(), JournalError> {
+    let t = &rec.task;
+    let class = t.class.as_i64() as i16;
+    let holder: Option<i64> = tx
+        .query_opt(&s.lock_lane, &[&t.dest, &class, &t.lane_key])
+        .await?
+        .map(|r| r.get(0));
+    if holder != Some(t.lease) {
+        return Err(JournalError::Conflict(format!(
+            "stale lease for delivery {} (lane no longer held by this worker)",
+            t.delivery_id
+        )));
+    }
+    let at = rec.at_ms;
+    let attempt = rec.attempt as i32;
+    let status = rec.status.map(i32::from);
+    audit(
+        tx,
+        s,
+        AuditRow {
+            at,
+            event_id: &t.event_id,
+            kind: "attempt",
+            dest: Some(&t.dest),
+            attempt: Some(rec.attempt),
+            status: rec.status,
+            latency_ms: Some(rec.latency_ms),
+            detail: rec.error.as_deref(),
+        },
+    )
+    .await?;
+    let lane: [&(dyn ToSql + Sync); 4] = [&t.dest, &class, &t.lane_key, &at];
+    match &rec.verdict {
+        Verdict::Delivered => {
+            tx.execute(&s.mark_delivered, &[&t.delivery_id, &attempt, &status, &at])
+                .await?;
+            audit(
+                tx,
+                s,
+                AuditRow {
+                    at,
+                    event_id: &t.event_id,
+                    kind: "delivered",
+                    dest: Some(&t.dest),
+                    attempt: Some(rec.attempt),
+                    status: rec.status,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            tx.execute(&s.advance, &lane).await?;
+        }
+        Verdict::Retry { next_attempt_ms } => {
+            tx.execute(
+                &s.mark_retry,
+                &[&t.delivery_id, &attempt, &status, &rec.error],
+            )
+            .await?;
+            tx.execute(
+                &s.release_lane,
+                &[&t.dest, &class, &t.lane_key, next_attempt_ms],
+            )
+            .await?;
+            let detail = format!("next attempt in {} ms", next_attempt_ms - at);
+            audit(
+                tx,
+                s,
+                AuditRow {
+                    at,
+                    event_id: &t.event_id,
+                    kind: "retry_scheduled",
+                    dest: Some(&t.dest),
+                    attempt: Some(rec.attempt),
+                    status: rec.status,
+                    detail: Some(&detail),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        }
+        Verdict::DeadLetter { reason } => {
+            tx.execute(
+                &s.mark_dead,
+                &[&t.delivery_id, &attempt, &status, reason, &at],
+            )
+            .await?;
+            audit(
+                tx,
+                s,
+                AuditRow {
+                    at,
+                    event_id: &t.event_id,
+                    kind: "dead_lettered",
+                    dest: Some(&t.dest),
+                    attempt: Some(rec.attempt),
+                    status: rec.status,
+                    detail: Some(reason),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            tx.execute(&s.advance, &lane).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn replay(
+    tx: &Transaction<'_>,
+    s: &Stmts,
+    f: &ReplayFilter,
+) -> Result<Vec<Replayed>, JournalError> {
+    let limit = f.limit.max(1) as i64;
+    let rows = tx
+        .query(
+            &s.find_dead,
+            &[&f.delivery_id, &f.destination, &f.vendor, &limit],
+        )
+        .await?;
+    if rows.is_empty()
+        && let Some(id) = f.delivery_id
+    {
+        return Err(JournalError::NotFound(format!(
+            "no dead letter with delivery id {id}"
+        )));
+    }
+    let now = crate::clock::now_ms();
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let (dead_id, seq, event_id, dest, class, key): (i64, i64, String, String, i16, String) = (
+            row.get(0),
+            row.get(1),
+            row.get(2),
+            row.get(3),
+            row.get(4),
+            row.get(5),
+        );
+        tx.execute(&s.mark_replayed, &[&dead_id]).await?;
+        let new_id = enqueue(tx, s, seq, &event_id, &dest, class, &key, now).await?;
+        let detail =
+            format!("dead delivery {dead_id} re-queued as delivery {new_id} at the lane tail");
+        audit(
+            tx,
+            s,
+            AuditRow {
+                at: now,
+                event_id: &event_id,
+                kind: "replayed",
+                dest: Some(&dest),
+                detail: Some(&detail),
+                ..Default::default()
+            },
+        )
+        .await?;
+        out.push(Replayed {
+            event_id,
+            destination: dest,
+            dead_delivery_id: dead_id,
+            new_delivery_id: new_id,
+        });
+    }
+    Ok(out)
+}
+
+/// Prepared once per connection.
+struct Stmts {
+    find_vid: Statement,
+    find_idem: Statement,
+    insert_event: Statement,
+    insert_delivery: Statement,
+    upsert_lane: Statement,
+    audit: Statement,
+    claim: Statement,
+    load_heads: Statement,
+    next_due: Statement,
+    lock_lane: Statement,
+    mark_delivered: Statement,
+    mark_retry: Statement,
+    mark_dead: Statement,
+    release_lane: Statement,
+    advance: Statement,
+    find_dead: Statement,
+    mark_replayed: Statement,
+    sweep: Statement,
+}
+
+impl Stmts {
+    async fn prepare(c: &Client) -> Result<Self, JournalError> {
+        Ok(Self {
+            find_vid: c.prepare("SELECT id FROM events WHERE vendor = $1 AND vendor_event_id = $2").await?,
+            find_idem: c.prepare("SELECT id FROM events WHERE vendor = $1 AND idem_key = $2").await?,
+            insert_event: c
+                .prepare(
+                    "INSERT INTO events (id, vendor, vendor_event_id, idem_key, category, priority, tenant, key,
+                        lane_class, mapping_version, content_type, raw, fhir, routed_to, received_at, stored_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                     ON CONFLICT DO NOTHING RETURNING seq",
+                )
+                .await?,
+            insert_delivery: c
+                .prepare(
+                    "INSERT INTO deliveries (event_seq, event_id, dest, class, lane_key, state, created_at)
+                     VALUES ($1, $2, $3, $4, $5, 'pending', $6) RETURNING id",
+                )
+                .await?,
+            upsert_lane: c
+                .prepare(
+                    "INSERT INTO lanes (dest, class, lane_key, head_id, next_attempt_at)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (dest, class, lane_key) DO UPDATE SET
+                       head_id = CASE WHEN lanes.head_id = 0 THEN EXCLUDED.head_id ELSE lanes.head_id END,
+                       next_attempt_at = CASE WHEN lanes.head_id = 0 THEN EXCLUDED.next_attempt_at
+                                              ELSE lanes.next_attempt_at END",
+                )
+                .await?,
+            audit: c
+                .prepare(
+                    "INSERT INTO audit (at, event_id, kind, dest, attempt, status, latency_ms, detail)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .await?,
+            claim: c
+                .prepare(
+                    "UPDATE lanes l SET leased = nextval('lease_tokens'), lease_until = $4
+                     FROM (SELECT dest, class, lane_key FROM lanes
+                           WHERE dest = $1 AND class = $2 AND head_id <> 0 AND next_attempt_at <= $3
+                             AND (leased = 0 OR lease_until < $3)
+                           ORDER BY next_attempt_at LIMIT $5 FOR UPDATE SKIP LOCKED) r
+                     WHERE l.dest = r.dest AND l.class = r.class AND l.lane_key = r.lane_key
+                     RETURNING l.lane_key, l.head_id, l.leased",
+                )
+                .await?,
+            load_heads: c
+                .prepare(
+                    "SELECT d.id, d.event_id, d.attempts, d.created_at, e.fhir
+                     FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id = ANY($1)",
+                )
+                .await?,
+            next_due: c
+                .prepare(
+                    "SELECT min(next_attempt_at) FROM lanes
+                     WHERE dest = $1 AND class = $2 AND head_id <> 0 AND next_attempt_at > $3
+                       AND (leased = 0 OR lease_until < $3)",
+                )
+                .await?,
+            lock_lane: c
+                .prepare("SELECT leased FROM lanes WHERE dest = $1 AND class = $2 AND lane_key = $3 FOR UPDATE")
+                .await?,
+            mark_delivered: c
+                .prepare(
+                    "UPDATE deliveries SET state = 'delivered', attempts = $2, last_status = $3,
+                        last_error = NULL, delivered_at = $4 WHERE id = $1",
+                )
+                .await?,
+            mark_retry: c
+                .prepare("UPDATE deliveries SET attempts = $2, last_status = $3, last_error = $4 WHERE id = $1")
+                .await?,
+            mark_dead: c
+                .prepare(
+                    "UPDATE deliveries SET state = 'dead', attempts = $2, last_status = $3, last_error = $4,
+                        dead_at = $5 WHERE id = $1",
+                )
+                .await?,
+            release_lane: c
+                .prepare(
+                    "UPDATE lanes SET leased = 0, lease_until = 0, next_attempt_at = $4
+                     WHERE dest = $1 AND class = $2 AND lane_key = $3",
+                )
+                .await?,
+            advance: c
+                .prepare(
+                    "UPDATE lanes SET
+                       head_id = COALESCE((SELECT min(id) FROM deliveries WHERE dest = $1 AND class = $2
+                                           AND lane_key = $3 AND state = 'pending'), 0),
+                       leased = 0, lease_until = 0, next_attempt_at = $4
+                     WHERE dest = $1 AND class = $2 AND lane_key = $3",
+                )
+                .await?,
+            find_dead: c
+                .prepare(
+                    "SELECT d.id, d.event_seq, d.event_id, d.dest, d.class, d.lane_key
+                     FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                     WHERE d.state = 'dead'
+                       AND ($1::BIGINT IS NULL OR d.id = $1)
+                       AND ($2::TEXT IS NULL OR d.dest = $2)
+                       AND ($3::TEXT IS NULL OR e.vendor = $3)
+                     ORDER BY d.id LIMIT $4 FOR UPDATE OF d SKIP LOCKED",
+                )
+                .await?,
+            mark_replayed: c.prepare("UPDATE deliveries SET state = 'replayed' WHERE id = $1").await?,
+            sweep: c.prepare("DELETE FROM lanes WHERE head_id = 0 AND leased = 0").await?,
+        })
+    }
+}
