@@ -66,7 +66,14 @@ async fn ingest(
             tenant,
             max_json_depth: limits.max_json_depth,
         };
-        let envelope = normalise::normalise(spec, &raw)?;
+        let envelope = match normalise::normalise_outcome(spec, &raw)? {
+            normalise::Outcome::Event(e) => e,
+            // Liveness only: acknowledged, never journaled as a clinical event.
+            normalise::Outcome::Heartbeat(hb) => {
+                tracing::debug!(vendor = %hb.vendor, device = %hb.device_key, "heartbeat");
+                return Ok(Err(hb));
+            }
+        };
         let decision = state.router.route(&envelope);
         let event = NewEvent {
             envelope,
@@ -83,13 +90,22 @@ async fn ingest(
             .append(event)
             .await
             .map_err(|e| ApiError::from_journal(e, limits.retry_after_s))?;
-        Ok::<_, ApiError>((appended, dests))
+        Ok::<_, ApiError>(Ok((appended, dests)))
     };
-    let (appended, dests) = tokio::time::timeout(limits.request_timeout, work)
+    let (appended, dests) = match tokio::time::timeout(limits.request_timeout, work)
         .await
         .map_err(|_| ApiError::Timeout {
             retry_after_s: limits.retry_after_s,
-        })??;
+        })?? {
+        Ok(stored) => stored,
+        Err(hb) => {
+            return Ok((
+                StatusCode::OK,
+                Json(json!({ "status": "heartbeat", "device": hb.device_key })),
+            )
+                .into_response());
+        }
+    };
     Ok(match appended {
         Appended::Stored { id } => {
             for d in &dests {
@@ -124,9 +140,16 @@ fn check_content_type(spec: &VendorSpec, headers: &HeaderMap) -> Result<String, 
         .trim()
         .to_ascii_lowercase();
     let (ok, expected) = match spec.format {
-        Format::Fhir => (
+        Format::Fhir | Format::Json => (
             essence == "application/fhir+json" || essence == "application/json",
             "application/fhir+json or application/json",
+        ),
+        Format::Xml => (
+            matches!(
+                essence.as_str(),
+                "application/xml" | "text/xml" | "application/scaip+xml"
+            ),
+            "application/xml, text/xml or application/scaip+xml",
         ),
     };
     if ok {

@@ -230,7 +230,7 @@ fn wrap(resource: Value, event_id: &str) -> Value {
         "id": event_id,
         "identifier": stable_identifier(event_id),
         "type": "collection",
-        "entry": [{ "fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()), "resource": resource }]
+        "entry": [{ "fullUrl": super::full_url(event_id, 0), "resource": resource }]
     })
 }
 
@@ -246,7 +246,9 @@ mod tests {
             format: Format::Fhir,
             default_tenant: Some("0301".into()),
             tenants: vec![],
+            test_tenants: vec![],
             file: "v.toml".into(),
+            mapping: None,
         }
     }
 

@@ -1,12 +1,14 @@
-//! Vendor mapping files: one `*.toml` per vendor in the mappings directory.
+//! Vendor mapping files: one `*.toml` per vendor in the mappings directory (docs/mappings.md).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
+use super::mapping::{self, Mapping, RawField, RawOutput, RawRules};
 use crate::config::ConfigError;
-use crate::config::validate::{is_municipality_number, toml_position, valid_name};
+use crate::config::validate::{is_municipality_number, valid_name};
 
 /// Raw mapping file as written by a municipality.
 #[derive(Debug, Deserialize)]
@@ -16,19 +18,52 @@ struct RawMappingFile {
     vendor: String,
     /// Version of this mapping, recorded with every event it produced.
     version: String,
-    /// Input format: `fhir` (FHIR R4 JSON pass-through).
+    /// Input format: `fhir` (FHIR R4 JSON pass-through), `json` or `xml` (mapping rules).
     format: String,
+    /// Free text for humans.
+    #[serde(default)]
+    #[allow(dead_code)]
+    description: Option<String>,
     /// Municipality used when a request names none.
     #[serde(default)]
     default_tenant: Option<String>,
     /// Municipalities this vendor may post for; empty means any.
     #[serde(default)]
     tenants: Vec<String>,
+    /// Municipalities (tenants) that are test environments: only there are synthetic test
+    /// national identity numbers accepted.
+    #[serde(default)]
+    test_tenants: Vec<String>,
+    #[serde(default)]
+    xml_root: Option<String>,
+    #[serde(default)]
+    timezone: Option<String>,
+    #[serde(default)]
+    output: Option<RawOutput>,
+    #[serde(default)]
+    fields: BTreeMap<String, RawField>,
+    #[serde(default)]
+    tables: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// FHIR R4 JSON, passed through.
     Fhir,
+    /// Vendor JSON through mapping rules.
+    Json,
+    /// Vendor XML (e.g. SCAIP) through mapping rules.
+    Xml,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Fhir => "fhir",
+            Format::Json => "json",
+            Format::Xml => "xml",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -38,7 +73,11 @@ pub struct VendorSpec {
     pub format: Format,
     pub default_tenant: Option<String>,
     pub tenants: Vec<String>,
+    /// Tenants where synthetic test identity numbers are accepted.
+    pub test_tenants: Vec<String>,
     pub file: String,
+    /// Compiled rules for `json` / `xml`; `None` for `fhir`.
+    pub mapping: Option<Arc<Mapping>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -63,6 +102,116 @@ impl VendorRegistry {
     }
 }
 
+/// Reads and validates one mapping file; returns every error in it.
+pub fn load_vendor_file(path: &Path) -> Result<VendorSpec, Vec<ConfigError>> {
+    let file = path.display().to_string();
+    let err = |field: &str, message: String| ConfigError {
+        file: file.clone(),
+        field: field.into(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| vec![err("-", e.to_string())])?;
+    let raw: RawMappingFile = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map_or(0, |s| {
+            text[..s.start.min(text.len())].lines().count().max(1)
+        });
+        vec![err(&format!("line {line}"), e.message().to_string())]
+    })?;
+    let mut errors = Vec::new();
+    if !valid_name(&raw.vendor) {
+        errors.push(err(
+            "vendor",
+            format!(
+                "{:?} must be 1-64 characters of a-z, 0-9, '-' or '_'",
+                raw.vendor
+            ),
+        ));
+    }
+    if raw.version.trim().is_empty() {
+        errors.push(err("version", "must not be empty, e.g. \"1.0.0\"".into()));
+    }
+    let format = match raw.format.as_str() {
+        "fhir" => Format::Fhir,
+        "json" => Format::Json,
+        "xml" => Format::Xml,
+        other => {
+            errors.push(err(
+                "format",
+                format!("unknown format {other:?}; expected \"fhir\", \"json\" or \"xml\""),
+            ));
+            Format::Fhir
+        }
+    };
+    for (what, list) in [
+        (
+            "default_tenant",
+            raw.default_tenant.iter().collect::<Vec<_>>(),
+        ),
+        ("tenants", raw.tenants.iter().collect()),
+        ("test_tenants", raw.test_tenants.iter().collect()),
+    ] {
+        for t in list {
+            if !is_municipality_number(t) {
+                errors.push(err(
+                    what,
+                    format!("{t:?} is not a 4-digit municipality number"),
+                ));
+            }
+        }
+    }
+    if let Some(d) = &raw.default_tenant
+        && !raw.tenants.is_empty()
+        && !raw.tenants.contains(d)
+    {
+        errors.push(err("default_tenant", format!("{d:?} is not in tenants")));
+    }
+    let has_rules = raw.output.is_some()
+        || !raw.fields.is_empty()
+        || !raw.tables.is_empty()
+        || raw.xml_root.is_some()
+        || raw.timezone.is_some();
+    let mapping = match format {
+        Format::Fhir => {
+            if has_rules {
+                errors.push(err(
+                    "format",
+                    "format = \"fhir\" is a pass-through and takes no output/fields/tables/xml_root/timezone".into(),
+                ));
+            }
+            None
+        }
+        Format::Json | Format::Xml => {
+            let rules = RawRules {
+                xml_root: raw.xml_root,
+                timezone: raw.timezone,
+                output: raw.output,
+                fields: raw.fields,
+                tables: raw.tables,
+            };
+            match mapping::compile(format == Format::Xml, rules, &raw.vendor) {
+                Ok(m) => Some(Arc::new(m)),
+                Err(es) => {
+                    errors.extend(es.into_iter().map(|(f, m)| err(&f, m)));
+                    None
+                }
+            }
+        }
+    };
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(VendorSpec {
+        name: raw.vendor,
+        version: raw.version,
+        format,
+        default_tenant: raw.default_tenant,
+        tenants: raw.tenants,
+        test_tenants: raw.test_tenants,
+        file,
+        mapping,
+    })
+}
+
 /// Loads every `*.toml` in `dir`; returns all errors of all files at once.
 pub fn load_vendors(dir: &Path) -> Result<VendorRegistry, Vec<ConfigError>> {
     let mut errors = Vec::new();
@@ -84,86 +233,23 @@ pub fn load_vendors(dir: &Path) -> Result<VendorRegistry, Vec<ConfigError>> {
         .collect();
     paths.sort();
     for path in paths {
-        let file = path.display().to_string();
-        let err = |field: &str, message: String| ConfigError {
-            file: file.clone(),
-            field: field.into(),
-            message,
-        };
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) => {
-                errors.push(err("-", e.to_string()));
-                continue;
-            }
-        };
-        let raw: RawMappingFile = match toml::from_str(&text) {
-            Ok(r) => r,
-            Err(e) => {
-                errors.push(err(&toml_position(&text, &e), e.message().to_string()));
-                continue;
-            }
-        };
-        let before = errors.len();
-        if !valid_name(&raw.vendor) {
-            errors.push(err(
-                "vendor",
-                format!(
-                    "{:?} must be 1-64 characters of a-z, 0-9, '-' or '_'",
-                    raw.vendor
-                ),
-            ));
-        }
-        if raw.version.trim().is_empty() {
-            errors.push(err("version", "must not be empty, e.g. \"1.0.0\"".into()));
-        }
-        let format = match raw.format.as_str() {
-            "fhir" => Format::Fhir,
-            other => {
-                errors.push(err(
-                    "format",
-                    format!("unknown format {other:?}; expected \"fhir\""),
-                ));
-                Format::Fhir
-            }
-        };
-        for t in raw.default_tenant.iter().chain(raw.tenants.iter()) {
-            if !is_municipality_number(t) {
-                errors.push(err(
-                    "tenants",
-                    format!("{t:?} is not a 4-digit municipality number"),
-                ));
+        match load_vendor_file(&path) {
+            Err(es) => errors.extend(es),
+            Ok(spec) => {
+                if let Some(prev) = registry.vendors.get(&spec.name) {
+                    errors.push(ConfigError {
+                        file: spec.file.clone(),
+                        field: "vendor".into(),
+                        message: format!(
+                            "vendor {:?} is already defined in {}",
+                            spec.name, prev.file
+                        ),
+                    });
+                    continue;
+                }
+                registry.vendors.insert(spec.name.clone(), spec);
             }
         }
-        if let Some(d) = &raw.default_tenant
-            && !raw.tenants.is_empty()
-            && !raw.tenants.contains(d)
-        {
-            errors.push(err("default_tenant", format!("{d:?} is not in tenants")));
-        }
-        if let Some(prev) = registry.vendors.get(&raw.vendor) {
-            errors.push(err(
-                "vendor",
-                format!(
-                    "vendor {:?} is already defined in {}",
-                    raw.vendor, prev.file
-                ),
-            ));
-        }
-        if errors.len() > before {
-            continue;
-        }
-        registry.vendors.insert(
-            raw.vendor.clone(),
-            VendorSpec {
-                name: raw.vendor,
-                version: raw.version,
-                format,
-                default_tenant: raw.default_tenant,
-                tenants: raw.tenants,
-                file,
-            },
-        );
     }
     if errors.is_empty() {
         Ok(registry)
