@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls exactly this). Works on a fresh machine with
-# the Rust toolchain; installs anything else it needs itself.
+# the Rust toolchain; installs or starts anything else it needs itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,5 +15,21 @@ cargo clippy --all-targets --locked -- -D warnings
 step "build"
 cargo build --all-targets --locked
 
-step "tests (unit, integration over real sockets and processes, property, crash)"
+step "PostgreSQL for the backend tests"
+KNUTEPUNKT_TEST_PG=$(./scripts/pg-test-server.sh)
+export KNUTEPUNKT_TEST_PG
+echo "using: $KNUTEPUNKT_TEST_PG"
+drop_test_databases() {
+  psql "$KNUTEPUNKT_TEST_PG dbname=test" -Atqc \
+    "select datname from pg_database where datname like 'kp_t_%'" |
+    while read -r db; do psql "$KNUTEPUNKT_TEST_PG dbname=test" -qc "drop database if exists $db" || true; done
+}
+drop_test_databases
+trap drop_test_databases EXIT
+
+step "tests on the embedded store (unit, integration over real sockets and processes, property, crash)"
 cargo test --locked --all-targets -- --test-threads 2
+
+step "the storage suites again on PostgreSQL"
+KNUTEPUNKT_TEST_STORAGE=postgres cargo test --locked \
+  --test ingest --test delivery --test crash --test journal_model -- --test-threads 2

@@ -19,16 +19,35 @@ pub enum Mode {
     /// 200 with an empty body.
     Ok,
     /// This status, with `Retry-After: secs` when given, and this body.
-    Status { code: u16, retry_after: Option<u64>, body: String },
+    Status {
+        code: u16,
+        retry_after: Option<u64>,
+        body: String,
+    },
     /// Read the request and never answer (until the client gives up).
     Hang,
     /// Read the request and reset the connection (RST) without answering.
     Reset,
+    /// Wait this many milliseconds, then answer 200 with an empty body (a slow but healthy receiver).
+    Delay(u64),
 }
 
 impl Mode {
     pub fn status(code: u16) -> Self {
-        Mode::Status { code, retry_after: None, body: String::new() }
+        Mode::Status {
+            code,
+            retry_after: None,
+            body: String::new(),
+        }
+    }
+
+    /// Whether the sink answers this mode with a 2xx.
+    pub fn is_success(&self) -> bool {
+        match self {
+            Mode::Ok | Mode::Delay(_) => true,
+            Mode::Status { code, .. } => (200..300).contains(code),
+            Mode::Hang | Mode::Reset => false,
+        }
     }
 }
 
@@ -65,18 +84,26 @@ impl Sink {
     pub async fn start(default: Mode) -> Sink {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sink");
         let addr = listener.local_addr().expect("addr");
-        let state = Arc::new(Mutex::new(SinkState { default: Some(default), ..Default::default() }));
+        let state = Arc::new(Mutex::new(SinkState {
+            default: Some(default),
+            ..Default::default()
+        }));
         let st = Arc::clone(&state);
         tokio::spawn(async move {
             loop {
-                let Ok((sock, _)) = listener.accept().await else { return };
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
                 let st = Arc::clone(&st);
                 tokio::spawn(async move {
                     let _ = serve_conn(sock, st).await;
                 });
             }
         });
-        Sink { url: format!("http://{addr}/fhir"), state }
+        Sink {
+            url: format!("http://{addr}/fhir"),
+            state,
+        }
     }
 
     /// Answers for all requests from now on (after any scripted ones).
@@ -91,7 +118,13 @@ impl Sink {
 
     /// Requests carrying this event id get these answers first.
     pub fn script_event(&self, event_id: &str, modes: impl IntoIterator<Item = Mode>) {
-        self.state.lock().expect("lock").per_event.entry(event_id.to_string()).or_default().extend(modes);
+        self.state
+            .lock()
+            .expect("lock")
+            .per_event
+            .entry(event_id.to_string())
+            .or_default()
+            .extend(modes);
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -100,11 +133,19 @@ impl Sink {
 
     /// Requests that were answered 2xx.
     pub fn delivered(&self) -> Vec<Received> {
-        self.received().into_iter().filter(|r| r.mode == Mode::Ok).collect()
+        self.received()
+            .into_iter()
+            .filter(|r| r.mode.is_success())
+            .collect()
     }
 
     /// Waits until `pred` holds for the received list, or panics after `timeout`.
-    pub async fn wait_for(&self, timeout: Duration, what: &str, pred: impl Fn(&[Received]) -> bool) {
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&[Received]) -> bool,
+    ) {
         let deadline = Instant::now() + timeout;
         loop {
             if pred(&self.received()) {
@@ -139,7 +180,9 @@ async fn serve_conn(mut sock: TcpStream, state: Arc<Mutex<SinkState>>) -> std::i
             head.lines()
                 .find_map(|l| {
                     let (k, v) = l.split_once(':')?;
-                    k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                    k.trim()
+                        .eq_ignore_ascii_case(name)
+                        .then(|| v.trim().to_string())
                 })
                 .unwrap_or_default()
         };
@@ -152,7 +195,8 @@ async fn serve_conn(mut sock: TcpStream, state: Arc<Mutex<SinkState>>) -> std::i
             }
             buf.extend_from_slice(&chunk[..n]);
         }
-        let body: Value = serde_json::from_slice(&buf[header_end..header_end + len]).unwrap_or(Value::Null);
+        let body: Value =
+            serde_json::from_slice(&buf[header_end..header_end + len]).unwrap_or(Value::Null);
         buf.drain(..header_end + len);
         let key = header("idempotency-key");
         let mode = {
@@ -174,10 +218,22 @@ async fn serve_conn(mut sock: TcpStream, state: Arc<Mutex<SinkState>>) -> std::i
         };
         match mode {
             Mode::Ok => {
-                sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await?;
+                sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await?;
             }
-            Mode::Status { code, retry_after, body } => {
-                let ra = retry_after.map(|s| format!("retry-after: {s}\r\n")).unwrap_or_default();
+            Mode::Delay(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await?;
+            }
+            Mode::Status {
+                code,
+                retry_after,
+                body,
+            } => {
+                let ra = retry_after
+                    .map(|s| format!("retry-after: {s}\r\n"))
+                    .unwrap_or_default();
                 let resp = format!(
                     "HTTP/1.1 {code} X\r\n{ra}content-type: application/fhir+json\r\ncontent-length: {}\r\n\r\n{body}",
                     body.len()
@@ -198,6 +254,49 @@ async fn serve_conn(mut sock: TcpStream, state: Arc<Mutex<SinkState>>) -> std::i
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Which backend the suite runs on: `KNUTEPUNKT_TEST_STORAGE=postgres` runs the same tests on
+/// PostgreSQL (server from `KNUTEPUNKT_TEST_PG`, default the local one), else the embedded store.
+pub fn on_postgres() -> bool {
+    std::env::var("KNUTEPUNKT_TEST_STORAGE").is_ok_and(|v| v == "postgres")
+}
+
+/// libpq-style connection settings of the test server, without a database name.
+pub fn pg_server() -> String {
+    std::env::var("KNUTEPUNKT_TEST_PG")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres".into())
+}
+
+/// Creates an empty database on the test server and returns its connection string.
+pub async fn fresh_database() -> String {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("{} dbname=test", pg_server()),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect to the test PostgreSQL server (is it running? see scripts/test.sh)");
+    tokio::spawn(conn);
+    let name = format!("kp_t_{}", uuid::Uuid::new_v4().simple());
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    format!("{} dbname={name}", pg_server())
+}
+
+/// The `[storage]` section for a generated config: a data dir under `dir`, or a fresh database.
+pub async fn storage_section(dir: &Path) -> String {
+    if on_postgres() {
+        // Short leases so takeover after a SIGKILL is quick; must exceed destination timeouts.
+        let url = fresh_database().await;
+        format!("[storage]\nkind = \"postgres\"\nurl = {url:?}\nlease_s = 4\n")
+    } else {
+        format!(
+            "[storage]\ndata_dir = {:?}\n",
+            dir.join("data").display().to_string()
+        )
+    }
 }
 
 /// A destination entry for the generated config.
@@ -244,10 +343,16 @@ pub fn config_text(dests: &[Dest], extra: &str) -> String {
         repo_path("mappings").display().to_string()
     ));
     for d in dests {
-        cfg.push_str(&format!("[[destination]]\nname = {:?}\nurl = {:?}\n{}\n", d.name, d.url, d.extra));
+        cfg.push_str(&format!(
+            "[[destination]]\nname = {:?}\nurl = {:?}\n{}\n",
+            d.name, d.url, d.extra
+        ));
     }
     for d in dests {
-        cfg.push_str(&format!("[[route]]\nname = \"to-{}\"\ndestinations = [{:?}]\n", d.name, d.name));
+        cfg.push_str(&format!(
+            "[[route]]\nname = \"to-{}\"\ndestinations = [{:?}]\n",
+            d.name, d.name
+        ));
     }
     cfg
 }
@@ -256,16 +361,25 @@ impl Gateway {
     /// Writes the config (data dir inside a fresh temp dir) and starts the gateway.
     pub async fn start(dests: &[Dest], extra: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
-        let data = dir.path().join("data");
-        let cfg = format!("{}\n[storage]\ndata_dir = {:?}\n", config_text(dests, extra), data.display().to_string());
+        let storage = storage_section(dir.path()).await;
+        let cfg = format!("{}\n{storage}", config_text(dests, extra));
         Self::start_with_config(dir, &cfg).await
     }
 
     pub async fn start_with_config(dir: tempfile::TempDir, cfg: &str) -> Gateway {
         let config = dir.path().join("knutepunkt.toml");
         std::fs::write(&config, cfg).expect("write config");
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
-        let mut gw = Gateway { dir, config, base: String::new(), child: None, http };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        let mut gw = Gateway {
+            dir,
+            config,
+            base: String::new(),
+            child: None,
+            http,
+        };
         gw.spawn();
         gw
     }
@@ -283,8 +397,13 @@ impl Gateway {
             .expect("spawn knutepunkt");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let line = lines.next().expect("gateway printed nothing").expect("read stdout");
-        let addr = line.strip_prefix("knutepunkt listening on ").unwrap_or_else(|| panic!("unexpected: {line}"));
+        let line = lines
+            .next()
+            .expect("gateway printed nothing")
+            .expect("read stdout");
+        let addr = line
+            .strip_prefix("knutepunkt listening on ")
+            .unwrap_or_else(|| panic!("unexpected: {line}"));
         self.base = format!("http://{addr}");
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
@@ -311,7 +430,8 @@ impl Gateway {
 
     /// Resident memory of the gateway process in KiB (from /proc).
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -324,7 +444,12 @@ impl Gateway {
         self.post_as("fhir", body, &[]).await
     }
 
-    pub async fn post_as(&self, vendor: &str, body: &Value, headers: &[(&str, &str)]) -> (u16, Value) {
+    pub async fn post_as(
+        &self,
+        vendor: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
         let mut req = self
             .http
             .post(format!("{}/v1/vendors/{vendor}/events", self.base))
@@ -344,13 +469,23 @@ impl Gateway {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let resp = self.http.get(format!("{}{path}", self.base)).send().await.expect("get");
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("get");
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn post_admin(&self, path: &str) -> (u16, Value) {
-        let resp = self.http.post(format!("{}{path}", self.base)).send().await.expect("post");
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("post");
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
     }
