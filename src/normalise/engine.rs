@@ -80,18 +80,16 @@ fn scalar(v: &Value) -> Option<Result<String, &'static str>> {
     }
 }
 
-fn clean(f: &Field, s: String, at: &str) -> Result<Option<String>, MapError> {
+fn clean(f: &Field, s: String, _at: &str) -> Result<Option<String>, MapError> {
     let mut s = if f.trim { s.trim().to_string() } else { s };
     if s.is_empty() {
         return Ok(None);
     }
-    if let Some(w) = f.pad {
-        if !s.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(MapError::unmappable(
-                at,
-                format!("{s:?} is not a numeric code ({})", f.name),
-            ));
-        }
+    // Numeric codes are re-padded ("3", "03", "0003" → "0003"); other values are left alone
+    // (a code table then decides whether they are known).
+    if let Some(w) = f.pad
+        && s.bytes().all(|b| b.is_ascii_digit())
+    {
         let t = s.trim_start_matches('0');
         s = format!("{t:0>w$}");
     }
@@ -353,7 +351,18 @@ impl Record {
 fn evaluate(ctx: &Ctx<'_>, shape: Shape) -> Result<Record, MapError> {
     let mut vals = HashMap::new();
     let mut at = HashMap::new();
+    // A heartbeat needs only who and when; nothing clinical is evaluated (or can fail).
+    const HEARTBEAT_FIELDS: [&str; 5] = [
+        "event_id",
+        "occurred",
+        "tenant",
+        "device_id",
+        "device_system",
+    ];
     let relevant = |f: &Field| {
+        if shape == Shape::Heartbeat {
+            return HEARTBEAT_FIELDS.contains(&f.name.as_str());
+        }
         let s = super::mapping::field_shapes(&f.name);
         s.is_empty() || s.contains(&shape)
     };
