@@ -52,17 +52,6 @@ impl Done {
             Done::Replay(tx, r) => drop(tx.send(pick(r, commit))),
         }
     }
-
-    /// Whether the command failed inside the store (not a logical refusal such as a stale lease).
-    pub fn store_failed(&self) -> bool {
-        let failed = |e: Option<&JournalError>| matches!(e, Some(JournalError::Unavailable(_)));
-        match self {
-            Done::Append(_, r) => failed(r.as_ref().err()),
-            Done::Claim(_, r) => failed(r.as_ref().err()),
-            Done::Unit(_, r) => failed(r.as_ref().err()),
-            Done::Replay(_, r) => failed(r.as_ref().err()),
-        }
-    }
 }
 
 /// Fails a command without running it (the store could not start a transaction).

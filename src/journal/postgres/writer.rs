@@ -93,51 +93,119 @@ async fn open(config: &Config) -> Result<Conn, JournalError> {
     Ok(Conn { client, s })
 }
 
+/// Attempts per batch when PostgreSQL aborts it for a deadlock or serialization failure between
+/// nodes; the batch was rolled back, so running it again is safe.
+const BATCH_TRIES: usize = 4;
+
+/// A command's result before its batch commits.
+enum Out {
+    Append(Result<Appended, JournalError>),
+    Claim(Result<Claimed, JournalError>),
+    Unit(Result<(), JournalError>),
+    Replay(Result<Vec<Replayed>, JournalError>),
+}
+
+impl Out {
+    fn store_error(&self) -> Option<&str> {
+        let err = match self {
+            Out::Append(r) => r.as_ref().err(),
+            Out::Claim(r) => r.as_ref().err(),
+            Out::Unit(r) => r.as_ref().err(),
+            Out::Replay(r) => r.as_ref().err(),
+        };
+        match err {
+            Some(JournalError::Unavailable(m)) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+/// Pairs a command's reply slot with its result.
+fn finish(cmd: Command, out: Out) -> Done {
+    match (cmd, out) {
+        (Command::Append(_, r), Out::Append(o)) => Done::Append(r, o),
+        (Command::Claim { reply, .. }, Out::Claim(o)) => Done::Claim(reply, o),
+        (Command::Record(_, r) | Command::Ping(r), Out::Unit(o)) => Done::Unit(r, o),
+        (Command::Replay(_, r), Out::Replay(o)) => Done::Replay(r, o),
+        (cmd, _) => fail(cmd, "internal error: result does not match command"),
+    }
+}
+
+fn retryable(err: &str) -> bool {
+    err.starts_with("40P01") || err.starts_with("40001")
+}
+
 async fn run_batch(
     c: &mut Conn,
     batch: Vec<Command>,
     lease_ms: i64,
 ) -> (Vec<Done>, Result<(), String>) {
     let Conn { client, s } = c;
-    let tx = match client.transaction().await {
-        Ok(tx) => tx,
-        Err(e) => {
-            let msg = db_error_text(&e);
-            return (
-                batch.into_iter().map(|cmd| fail(cmd, &msg)).collect(),
-                Err(msg),
-            );
+    let mut last_err = String::new();
+    for attempt in 1..=BATCH_TRIES {
+        let tx = match client.transaction().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                last_err = db_error_text(&e);
+                break;
+            }
+        };
+        let outs: Vec<Out> = join_all(batch.iter().map(|cmd| apply(&tx, s, cmd, lease_ms))).await;
+        // Report the root cause, not the "transaction is aborted" errors it caused in the others.
+        let errors: Vec<&str> = outs.iter().filter_map(Out::store_error).collect();
+        let root = errors
+            .iter()
+            .find(|e| !e.starts_with("25P02"))
+            .or(errors.first())
+            .map(|e| e.to_string());
+        let result = match root {
+            Some(e) => {
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+            None => tx.commit().await.map_err(|e| db_error_text(&e)),
+        };
+        match result {
+            Ok(()) => {
+                return (
+                    batch
+                        .into_iter()
+                        .zip(outs)
+                        .map(|(c, o)| finish(c, o))
+                        .collect(),
+                    Ok(()),
+                );
+            }
+            Err(e) if retryable(&e) && attempt < BATCH_TRIES => {
+                tracing::debug!(error = %e, attempt, "batch aborted by the database; running it again");
+                last_err = e;
+            }
+            Err(e) => {
+                last_err = e;
+                break;
+            }
         }
-    };
-    let done: Vec<Done> = join_all(batch.into_iter().map(|cmd| apply(&tx, s, cmd, lease_ms))).await;
-    if done.iter().any(Done::store_failed) {
-        let _ = tx.rollback().await;
-        return (
-            done,
-            Err("a statement failed; the batch was rolled back".into()),
-        );
     }
-    let commit = tx.commit().await.map_err(|e| db_error_text(&e));
-    (done, commit)
+    let msg = format!("batch rolled back: {last_err}");
+    (
+        batch.into_iter().map(|cmd| fail(cmd, &msg)).collect(),
+        Err(msg),
+    )
 }
 
-async fn apply(tx: &Transaction<'_>, s: &Stmts, cmd: Command, lease_ms: i64) -> Done {
+async fn apply(tx: &Transaction<'_>, s: &Stmts, cmd: &Command, lease_ms: i64) -> Out {
     match cmd {
-        Command::Append(ev, r) => Done::Append(r, append(tx, s, &ev).await),
+        Command::Append(ev, _) => Out::Append(append(tx, s, ev).await),
         Command::Claim {
             dest,
             class,
             limit,
             now_ms,
-            reply,
-        } => Done::Claim(
-            reply,
-            claim(tx, s, &dest, class, limit, now_ms, lease_ms).await,
-        ),
-        Command::Record(rec, r) => Done::Unit(r, record(tx, s, &rec).await),
-        Command::Replay(f, r) => Done::Replay(r, replay(tx, s, &f).await),
-        Command::Ping(r) => Done::Unit(
-            r,
+            ..
+        } => Out::Claim(claim(tx, s, dest, *class, *limit, *now_ms, lease_ms).await),
+        Command::Record(rec, _) => Out::Unit(record(tx, s, rec).await),
+        Command::Replay(f, _) => Out::Replay(replay(tx, s, f).await),
+        Command::Ping(_) => Out::Unit(
             tx.execute("SELECT 1", &[])
                 .await
                 .map(|_| ())
