@@ -196,6 +196,9 @@ fn parse_offset(s: &str) -> Option<i32> {
         _ => return None,
     };
     let body = &s[1..];
+    if !body.is_ascii() {
+        return None;
+    }
     let (h, m) = match body.len() {
         2 => (body, "00"),
         4 => (&body[..2], &body[2..]),
@@ -321,6 +324,8 @@ mod tests {
         assert!(parse("2025-02-29T10:00:00Z", TimeFormat::Iso, Zone::Utc).is_err());
         assert!(parse("14.03.2025", TimeFormat::Iso, Zone::Utc).is_err());
         assert!(parse("2025-03-14T25:00:00Z", TimeFormat::Iso, Zone::Utc).is_err());
+        assert!(parse("2025-03-14T10:00:00+1é1", TimeFormat::Iso, Zone::Utc).is_err());
+        assert!(parse("2025-03-14T10:00é", TimeFormat::Iso, Zone::Utc).is_err());
     }
 
     #[test]
