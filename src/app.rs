@@ -94,7 +94,7 @@ async fn open_journal(config: &ValidConfig) -> anyhow::Result<Arc<dyn Journal>> 
             lease,
         } => Arc::new(
             PostgresJournal::open(
-                url,
+                &url.resolve().map_err(anyhow::Error::msg)?,
                 *pool_size,
                 *lease,
                 config.max_batch,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use validate::{
-    ConfigError, Storage, ValidConfig, ValidDestination, ValidRoute, load, parse, validate,
+    ConfigError, PgUrl, Storage, ValidConfig, ValidDestination, ValidRoute, load, parse, validate,
 };
 
 /// Top-level config file. Every section has defaults, so an empty file (or none) is valid.
@@ -58,6 +58,9 @@ pub struct StorageConfig {
     pub queue_capacity: usize,
     /// PostgreSQL connection string (key=value or `postgres://` URL), for `kind = "postgres"`.
     pub url: Option<String>,
+    /// Name of an environment variable holding the connection string instead (keeps a
+    /// password out of the config file, e.g. from a Kubernetes Secret).
+    pub url_env: Option<String>,
     /// PostgreSQL connections for reads and claims (the writer has its own).
     pub pool_size: usize,
     /// Seconds a node holds a lane before another node may take it over (PostgreSQL).
@@ -72,6 +75,7 @@ impl Default for StorageConfig {
             max_batch: 512,
             queue_capacity: 8192,
             url: None,
+            url_env: None,
             pool_size: 8,
             lease_s: 30,
         }

@@ -30,10 +30,29 @@ pub enum Storage {
         data_dir: PathBuf,
     },
     Postgres {
-        url: String,
+        url: PgUrl,
         pool_size: usize,
         lease: Duration,
     },
+}
+
+/// Where the PostgreSQL connection string comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgUrl {
+    Literal(String),
+    /// Read from this environment variable when the journal is built.
+    Env(String),
+}
+
+impl PgUrl {
+    /// The connection string; reads the environment for `Env`.
+    pub fn resolve(&self) -> Result<String, String> {
+        match self {
+            PgUrl::Literal(s) => Ok(s.clone()),
+            PgUrl::Env(var) => std::env::var(var)
+                .map_err(|_| format!("environment variable {var} (storage.url_env) is not set")),
+        }
+    }
 }
 
 /// A config that passed validation; `build` code may rely on every invariant checked here.
@@ -138,13 +157,25 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
             }
         }
         "postgres" => {
-            let url = raw.storage.url.clone().unwrap_or_default();
-            if url.parse::<tokio_postgres::Config>().is_err() {
-                errs.push(
-                    "storage.url",
-                    "must be a PostgreSQL connection string, e.g. \"postgres://knutepunkt@127.0.0.1/knutepunkt\"",
-                );
-            }
+            let url = match (&raw.storage.url, &raw.storage.url_env) {
+                (Some(url), None) => {
+                    if url.parse::<tokio_postgres::Config>().is_err() {
+                        errs.push(
+                            "storage.url",
+                            "must be a PostgreSQL connection string, e.g. \"postgres://knutepunkt@127.0.0.1/knutepunkt\"",
+                        );
+                    }
+                    PgUrl::Literal(url.clone())
+                }
+                (None, Some(var)) if !var.trim().is_empty() => PgUrl::Env(var.clone()),
+                _ => {
+                    errs.push(
+                        "storage.url",
+                        "set exactly one of storage.url or storage.url_env",
+                    );
+                    PgUrl::Literal(String::new())
+                }
+            };
             positive(&mut errs, "storage.pool_size", raw.storage.pool_size as u64);
             let slowest = raw
                 .destinations
