@@ -288,9 +288,56 @@ mod tests {
     }
 
     #[test]
+    fn rule_errors_name_file_and_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("bad.toml"),
+            r#"vendor = "bad"
+version = "1"
+format = "xml"
+timezone = "Mars/Olympus"
+test_tenants = ["abc"]
+[output]
+shape = { path = "kind" }
+[fields]
+alert_code = { path = "code", table = "alerts" }
+colour = { const = "red" }
+priority = { path = "p" }
+occurred = { path = "t", time = "epoch_ns" }
+reading_id = { template = "{nope}" }
+[tables.alerts]
+A = "3"
+B = "9.9"
+[tables.unused]
+x = "y"
+"#,
+        )
+        .expect("write");
+        let errs = load_vendors(dir.path()).expect_err("errors");
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        for want in [
+            "xml_root",
+            "timezone",
+            "test_tenants",
+            "output.shape",
+            "fields.colour",
+            "fields.priority.table",
+            "fields.occurred.time",
+            "fields.reading_id.template",
+            "tables.alerts.\"B\"",
+            "tables.unused",
+        ] {
+            assert!(fields.contains(&want), "missing {want}: {errs:#?}");
+        }
+        assert!(errs.iter().all(|e| e.file.ends_with("bad.toml")));
+    }
+
+    #[test]
     fn shipped_mappings_load() {
         let reg = load_vendors(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/mappings")))
             .expect("valid");
-        assert!(reg.get("fhir").is_some());
+        for v in ["fhir", "scaip", "supervision", "dispenser", "homemeasure"] {
+            assert!(reg.get(v).is_some(), "{v}");
+        }
     }
 }
