@@ -39,7 +39,7 @@ pub fn received_ms(event_id: &str) -> i64 {
         let (s, n) = ts.to_unix();
         return s as i64 * 1000 + i64::from(n / 1_000_000);
     }
-    crate::clock::now_ms() as i64
+    crate::clock::now_ms()
 }
 
 #[derive(Debug, Clone)]
