@@ -90,11 +90,13 @@ async fn open_journal(config: &ValidConfig) -> anyhow::Result<Arc<dyn Journal>> 
         ),
         Storage::Postgres {
             url,
+            tls_ca_file,
             pool_size,
             lease,
         } => Arc::new(
             PostgresJournal::open(
                 &url.resolve().map_err(anyhow::Error::msg)?,
+                tls_ca_file.as_deref(),
                 *pool_size,
                 *lease,
                 config.max_batch,

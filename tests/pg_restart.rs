@@ -7,136 +7,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::pg_cluster::Cluster;
 use common::{Dest, Gateway, Mode, Sink, config_text, observation};
 use tokio::sync::Mutex;
-
-struct Cluster {
-    bin: PathBuf,
-    data: PathBuf,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-fn as_postgres(cmd: &Path) -> Command {
-    // initdb and postgres refuse to run as root; the Debian packages provide the `postgres` user.
-    if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(cmd);
-        c
-    } else {
-        Command::new(cmd)
-    }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().next().map(|u| u == "0"))
-        .unwrap_or(false)
-}
-
-impl Cluster {
-    fn create() -> Cluster {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .expect(
-                "PostgreSQL server binaries in /usr/lib/postgresql (scripts/test.sh installs them)",
-            )
-            .filter_map(Result::ok)
-            .map(|e| e.path().join("bin"))
-            .filter(|p| p.join("initdb").exists())
-            .max()
-            .expect("initdb");
-        let dir = tempfile::tempdir().expect("tempdir");
-        if is_root() {
-            let ok = Command::new("chown")
-                .arg("postgres")
-                .arg(dir.path())
-                .status()
-                .expect("chown");
-            assert!(ok.success());
-        }
-        let data = dir.path().join("data");
-        let out = as_postgres(&bin.join("initdb"))
-            .args(["-A", "trust", "-U", "postgres", "-D"])
-            .arg(&data)
-            .output()
-            .expect("initdb");
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("port")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let c = Cluster {
-            bin,
-            data,
-            port,
-            _dir: dir,
-        };
-        c.start();
-        c
-    }
-
-    fn pg_ctl(&self, args: &[&str]) {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
-            self.port,
-            self.data.display()
-        );
-        let out = as_postgres(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&self.data)
-            .arg("-l")
-            .arg(self.data.join("log"))
-            .args(["-o", &opts])
-            .args(args)
-            .output()
-            .expect("pg_ctl");
-        assert!(
-            out.status.success(),
-            "pg_ctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn start(&self) {
-        self.pg_ctl(&["-w", "start"]);
-    }
-
-    /// Immediate shutdown: no checkpoint, like a crash; committed data survives through the WAL.
-    fn crash(&self) {
-        self.pg_ctl(&["-w", "-m", "immediate", "stop"]);
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.port
-        )
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = as_postgres(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "stop"])
-            .output();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_refuses_while_the_database_is_away_and_recovers() {

@@ -61,6 +61,9 @@ pub struct StorageConfig {
     /// Name of an environment variable holding the connection string instead (keeps a
     /// password out of the config file, e.g. from a Kubernetes Secret).
     pub url_env: Option<String>,
+    /// PEM file with the CA(s) that signed the PostgreSQL server certificate; when set, TLS is
+    /// required and the server name is verified.
+    pub tls_ca_file: Option<PathBuf>,
     /// PostgreSQL connections for reads and claims (the writer has its own).
     pub pool_size: usize,
     /// Seconds a node holds a lane before another node may take it over (PostgreSQL).
@@ -76,6 +79,7 @@ impl Default for StorageConfig {
             queue_capacity: 8192,
             url: None,
             url_env: None,
+            tls_ca_file: None,
             pool_size: 8,
             lease_s: 30,
         }

@@ -31,6 +31,7 @@ pub enum Storage {
     },
     Postgres {
         url: PgUrl,
+        tls_ca_file: Option<PathBuf>,
         pool_size: usize,
         lease: Duration,
     },
@@ -193,6 +194,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
             }
             Storage::Postgres {
                 url,
+                tls_ca_file: raw.storage.tls_ca_file.clone(),
                 pool_size: raw.storage.pool_size,
                 lease: Duration::from_secs(raw.storage.lease_s),
             }

@@ -2,6 +2,8 @@
 //! real `knutepunkt` binary run as a child process with a generated config.
 #![allow(dead_code)]
 
+pub mod pg_cluster;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

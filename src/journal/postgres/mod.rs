@@ -10,14 +10,15 @@
 //! commands of a batch run pipelined on that connection inside one transaction.
 
 mod read;
+mod tls;
 mod writer;
 
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
 
 use super::command::Queue;
 use super::{
@@ -44,7 +45,18 @@ impl From<tokio_postgres::Error> for JournalError {
 fn db_error_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
+        None => {
+            // The driver's own text is generic ("error performing TLS handshake"); the cause
+            // (e.g. an unknown certificate issuer) is what an operator needs.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(inner) = source {
+                text.push_str(": ");
+                text.push_str(&inner.to_string());
+                source = inner.source();
+            }
+            text
+        }
     }
 }
 
@@ -53,6 +65,7 @@ impl PostgresJournal {
     /// and starts the writer.
     pub async fn open(
         url: &str,
+        tls_ca_file: Option<&Path>,
         pool_size: usize,
         lease: Duration,
         max_batch: usize,
@@ -62,21 +75,25 @@ impl PostgresJournal {
             .parse()
             .map_err(|e| JournalError::Unavailable(format!("storage.url: {e}")))?;
         config.connect_timeout(Duration::from_secs(5));
-        let connect = || async { writer::connect(&config).await };
+        let tls = tls::configure(&mut config, tls_ca_file)?;
+        // Wait while the server is starting or unreachable; fail at once on what waiting cannot
+        // fix (authentication, a rejected certificate, a missing database).
+        let connect = || async { writer::connect_raw(&config, tls.clone()).await };
         let client = connect
             .retry(
                 ExponentialBuilder::default()
                     .with_max_times(10)
                     .with_max_delay(Duration::from_secs(5)),
             )
-            .notify(|e, _| tracing::warn!(error = %e, "waiting for PostgreSQL"))
+            .when(is_transient)
+            .notify(|e, _| tracing::warn!(error = %db_error_text(e), "waiting for PostgreSQL"))
             .await?;
         migrate(&client).await?;
         drop(client);
 
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -89,7 +106,7 @@ impl PostgresJournal {
             .build()
             .map_err(|e| JournalError::Unavailable(format!("pool: {e}")))?;
         let (queue, rx) = Queue::new(queue_capacity);
-        tokio::spawn(writer::run(config, rx, max_batch, lease));
+        tokio::spawn(writer::run(config, tls, rx, max_batch, lease));
         Ok(Self { queue, pool })
     }
 
@@ -99,6 +116,28 @@ impl PostgresJournal {
             .await
             .map_err(|e| JournalError::Unavailable(format!("database: {e}")))
     }
+}
+
+/// Connection failures worth waiting out: no answer from the server (refused, timed out, reset),
+/// or a server that is still starting or shutting down. Not: TLS and authentication failures.
+fn is_transient(e: &tokio_postgres::Error) -> bool {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        // 57P03: cannot connect now (starting up); 57P01-57P02: shutting down.
+        return code.starts_with("57P") || code.starts_with("08");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        if inner.downcast_ref::<rustls::Error>().is_some() {
+            return false;
+        }
+        if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+            // rustls reports handshake failures as io::Error(InvalidData) wrapping its error.
+            return io.kind() != std::io::ErrorKind::InvalidData;
+        }
+        source = inner.source();
+    }
+    true
 }
 
 /// Applies the schema once, even when several nodes start together.

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config, NoTls, Statement, Transaction};
+use tokio_postgres::{Client, Config, Statement, Transaction};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::db_error_text;
 use crate::journal::command::{AuditRow, Command, Done, fail, gather};
@@ -27,8 +28,17 @@ use crate::journal::{
 /// How often emptied lane rows are removed.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
-pub async fn connect(config: &Config) -> Result<Client, JournalError> {
-    let (client, connection) = config.connect(NoTls).await?;
+pub async fn connect(config: &Config, tls: MakeRustlsConnect) -> Result<Client, JournalError> {
+    Ok(connect_raw(config, tls).await?)
+}
+
+/// Connects and drives the connection in the background; keeps the driver's error type so the
+/// caller can tell a server that is down from one that refuses us.
+pub async fn connect_raw(
+    config: &Config,
+    tls: MakeRustlsConnect,
+) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(tls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "PostgreSQL connection closed");
@@ -44,6 +54,7 @@ struct Conn {
 
 pub async fn run(
     config: Config,
+    tls: MakeRustlsConnect,
     mut rx: mpsc::Receiver<Command>,
     max_batch: usize,
     lease: Duration,
@@ -54,7 +65,7 @@ pub async fn run(
     while let Some(first) = rx.recv().await {
         let batch = gather(first, &mut rx, max_batch);
         if conn.as_ref().is_none_or(|c| c.client.is_closed()) {
-            conn = match open(&config).await {
+            conn = match open(&config, tls.clone()).await {
                 Ok(c) => Some(c),
                 Err(e) => {
                     let msg = e.to_string();
@@ -87,8 +98,8 @@ pub async fn run(
     }
 }
 
-async fn open(config: &Config) -> Result<Conn, JournalError> {
-    let client = connect(config).await?;
+async fn open(config: &Config, tls: MakeRustlsConnect) -> Result<Conn, JournalError> {
+    let client = connect(config, tls).await?;
     let s = Stmts::prepare(&client).await?;
     Ok(Conn { client, s })
 }
