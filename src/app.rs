@@ -21,6 +21,8 @@ pub struct AppState {
     pub router: EventRouter,
     pub wakers: Wakers,
     pub ingest: IngestLimits,
+    /// Configured destination names, so admin views list idle ones too.
+    pub destinations: Vec<String>,
 }
 
 pub fn http_router(state: Arc<AppState>) -> Router {
@@ -45,6 +47,7 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
         vendors,
         router: EventRouter::new(config.routes.clone()),
         wakers,
+        destinations: config.destinations.iter().map(|d| d.name.clone()).collect(),
         ingest: IngestLimits {
             max_body_bytes: config.max_body_bytes,
             retry_after_s: config.retry_after_s,

@@ -428,6 +428,10 @@ async fn retries_are_exhausted_after_max_attempts() {
         assert_eq!(row["last_status"], 503, "{row}");
         let reason = row["reason"].as_str().expect("reason");
         assert!(reason.contains("3 attempts"), "{reason}");
+        assert!(
+            reason.contains("last error: HTTP 503"),
+            "the reason names the last failure: {reason}"
+        );
     }
     // Newest first.
     assert_eq!(rows[0]["event_id"], id2.as_str());
@@ -465,6 +469,34 @@ async fn retries_are_exhausted_after_max_attempts() {
         Some(0),
         "{none}"
     );
+
+    // The destinations view lists the configured destination with its dead letters.
+    let (_, dests) = gw.get("/v1/admin/destinations").await;
+    let row = &dests["destinations"][0];
+    assert_eq!(row["destination"], "epj", "{dests}");
+    assert_eq!(row["configured"], true, "{dests}");
+    assert!(row["dead"].as_i64().unwrap_or(0) >= 1, "{dests}");
+}
+
+#[tokio::test]
+async fn idle_destinations_are_listed() {
+    let sink = Sink::start(Mode::Ok).await;
+    let gw = Gateway::start(
+        &[Dest::new("quiet", &sink.url), Dest::new("other", &sink.url)],
+        "",
+    )
+    .await;
+    let (status, dests) = gw.get("/v1/admin/destinations").await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = dests["destinations"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|d| d["destination"].as_str())
+        .collect();
+    assert_eq!(names, vec!["quiet", "other"], "{dests}");
+    assert_eq!(dests["destinations"][0]["pending"], 0);
+    assert_eq!(dests["destinations"][0]["configured"], true);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -87,7 +87,32 @@ async fn destinations(
         .destinations()
         .await
         .map_err(journal_err(&state))?;
-    Ok(Json(json!({ "destinations": rows })))
+    // Every configured destination appears, idle ones with zeros; destinations that still hold
+    // deliveries but are no longer configured appear with `configured: false`, so their backlog
+    // cannot go unnoticed.
+    let mut out: Vec<serde_json::Value> = state
+        .destinations
+        .iter()
+        .map(|name| match rows.iter().find(|r| &r.destination == name) {
+            Some(r) => with_configured(json!(r), true),
+            None => json!({
+                "destination": name, "lanes": 0, "pending": 0, "delivered": 0, "dead": 0,
+                "oldest_pending_age_ms": null, "configured": true
+            }),
+        })
+        .collect();
+    for r in rows
+        .iter()
+        .filter(|r| !state.destinations.contains(&r.destination))
+    {
+        out.push(with_configured(json!(r), false));
+    }
+    Ok(Json(json!({ "destinations": out })))
+}
+
+fn with_configured(mut v: serde_json::Value, configured: bool) -> serde_json::Value {
+    v["configured"] = json!(configured);
+    v
 }
 
 async fn lanes(

@@ -160,14 +160,23 @@ impl Dispatcher {
                     answer.error.clone().unwrap_or_default()
                 ),
             },
-            Class::Retry => backoff::after_failure(
+            Class::Retry => match backoff::after_failure(
                 &self.dest.retry,
                 attempt,
                 task.created_at_ms,
                 at_ms,
                 answer.retry_after,
                 rand::random::<f64>(),
-            ),
+            ) {
+                // Say why the last attempt failed, not only that retries ran out.
+                Verdict::DeadLetter { reason } => Verdict::DeadLetter {
+                    reason: format!(
+                        "{reason}; last error: {}",
+                        answer.error.clone().unwrap_or_default()
+                    ),
+                },
+                other => other,
+            },
         };
         if let Verdict::DeadLetter { reason } = &verdict {
             tracing::warn!(dest = %self.dest.name, event_id = %task.event_id, attempt, %reason, "dead-lettered");
