@@ -23,12 +23,17 @@ async fn accepts_then_recognises_repeats() {
     // Same Idempotency-Key on a body without a vendor id: 200 with the first id.
     let mut anon = observation("13097248022", "x");
     anon.as_object_mut().expect("obj").remove("identifier");
-    let (s1, b1) = gw.post_as("fhir", &anon, &[("idempotency-key", "k-1")]).await;
-    let (s2, b2) = gw.post_as("fhir", &anon, &[("idempotency-key", "k-1")]).await;
+    let (s1, b1) = gw
+        .post_as("fhir", &anon, &[("idempotency-key", "k-1")])
+        .await;
+    let (s2, b2) = gw
+        .post_as("fhir", &anon, &[("idempotency-key", "k-1")])
+        .await;
     assert_eq!((s1, s2), (202, 200));
     assert_eq!(b1["id"], b2["id"]);
 
-    sink.wait_for(Duration::from_secs(10), "two deliveries", |r| r.len() >= 2).await;
+    sink.wait_for(Duration::from_secs(10), "two deliveries", |r| r.len() >= 2)
+        .await;
     let (_, stats) = gw.get("/v1/admin/stats").await;
     assert_eq!(stats["events"], 2, "{stats}");
     let got = sink.received();
@@ -50,7 +55,9 @@ async fn refusals_are_precise_and_store_nothing() {
     let (s, b) = gw.post(&big).await;
     assert_eq!(s, 413, "{b}");
 
-    let (s, b) = gw.post(&json!({ "resourceType": "Observation", "status": "final" })).await;
+    let (s, b) = gw
+        .post(&json!({ "resourceType": "Observation", "status": "final" }))
+        .await;
     assert_eq!(s, 422);
     assert_eq!(b["issue"][0]["expression"][0], "subject");
 
@@ -61,7 +68,9 @@ async fn refusals_are_precise_and_store_nothing() {
     let (s, _) = gw.post_as("fhir", &deep, &[]).await;
     assert_eq!(s, 422, "a JSON string is well-formed but not a resource");
 
-    let (s, b) = gw.post_as("fhir", &observation("1", "b"), &[("x-tenant", "oslo")]).await;
+    let (s, b) = gw
+        .post_as("fhir", &observation("1", "b"), &[("x-tenant", "oslo")])
+        .await;
     assert_eq!(s, 400);
     assert_eq!(b["issue"][0]["expression"][0], "X-Tenant");
 
@@ -81,7 +90,11 @@ async fn refusals_are_precise_and_store_nothing() {
         .send()
         .await
         .expect("send");
-    assert_eq!(resp.status().as_u16(), 400, "JSON nested past the depth limit is refused as malformed");
+    assert_eq!(
+        resp.status().as_u16(),
+        400,
+        "JSON nested past the depth limit is refused as malformed"
+    );
 
     let (_, stats) = gw.get("/v1/admin/stats").await;
     assert_eq!(stats["events"], 0, "{stats}");
