@@ -30,6 +30,13 @@ trap drop_test_databases EXIT
 step "tests on the embedded store (unit, integration over real sockets and processes, property, crash)"
 cargo test --locked --all-targets -- --test-threads 2
 
+step "independent FHIR R4 validation of every golden output (@medplum/core, pinned)"
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq nodejs npm
+fi
+./conformance-tests/run-validator.sh
+
 step "the storage suites again on PostgreSQL"
 KNUTEPUNKT_TEST_STORAGE=postgres cargo test --locked \
   --test ingest --test delivery --test crash --test journal_model -- --test-threads 2
