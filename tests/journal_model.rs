@@ -1,0 +1,727 @@
+//! Model-based test of the SQLite journal: random sequences of appends, claims, outcomes, replays
+//! and restarts run against the real `SqliteJournal` and against a tiny in-memory model, and the
+//! two must agree after every step.
+//!
+//! What is checked:
+//! - `claim` hands out only lane heads (the oldest pending delivery of its (dest, class, key) in
+//!   append/replay order), never a lane that is leased, never a finished delivery, as many as
+//!   `limit` allows and ready lanes offer, oldest due first, and reports the right `next_due_ms`;
+//! - `record` moves the lane as the verdict says (delivered / retry at a time / dead letter);
+//!   an outcome carrying a lease that is no longer held is refused with `Conflict` and changes
+//!   nothing;
+//! - `replay` re-queues dead letters at their lane's tail, oldest first;
+//! - repeats of a vendor event id are `Duplicate` and store nothing;
+//! - stats, per-destination counts and the lanes read model match the model;
+//! - restart (drop, wait for the writer thread to stop, reopen the same directory) keeps
+//!   everything but the leases. Decision: tasks held across a restart are not dropped silently
+//!   from the test; they become stale and recording them must answer `Conflict`, while their
+//!   lanes are claimable again.
+//!
+//! Time: lanes created by append/replay are due at the wall clock of the write, so the model runs
+//! its own clock far ahead of the wall clock (claims pass it as `now_ms`); retries are scheduled
+//! relative to that clock, in its past or future.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use knutepunkt::journal::{
+    Appended, AttemptRecord, Claimed, DeliveryTask, Journal, JournalError, LaneClass, LaneQuery,
+    NewEvent, ReplayFilter, SqliteJournal, Verdict,
+};
+use knutepunkt::normalise::{Category, Envelope, Priority};
+use proptest::prelude::*;
+use proptest::sample::Index;
+use proptest::test_runner::Config;
+
+const DESTS: [&str; 2] = ["a", "b"];
+const KEYS: [&str; 3] = ["patient:1", "patient:2", "device:3"];
+
+#[derive(Debug, Clone)]
+enum Choice {
+    Delivered,
+    RetryPast(u16),
+    RetryFuture(u16),
+    Dead,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append {
+        key: usize,
+        dests: u8,
+        alarm: bool,
+    },
+    AppendDup(Index),
+    Claim {
+        dest: usize,
+        alarm: bool,
+        limit: usize,
+    },
+    Record(Index, Choice),
+    RecordStale(Index),
+    Replay {
+        dest: Option<usize>,
+        limit: usize,
+    },
+    ReplayOne(Index),
+    Advance(u16),
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let choice = prop_oneof![
+        3 => Just(Choice::Delivered),
+        1 => (0u16..5000).prop_map(Choice::RetryPast),
+        1 => (0u16..5000).prop_map(Choice::RetryFuture),
+        2 => Just(Choice::Dead),
+    ];
+    prop_oneof![
+        5 => (0..KEYS.len(), 1u8..=3, any::<bool>())
+            .prop_map(|(key, dests, alarm)| Op::Append { key, dests, alarm }),
+        1 => any::<Index>().prop_map(Op::AppendDup),
+        5 => (0..DESTS.len(), any::<bool>(), 0usize..4)
+            .prop_map(|(dest, alarm, limit)| Op::Claim { dest, alarm, limit }),
+        5 => (any::<Index>(), choice).prop_map(|(i, c)| Op::Record(i, c)),
+        1 => any::<Index>().prop_map(Op::RecordStale),
+        1 => (proptest::option::of(0..DESTS.len()), 1usize..4)
+            .prop_map(|(dest, limit)| Op::Replay { dest, limit }),
+        1 => any::<Index>().prop_map(Op::ReplayOne),
+        2 => (0u16..3000).prop_map(Op::Advance),
+        1 => Just(Op::Restart),
+    ]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum St {
+    Pending,
+    Delivered,
+    Dead,
+    Replayed,
+}
+
+#[derive(Debug, Clone)]
+struct Del {
+    event_id: String,
+    dest: String,
+    class: LaneClass,
+    key: String,
+    state: St,
+    attempts: u32,
+    /// The journal's delivery id, once seen (claim or replay).
+    sql_id: Option<i64>,
+}
+
+/// When a lane is due. Lanes (re)created by append/replay are due at the wall clock of that
+/// write, known only within bounds; everything else is due at an exact model time.
+#[derive(Debug, Clone, Copy)]
+enum Due {
+    Wall { lo: i64, hi: i64 },
+    At(i64),
+}
+
+impl Due {
+    fn lo(self) -> i64 {
+        match self {
+            Due::Wall { lo, .. } => lo,
+            Due::At(v) => v,
+        }
+    }
+    fn hi(self) -> i64 {
+        match self {
+            Due::Wall { hi, .. } => hi,
+            Due::At(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Lane {
+    due: Due,
+    leased: Option<i64>,
+}
+
+type LaneId = (String, LaneClass, String);
+
+#[derive(Default)]
+struct Model {
+    /// (event id, vendor event id, fhir)
+    events: Vec<(String, String, String)>,
+    /// In append/replay order.
+    dels: Vec<Del>,
+    lanes: BTreeMap<LaneId, Lane>,
+    held: Vec<DeliveryTask>,
+    /// Tasks whose lease is no longer valid: already recorded, or held across a restart.
+    spent: Vec<DeliveryTask>,
+    tokens: HashSet<i64>,
+    now: i64,
+    next_event: u64,
+}
+
+impl Model {
+    fn head(&self, lane: &LaneId) -> Option<usize> {
+        self.dels.iter().position(|d| {
+            d.state == St::Pending && d.dest == lane.0 && d.class == lane.1 && d.key == lane.2
+        })
+    }
+
+    fn enqueue(&mut self, del: Del, lo: i64, hi: i64) {
+        let id = (del.dest.clone(), del.class, del.key.clone());
+        self.dels.push(del);
+        self.lanes.entry(id).or_insert(Lane {
+            due: Due::Wall { lo, hi },
+            leased: None,
+        });
+    }
+
+    /// The head is finished: the lane moves on (due at `at`) or disappears.
+    fn advance(&mut self, lane: &LaneId, at: i64) {
+        if self.head(lane).is_some() {
+            let l = self.lanes.get_mut(lane).expect("lane");
+            l.leased = None;
+            l.due = Due::At(at);
+        } else {
+            self.lanes.remove(lane);
+        }
+    }
+}
+
+fn lane_of(t: &DeliveryTask) -> LaneId {
+    (t.dest.clone(), t.class, t.lane_key.clone())
+}
+
+fn wall() -> i64 {
+    knutepunkt::clock::now_ms()
+}
+
+fn open(dir: &Path) -> SqliteJournal {
+    SqliteJournal::open(dir, 64, 1024).expect("open journal")
+}
+
+/// Journal writer threads alive in this process (named `journal-writer`).
+fn writer_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.trim() == "journal-writer")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn new_event(id: &str, vendor_id: &str, key: &str, alarm: bool, dests: &[&str]) -> NewEvent {
+    let fhir = format!(r#"{{"resourceType":"Bundle","id":"{id}"}}"#);
+    NewEvent {
+        envelope: Envelope {
+            id: id.to_string(),
+            vendor: "model".into(),
+            vendor_event_id: Some(vendor_id.to_string()),
+            category: if alarm {
+                Category::Alarm
+            } else {
+                Category::Measurement
+            },
+            priority: Priority::Normal,
+            tenant: None,
+            key: key.to_string(),
+            mapping_version: "1".into(),
+            fhir,
+        },
+        raw: b"{}".to_vec(),
+        content_type: "application/fhir+json".into(),
+        idempotency_key: None,
+        received_at_ms: wall(),
+        destinations: dests.iter().map(|d| d.to_string()).collect(),
+        routes: vec!["r".into()],
+    }
+}
+
+fn class(alarm: bool) -> LaneClass {
+    if alarm {
+        LaneClass::Alarm
+    } else {
+        LaneClass::Normal
+    }
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    journal: Option<SqliteJournal>,
+    m: Model,
+    restarts: usize,
+}
+
+impl Harness {
+    fn j(&self) -> &SqliteJournal {
+        self.journal.as_ref().expect("open")
+    }
+
+    async fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        match op {
+            Op::Append { key, dests, alarm } => self.append(*key, *dests, *alarm).await,
+            Op::AppendDup(i) => self.append_dup(i).await,
+            Op::Claim { dest, alarm, limit } => self.claim(*dest, *alarm, *limit).await,
+            Op::Record(i, c) => self.record(i, c).await,
+            Op::RecordStale(i) => self.record_stale(i).await,
+            Op::Replay { dest, limit } => self.replay(*dest, *limit).await,
+            Op::ReplayOne(i) => self.replay_one(i).await,
+            Op::Advance(ms) => {
+                self.m.now += i64::from(*ms);
+                Ok(())
+            }
+            Op::Restart => self.restart().await,
+        }
+    }
+
+    async fn append(&mut self, key: usize, dests: u8, alarm: bool) -> Result<(), TestCaseError> {
+        let n = self.m.next_event;
+        self.m.next_event += 1;
+        let id = format!("ev-{n}");
+        let vid = format!("v-{n}");
+        let dest_names: Vec<&str> = DESTS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| dests & (1 << i) != 0)
+            .map(|(_, d)| *d)
+            .collect();
+        let ev = new_event(&id, &vid, KEYS[key], alarm, &dest_names);
+        let fhir = ev.envelope.fhir.clone();
+        let lo = wall();
+        let got = self.j().append(ev).await;
+        let hi = wall();
+        prop_assert_eq!(got.ok(), Some(Appended::Stored { id: id.clone() }));
+        self.m.events.push((id.clone(), vid, fhir));
+        for d in dest_names {
+            let del = Del {
+                event_id: id.clone(),
+                dest: d.to_string(),
+                class: class(alarm),
+                key: KEYS[key].to_string(),
+                state: St::Pending,
+                attempts: 0,
+                sql_id: None,
+            };
+            self.m.enqueue(del, lo, hi);
+        }
+        Ok(())
+    }
+
+    async fn append_dup(&mut self, i: &Index) -> Result<(), TestCaseError> {
+        if self.m.events.is_empty() {
+            return Ok(());
+        }
+        let (id, vid, _) = self.m.events[i.index(self.m.events.len())].clone();
+        // A different gateway id, key and routing: still the same vendor event.
+        let ev = new_event("ev-dup", &vid, KEYS[0], true, &DESTS);
+        let got = self.j().append(ev).await;
+        prop_assert_eq!(got.ok(), Some(Appended::Duplicate { id }));
+        Ok(())
+    }
+
+    async fn claim(&mut self, dest: usize, alarm: bool, limit: usize) -> Result<(), TestCaseError> {
+        let dest = DESTS[dest];
+        let class = class(alarm);
+        let now = self.m.now;
+        let got: Claimed = self
+            .j()
+            .claim(dest, class, limit, now)
+            .await
+            .map_err(|e| TestCaseError::fail(format!("claim: {e}")))?;
+        let ready: Vec<LaneId> = self
+            .m
+            .lanes
+            .iter()
+            .filter(|(id, l)| {
+                id.0 == dest && id.1 == class && l.leased.is_none() && l.due.lo() <= now
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        // Exact model times are never ambiguous; wall-clock dues are always far in the past.
+        for id in &ready {
+            prop_assert!(self.m.lanes[id].due.hi() <= now);
+        }
+        prop_assert_eq!(
+            got.tasks.len(),
+            limit.min(ready.len()),
+            "claim({}, {:?}, {}) returned {:?}, ready lanes {:?}",
+            dest,
+            class,
+            limit,
+            got.tasks
+                .iter()
+                .map(|t| (&t.lane_key, &t.event_id))
+                .collect::<Vec<_>>(),
+            ready
+        );
+        let mut taken: Vec<LaneId> = Vec::new();
+        for t in &got.tasks {
+            let lane = lane_of(t);
+            prop_assert_eq!(&t.dest, dest);
+            prop_assert_eq!(t.class, class);
+            prop_assert!(
+                ready.contains(&lane),
+                "claimed lane {:?} is not ready (leased or not due or empty): {:?}",
+                lane,
+                self.m.lanes.get(&lane)
+            );
+            prop_assert!(!taken.contains(&lane), "lane {:?} handed out twice", lane);
+            taken.push(lane.clone());
+            let h = self.m.head(&lane).expect("ready lane has a head");
+            let head = &self.m.dels[h];
+            prop_assert_eq!(
+                &t.event_id,
+                &head.event_id,
+                "claim returned a delivery that is not the lane head"
+            );
+            prop_assert_eq!(t.attempts, head.attempts);
+            if let Some(sql) = head.sql_id {
+                prop_assert_eq!(t.delivery_id, sql);
+            }
+            let fhir = &self
+                .m
+                .events
+                .iter()
+                .find(|e| e.0 == t.event_id)
+                .expect("event")
+                .2;
+            prop_assert_eq!(&*t.fhir, fhir.as_str());
+            prop_assert!(
+                self.m.tokens.insert(t.lease),
+                "lease token {} handed out twice",
+                t.lease
+            );
+            self.m.dels[h].sql_id = Some(t.delivery_id);
+        }
+        // Oldest due first.
+        for r in &taken {
+            for u in ready.iter().filter(|u| !taken.contains(u)) {
+                prop_assert!(
+                    self.m.lanes[r].due.lo() <= self.m.lanes[u].due.hi(),
+                    "lane {:?} ({:?}) claimed before older lane {:?} ({:?})",
+                    r,
+                    self.m.lanes[r].due,
+                    u,
+                    self.m.lanes[u].due
+                );
+            }
+        }
+        for t in &got.tasks {
+            self.m.lanes.get_mut(&lane_of(t)).expect("lane").leased = Some(t.lease);
+            self.m.held.push(t.clone());
+        }
+        let next_due = self
+            .m
+            .lanes
+            .iter()
+            .filter(|(id, l)| id.0 == dest && id.1 == class && l.leased.is_none())
+            .filter_map(|(_, l)| match l.due {
+                Due::At(v) if v > now => Some(v),
+                _ => None,
+            })
+            .min();
+        prop_assert_eq!(got.next_due_ms, next_due);
+        Ok(())
+    }
+
+    async fn record(&mut self, i: &Index, choice: &Choice) -> Result<(), TestCaseError> {
+        if self.m.held.is_empty() {
+            return Ok(());
+        }
+        let task = self.m.held.remove(i.index(self.m.held.len()));
+        let lane = lane_of(&task);
+        prop_assert_eq!(self.m.lanes[&lane].leased, Some(task.lease));
+        let h = self.m.head(&lane).expect("held lane has a head");
+        prop_assert_eq!(self.m.dels[h].sql_id, Some(task.delivery_id));
+        let at = self.m.now;
+        let verdict = match choice {
+            Choice::Delivered => Verdict::Delivered,
+            Choice::RetryPast(d) => Verdict::Retry {
+                next_attempt_ms: at - i64::from(*d),
+            },
+            Choice::RetryFuture(d) => Verdict::Retry {
+                next_attempt_ms: at + 1 + i64::from(*d),
+            },
+            Choice::Dead => Verdict::DeadLetter {
+                reason: "model says so".into(),
+            },
+        };
+        let attempt = task.attempts + 1;
+        let rec = AttemptRecord {
+            task: task.clone(),
+            attempt,
+            status: Some(if verdict == Verdict::Delivered {
+                200
+            } else {
+                503
+            }),
+            error: None,
+            latency_ms: 1.0,
+            at_ms: at,
+            verdict: verdict.clone(),
+        };
+        let got = self.j().record(rec).await;
+        prop_assert!(got.is_ok(), "record of a held lease failed: {:?}", got);
+        self.m.dels[h].attempts = attempt;
+        match verdict {
+            Verdict::Delivered => {
+                self.m.dels[h].state = St::Delivered;
+                self.m.advance(&lane, at);
+            }
+            Verdict::DeadLetter { .. } => {
+                self.m.dels[h].state = St::Dead;
+                self.m.advance(&lane, at);
+            }
+            Verdict::Retry { next_attempt_ms } => {
+                let l = self.m.lanes.get_mut(&lane).expect("lane");
+                l.leased = None;
+                l.due = Due::At(next_attempt_ms);
+            }
+        }
+        self.m.spent.push(task);
+        Ok(())
+    }
+
+    async fn record_stale(&mut self, i: &Index) -> Result<(), TestCaseError> {
+        if self.m.spent.is_empty() {
+            return Ok(());
+        }
+        let task = self.m.spent[i.index(self.m.spent.len())].clone();
+        let rec = AttemptRecord {
+            attempt: task.attempts + 1,
+            task,
+            status: Some(200),
+            error: None,
+            latency_ms: 1.0,
+            at_ms: self.m.now,
+            verdict: Verdict::Delivered,
+        };
+        let got = self.j().record(rec).await;
+        prop_assert!(
+            matches!(got, Err(JournalError::Conflict(_))),
+            "an outcome with a stale lease must be refused, got {:?}",
+            got
+        );
+        Ok(())
+    }
+
+    /// Re-queues the dead deliveries `picked` (indices into `dels`) as the journal reported.
+    fn requeue(
+        &mut self,
+        picked: &[usize],
+        got: &[knutepunkt::journal::Replayed],
+        lo: i64,
+        hi: i64,
+    ) -> Result<(), TestCaseError> {
+        prop_assert_eq!(got.len(), picked.len());
+        let max_known = self
+            .m
+            .dels
+            .iter()
+            .filter_map(|d| d.sql_id)
+            .max()
+            .unwrap_or(0);
+        for (&p, r) in picked.iter().zip(got) {
+            let d = self.m.dels[p].clone();
+            prop_assert_eq!(&r.event_id, &d.event_id);
+            prop_assert_eq!(&r.destination, &d.dest);
+            prop_assert_eq!(Some(r.dead_delivery_id), d.sql_id);
+            prop_assert!(r.new_delivery_id > max_known);
+            self.m.dels[p].state = St::Replayed;
+            let new = Del {
+                state: St::Pending,
+                attempts: 0,
+                sql_id: Some(r.new_delivery_id),
+                ..d
+            };
+            self.m.enqueue(new, lo, hi);
+        }
+        Ok(())
+    }
+
+    async fn replay(&mut self, dest: Option<usize>, limit: usize) -> Result<(), TestCaseError> {
+        let destination = dest.map(|d| DESTS[d].to_string());
+        let picked: Vec<usize> = (0..self.m.dels.len())
+            .filter(|&i| {
+                let d = &self.m.dels[i];
+                d.state == St::Dead && destination.as_ref().is_none_or(|x| *x == d.dest)
+            })
+            .take(limit)
+            .collect();
+        let lo = wall();
+        let got = self
+            .j()
+            .replay(ReplayFilter {
+                destination,
+                limit,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| TestCaseError::fail(format!("replay: {e}")))?;
+        let hi = wall();
+        self.requeue(&picked, &got, lo, hi)
+    }
+
+    async fn replay_one(&mut self, i: &Index) -> Result<(), TestCaseError> {
+        let dead: Vec<usize> = (0..self.m.dels.len())
+            .filter(|&i| self.m.dels[i].state == St::Dead)
+            .collect();
+        if dead.is_empty() {
+            let got = self
+                .j()
+                .replay(ReplayFilter {
+                    delivery_id: Some(1_000_000),
+                    limit: 1,
+                    ..Default::default()
+                })
+                .await;
+            prop_assert!(matches!(got, Err(JournalError::NotFound(_))), "{:?}", got);
+            return Ok(());
+        }
+        let p = dead[i.index(dead.len())];
+        let lo = wall();
+        let got = self
+            .j()
+            .replay(ReplayFilter {
+                delivery_id: self.m.dels[p].sql_id,
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| TestCaseError::fail(format!("replay one: {e}")))?;
+        let hi = wall();
+        self.requeue(&[p], &got, lo, hi)
+    }
+
+    async fn restart(&mut self) -> Result<(), TestCaseError> {
+        drop(self.journal.take());
+        // The writer thread stops once its queue is closed; wait for it so the old connection is
+        // gone before the directory is opened again (the LOCK file alone does not ensure that).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while writer_threads() > 0 {
+            prop_assert!(Instant::now() < deadline, "journal writer did not stop");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.journal = Some(open(self.dir.path()));
+        self.restarts += 1;
+        for l in self.m.lanes.values_mut() {
+            l.leased = None;
+        }
+        let held = std::mem::take(&mut self.m.held);
+        self.m.spent.extend(held);
+        Ok(())
+    }
+
+    async fn check(&self) -> Result<(), TestCaseError> {
+        let j = self.j();
+        let m = &self.m;
+        let count = |s: St| m.dels.iter().filter(|d| d.state == s).count() as i64;
+        let stats = j
+            .stats()
+            .await
+            .map_err(|e| TestCaseError::fail(format!("stats: {e}")))?;
+        prop_assert_eq!(stats.events, m.events.len() as i64);
+        prop_assert_eq!(stats.pending, count(St::Pending), "pending");
+        prop_assert_eq!(stats.delivered, count(St::Delivered), "delivered");
+        prop_assert_eq!(stats.dead, count(St::Dead), "dead");
+
+        let dests = j
+            .destinations()
+            .await
+            .map_err(|e| TestCaseError::fail(format!("destinations: {e}")))?;
+        for d in DESTS {
+            let of = |s: St| {
+                m.dels
+                    .iter()
+                    .filter(|x| x.dest == d && x.state == s)
+                    .count() as i64
+            };
+            let lanes = m.lanes.keys().filter(|l| l.0 == d).count() as i64;
+            match dests.iter().find(|x| x.destination == d) {
+                Some(s) => {
+                    prop_assert_eq!(
+                        (s.lanes, s.pending, s.delivered, s.dead),
+                        (lanes, of(St::Pending), of(St::Delivered), of(St::Dead)),
+                        "destination {}",
+                        d
+                    );
+                }
+                None => prop_assert!(m.dels.iter().all(|x| x.dest != d)),
+            }
+        }
+
+        let lanes = j
+            .lanes(LaneQuery {
+                destination: None,
+                limit: 10_000,
+            })
+            .await
+            .map_err(|e| TestCaseError::fail(format!("lanes: {e}")))?;
+        prop_assert_eq!(lanes.len(), m.lanes.len(), "lane count");
+        for info in &lanes {
+            let id: LaneId = (info.destination.clone(), info.class, info.key.clone());
+            let Some(l) = m.lanes.get(&id) else {
+                return Err(TestCaseError::fail(format!("unexpected lane {id:?}")));
+            };
+            let h = &m.dels[m.head(&id).expect("head")];
+            prop_assert_eq!(&info.head_event_id, &h.event_id, "head of {:?}", id);
+            prop_assert_eq!(info.head_attempts, i64::from(h.attempts));
+            let depth = m
+                .dels
+                .iter()
+                .filter(|d| {
+                    d.state == St::Pending && d.dest == id.0 && d.class == id.1 && d.key == id.2
+                })
+                .count() as i64;
+            prop_assert_eq!(info.depth, depth, "depth of {:?}", id);
+            prop_assert_eq!(info.in_flight, l.leased.is_some(), "lease of {:?}", id);
+            prop_assert!(
+                l.due.lo() <= info.next_attempt_at_ms && info.next_attempt_at_ms <= l.due.hi(),
+                "due of {:?}: {} vs model {:?}",
+                id,
+                info.next_attempt_at_ms,
+                l.due
+            );
+        }
+        Ok(())
+    }
+}
+
+async fn run(ops: Vec<Op>) -> Result<usize, TestCaseError> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Some(open(dir.path()));
+    let mut h = Harness {
+        dir,
+        journal,
+        m: Model {
+            // Far ahead of the wall clock: lanes due "now" at append are always ready.
+            now: wall() + 1_000_000_000,
+            ..Default::default()
+        },
+        restarts: 0,
+    };
+    for (n, op) in ops.iter().enumerate() {
+        h.step(op)
+            .await
+            .map_err(|e| TestCaseError::fail(format!("step {n} {op:?}: {e}")))?;
+        h.check()
+            .await
+            .map_err(|e| TestCaseError::fail(format!("after step {n} {op:?}: {e}")))?;
+    }
+    Ok(h.restarts)
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 64, failure_persistence: None, ..Config::default() })]
+
+    #[test]
+    fn journal_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(run(ops))?;
+    }
+}
