@@ -4,7 +4,8 @@
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Appended, AttemptRecord, Claimed, JournalError, LaneClass, NewEvent, ReplayFilter, Replayed,
+    Appended, Assignment, AttemptRecord, Claimed, DeviceBeat, JournalError, LaneClass,
+    NewAssignment, NewEvent, QuarantineInfo, Release, ReplayFilter, Replayed,
 };
 
 pub type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
@@ -21,6 +22,34 @@ pub enum Command {
     Record(Box<AttemptRecord>, Reply<()>),
     Replay(ReplayFilter, Reply<Vec<Replayed>>),
     Ping(Reply<()>),
+    /// Device registry, liveness and quarantine writes (see [`RegistryOp`]).
+    Registry(RegistryOp, Reply<RegistryOut>),
+}
+
+/// The writes of the device registry and the quarantine, behind one queue variant so that each
+/// backend dispatches them in one place (`writer/registry.rs`).
+pub enum RegistryOp {
+    /// Adds an assignment unless it overlaps another of the same device (`Conflict`).
+    Assign(NewAssignment),
+    /// Ends an assignment at `at_ms` (sets `valid_to`).
+    End {
+        id: i64,
+        vendor: String,
+        device_id: String,
+        at_ms: i64,
+    },
+    /// Upserts a device's liveness row.
+    Beat(DeviceBeat),
+    /// Stores an event without routing it, held until released.
+    Quarantine(Box<NewEvent>, QuarantineInfo),
+    /// Replaces a held event's mapping, routes it and closes its quarantine.
+    Release(Box<Release>),
+}
+
+pub enum RegistryOut {
+    Assignment(Assignment),
+    Appended(Appended),
+    Unit,
 }
 
 /// A command's result, held until its batch commits.
@@ -29,6 +58,7 @@ pub enum Done {
     Claim(Reply<Claimed>, Result<Claimed, JournalError>),
     Unit(Reply<()>, Result<(), JournalError>),
     Replay(Reply<Vec<Replayed>>, Result<Vec<Replayed>, JournalError>),
+    Registry(Reply<RegistryOut>, Result<RegistryOut, JournalError>),
 }
 
 impl Done {
@@ -50,6 +80,7 @@ impl Done {
             Done::Claim(tx, r) => drop(tx.send(pick(r, commit))),
             Done::Unit(tx, r) => drop(tx.send(pick(r, commit))),
             Done::Replay(tx, r) => drop(tx.send(pick(r, commit))),
+            Done::Registry(tx, r) => drop(tx.send(pick(r, commit))),
         }
     }
 }
@@ -62,6 +93,7 @@ pub fn fail(cmd: Command, msg: &str) -> Done {
         Command::Claim { reply, .. } => Done::Claim(reply, Err(err())),
         Command::Record(_, r) | Command::Ping(r) => Done::Unit(r, Err(err())),
         Command::Replay(_, r) => Done::Replay(r, Err(err())),
+        Command::Registry(_, r) => Done::Registry(r, Err(err())),
     }
 }
 
@@ -148,6 +180,65 @@ impl Queue {
     pub async fn ping(&self) -> Result<(), JournalError> {
         self.call(Command::Ping, false).await
     }
+
+    /// Registry writes; `shed` as for [`Queue::call`] (ingest-driven writes shed, admin waits).
+    pub async fn registry(&self, op: RegistryOp, shed: bool) -> Result<RegistryOut, JournalError> {
+        self.call(|reply| Command::Registry(op, reply), shed).await
+    }
+
+    pub async fn assign(&self, a: NewAssignment) -> Result<Assignment, JournalError> {
+        match self.registry(RegistryOp::Assign(a), false).await? {
+            RegistryOut::Assignment(a) => Ok(a),
+            _ => Err(mismatch()),
+        }
+    }
+
+    pub async fn end_assignment(
+        &self,
+        id: i64,
+        vendor: &str,
+        device_id: &str,
+        at_ms: i64,
+    ) -> Result<Assignment, JournalError> {
+        let op = RegistryOp::End {
+            id,
+            vendor: vendor.to_string(),
+            device_id: device_id.to_string(),
+            at_ms,
+        };
+        match self.registry(op, false).await? {
+            RegistryOut::Assignment(a) => Ok(a),
+            _ => Err(mismatch()),
+        }
+    }
+
+    pub async fn beat(&self, beat: DeviceBeat) -> Result<(), JournalError> {
+        self.registry(RegistryOp::Beat(beat), true).await.map(|_| ())
+    }
+
+    pub async fn quarantine(
+        &self,
+        event: NewEvent,
+        info: QuarantineInfo,
+    ) -> Result<Appended, JournalError> {
+        match self
+            .registry(RegistryOp::Quarantine(Box::new(event), info), true)
+            .await?
+        {
+            RegistryOut::Appended(a) => Ok(a),
+            _ => Err(mismatch()),
+        }
+    }
+
+    pub async fn release(&self, r: Release) -> Result<(), JournalError> {
+        self.registry(RegistryOp::Release(Box::new(r)), false)
+            .await
+            .map(|_| ())
+    }
+}
+
+fn mismatch() -> JournalError {
+    JournalError::Unavailable("internal error: registry result does not match command".into())
 }
 
 fn writer_gone() -> JournalError {

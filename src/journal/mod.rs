@@ -14,6 +14,7 @@
 
 mod command;
 mod postgres;
+pub mod registry_text;
 mod sqlite;
 pub mod types;
 
@@ -77,4 +78,47 @@ pub trait Journal: Send + Sync + 'static {
     async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>, JournalError>;
     async fn event(&self, id: &str) -> Result<Option<EventDetail>, JournalError>;
     async fn stats(&self) -> Result<JournalStats, JournalError>;
+
+    // ---- Device registry (devices assigned to patients for a period), liveness, quarantine.
+    // Writes go through the writer queue (durable before they answer); reads use the read side.
+
+    /// Adds an assignment; `Conflict` when it overlaps another assignment of the same device
+    /// (a device has at most one patient at a time).
+    async fn assign_device(&self, a: NewAssignment) -> Result<Assignment, JournalError>;
+    /// Ends assignment `id` of the device at `at_ms`; `NotFound` when the device has no such
+    /// assignment, `Conflict` when it already ended before `at_ms` or starts after it.
+    async fn end_assignment(
+        &self,
+        id: i64,
+        vendor: &str,
+        device_id: &str,
+        at_ms: i64,
+    ) -> Result<Assignment, JournalError>;
+    async fn assignments(&self, q: AssignmentQuery) -> Result<Vec<Assignment>, JournalError>;
+    /// The assignment covering `at_ms` for the vendor's device, if any.
+    async fn resolve_device(
+        &self,
+        vendor: &str,
+        device_id: &str,
+        at_ms: i64,
+    ) -> Result<Option<Assignment>, JournalError>;
+    /// Records that a device is alive (durable before it answers; sheds load like `append`).
+    async fn device_beat(&self, beat: DeviceBeat) -> Result<(), JournalError>;
+    async fn liveness(&self, q: LivenessQuery) -> Result<Vec<Liveness>, JournalError>;
+
+    /// Stores an event held in quarantine: journaled, never routed until released. Repeats are
+    /// recognised as by `append`.
+    async fn append_quarantined(
+        &self,
+        event: NewEvent,
+        info: QuarantineInfo,
+    ) -> Result<Appended, JournalError>;
+    async fn quarantined(&self, q: QuarantineQuery)
+    -> Result<Vec<QuarantinedEvent>, JournalError>;
+    /// One held (or released) event with its raw body, for a replay.
+    async fn quarantined_event(&self, id: &str)
+    -> Result<Option<QuarantinedEvent>, JournalError>;
+    /// Releases a held event with its new mapping and routes; `Conflict` when it is not (any
+    /// longer) in quarantine.
+    async fn release(&self, r: Release) -> Result<(), JournalError>;
 }

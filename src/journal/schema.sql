@@ -1,4 +1,5 @@
--- knutepunkt embedded journal, schema version 1.
+-- knutepunkt embedded journal, schema version 2 (every statement is idempotent: the whole file
+-- runs at each start, so a version-1 journal gains the version-2 tables on upgrade).
 CREATE TABLE IF NOT EXISTS events (
     seq             INTEGER PRIMARY KEY,
     id              TEXT NOT NULL UNIQUE,
@@ -68,3 +69,45 @@ CREATE TABLE IF NOT EXISTS audit (
     detail      TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_event ON audit(event_id);
+
+-- Version 2: device registry, device liveness, quarantine.
+
+-- Devices assigned to patients for a period [valid_from, valid_to); valid_to NULL = open-ended.
+-- The writer refuses overlapping periods of one device (at most one patient at a time).
+CREATE TABLE IF NOT EXISTS device_assignments (
+    id          INTEGER PRIMARY KEY,
+    vendor      TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    patient_id  TEXT NOT NULL,
+    tenant      TEXT NOT NULL,
+    valid_from  INTEGER NOT NULL,
+    valid_to    INTEGER,
+    created_at  INTEGER NOT NULL,
+    note        TEXT
+);
+CREATE INDEX IF NOT EXISTS device_assignments_device
+    ON device_assignments(vendor, device_id, valid_from);
+CREATE INDEX IF NOT EXISTS device_assignments_patient ON device_assignments(patient_id);
+
+CREATE TABLE IF NOT EXISTS device_liveness (
+    vendor       TEXT NOT NULL,
+    device_id    TEXT NOT NULL,
+    tenant       TEXT,
+    last_seen_at INTEGER NOT NULL,
+    last_kind    TEXT NOT NULL,
+    reported_at  INTEGER,
+    beats        INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (vendor, device_id)
+) WITHOUT ROWID;
+
+-- Events held back because no assignment covered their device; released_at set on release.
+CREATE TABLE IF NOT EXISTS quarantine (
+    event_seq        INTEGER PRIMARY KEY REFERENCES events(seq),
+    event_id         TEXT NOT NULL UNIQUE,
+    device_id        TEXT,
+    requested_tenant TEXT,
+    reason           TEXT NOT NULL,
+    quarantined_at   INTEGER NOT NULL,
+    released_at      INTEGER
+);
+CREATE INDEX IF NOT EXISTS quarantine_open ON quarantine(quarantined_at) WHERE released_at IS NULL;

@@ -192,4 +192,132 @@ pub struct JournalStats {
     pub pending: i64,
     pub delivered: i64,
     pub dead: i64,
+    /// Events held in quarantine (no device assignment covered them), not yet released.
+    pub quarantined: i64,
+}
+
+// ---- Device registry, device liveness and quarantine (issue 3, identity) ----
+
+/// A request to assign a device to a patient for a period `[valid_from, valid_to)`.
+#[derive(Debug, Clone)]
+pub struct NewAssignment {
+    pub vendor: String,
+    pub device_id: String,
+    /// Validated national identifier (digits only).
+    pub patient_id: String,
+    /// Municipality number the patient belongs to.
+    pub tenant: String,
+    pub valid_from_ms: i64,
+    /// `None`: open-ended.
+    pub valid_to_ms: Option<i64>,
+    pub note: Option<String>,
+}
+
+/// One row of the device registry.
+#[derive(Debug, Clone, Serialize)]
+pub struct Assignment {
+    pub id: i64,
+    pub vendor: String,
+    pub device_id: String,
+    pub patient_id: String,
+    pub tenant: String,
+    pub valid_from_ms: i64,
+    pub valid_to_ms: Option<i64>,
+    pub created_at_ms: i64,
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AssignmentQuery {
+    pub vendor: Option<String>,
+    pub device_id: Option<String>,
+    pub patient_id: Option<String>,
+    pub tenant: Option<String>,
+    /// Only assignments covering this instant.
+    pub active_at_ms: Option<i64>,
+    pub limit: usize,
+}
+
+/// A device said it is alive (or otherwise reported).
+#[derive(Debug, Clone)]
+pub struct DeviceBeat {
+    pub vendor: String,
+    pub device_id: String,
+    /// Gateway clock when the message arrived.
+    pub seen_at_ms: i64,
+    /// The device's own timestamp, when it sent one.
+    pub reported_at_ms: Option<i64>,
+    /// `heartbeat`, or the kind of message that proved liveness.
+    pub kind: String,
+    pub tenant: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Liveness {
+    pub vendor: String,
+    pub device_id: String,
+    pub tenant: Option<String>,
+    pub last_seen_at_ms: i64,
+    /// Milliseconds since `last_seen_at_ms`, at the time of the query.
+    pub last_seen_age_ms: i64,
+    pub last_kind: String,
+    pub reported_at_ms: Option<i64>,
+    pub beats: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LivenessQuery {
+    pub vendor: Option<String>,
+    pub device_id: Option<String>,
+    pub limit: usize,
+}
+
+/// Why an event is held back instead of routed.
+#[derive(Debug, Clone)]
+pub struct QuarantineInfo {
+    pub device_id: Option<String>,
+    /// The tenant the request named (`X-Tenant`), needed to map the event again on release.
+    pub requested_tenant: Option<String>,
+    pub reason: String,
+}
+
+/// An event held in quarantine (open) or released from it.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuarantinedEvent {
+    pub event_id: String,
+    pub vendor: String,
+    pub device_id: Option<String>,
+    pub category: String,
+    pub reason: String,
+    pub quarantined_at_ms: i64,
+    pub age_ms: i64,
+    pub received_at_ms: i64,
+    pub released_at_ms: Option<i64>,
+    #[serde(skip)]
+    pub requested_tenant: Option<String>,
+    #[serde(skip)]
+    pub content_type: String,
+    #[serde(skip)]
+    pub idempotency_key: Option<String>,
+    #[serde(skip)]
+    pub raw: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct QuarantineQuery {
+    pub vendor: Option<String>,
+    /// Include released events too.
+    pub all: bool,
+    pub limit: usize,
+}
+
+/// A quarantined event mapped again (now with a patient) and routed: stored over the held event
+/// and queued for delivery.
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub envelope: Envelope,
+    pub destinations: Vec<String>,
+    pub routes: Vec<String>,
+    /// Audit detail (never the patient's identity).
+    pub detail: String,
 }

@@ -10,6 +10,7 @@
 //! commands of a batch run pipelined on that connection inside one transaction.
 
 mod read;
+mod registry;
 mod tls;
 mod writer;
 
@@ -22,12 +23,15 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 use super::command::Queue;
 use super::{
-    Appended, AttemptRecord, Claimed, DeadLetter, DeadLetterQuery, DestinationStats, EventDetail,
-    Journal, JournalError, JournalStats, LaneClass, LaneInfo, LaneQuery, NewEvent, ReplayFilter,
-    Replayed,
+    Appended, Assignment, AssignmentQuery, AttemptRecord, Claimed, DeadLetter, DeadLetterQuery,
+    DestinationStats, DeviceBeat, EventDetail, Journal, JournalError, JournalStats, LaneClass,
+    LaneInfo, LaneQuery, Liveness, LivenessQuery, NewAssignment, NewEvent, QuarantineInfo,
+    QuarantineQuery, QuarantinedEvent, Release, ReplayFilter, Replayed,
 };
 
-const SCHEMA_VERSION: i32 = 1;
+/// 1: events, deliveries, lanes, audit (`schema.sql`). 2: device registry, device liveness,
+/// quarantine (`schema_v2.sql`).
+const SCHEMA_VERSION: i32 = 2;
 /// Arbitrary constant naming the migration advisory lock.
 const MIGRATION_LOCK: i64 = 0x6b6e_7574_6570_756e;
 
@@ -168,14 +172,22 @@ async fn migrate(client: &tokio_postgres::Client) -> Result<(), JournalError> {
             "database schema version {current} is newer than this binary ({SCHEMA_VERSION})"
         )));
     }
-    if current < 1 {
-        client.batch_execute(include_str!("schema.sql")).await?;
-        client
-            .execute(
-                "INSERT INTO knutepunkt_schema (version) VALUES ($1)",
-                &[&SCHEMA_VERSION],
-            )
-            .await?;
+    // One step per version, each applied once, in order; a database at version 1 gets only the
+    // later steps.
+    let steps: [(i32, &str); 2] = [
+        (1, include_str!("schema.sql")),
+        (2, include_str!("schema_v2.sql")),
+    ];
+    for (version, sql) in steps {
+        if current < version {
+            client.batch_execute(sql).await?;
+            client
+                .execute(
+                    "INSERT INTO knutepunkt_schema (version) VALUES ($1)",
+                    &[&version],
+                )
+                .await?;
+        }
     }
     client.batch_execute("COMMIT").await?;
     Ok(())
@@ -227,5 +239,66 @@ impl Journal for PostgresJournal {
 
     async fn stats(&self) -> Result<JournalStats, JournalError> {
         read::stats(&**self.client().await?).await
+    }
+
+    async fn assign_device(&self, a: NewAssignment) -> Result<Assignment, JournalError> {
+        self.queue.assign(a).await
+    }
+
+    async fn end_assignment(
+        &self,
+        id: i64,
+        vendor: &str,
+        device_id: &str,
+        at_ms: i64,
+    ) -> Result<Assignment, JournalError> {
+        self.queue.end_assignment(id, vendor, device_id, at_ms).await
+    }
+
+    async fn assignments(&self, q: AssignmentQuery) -> Result<Vec<Assignment>, JournalError> {
+        registry::assignments(&**self.client().await?, &q).await
+    }
+
+    async fn resolve_device(
+        &self,
+        vendor: &str,
+        device_id: &str,
+        at_ms: i64,
+    ) -> Result<Option<Assignment>, JournalError> {
+        registry::resolve(&**self.client().await?, vendor, device_id, at_ms).await
+    }
+
+    async fn device_beat(&self, beat: DeviceBeat) -> Result<(), JournalError> {
+        self.queue.beat(beat).await
+    }
+
+    async fn liveness(&self, q: LivenessQuery) -> Result<Vec<Liveness>, JournalError> {
+        registry::liveness(&**self.client().await?, &q).await
+    }
+
+    async fn append_quarantined(
+        &self,
+        event: NewEvent,
+        info: QuarantineInfo,
+    ) -> Result<Appended, JournalError> {
+        self.queue.quarantine(event, info).await
+    }
+
+    async fn quarantined(
+        &self,
+        q: QuarantineQuery,
+    ) -> Result<Vec<QuarantinedEvent>, JournalError> {
+        registry::quarantined(&**self.client().await?, &q).await
+    }
+
+    async fn quarantined_event(
+        &self,
+        id: &str,
+    ) -> Result<Option<QuarantinedEvent>, JournalError> {
+        registry::quarantined_event(&**self.client().await?, id).await
+    }
+
+    async fn release(&self, r: Release) -> Result<(), JournalError> {
+        self.queue.release(r).await
     }
 }

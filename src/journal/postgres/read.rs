@@ -191,7 +191,11 @@ pub async fn event(c: &impl GenericClient, id: &str) -> Result<Option<EventDetai
 pub async fn stats(c: &impl GenericClient) -> Result<JournalStats, JournalError> {
     let e = c
         .query_one(
-            "SELECT count(*), count(*) FILTER (WHERE routed_to = 0) FROM events",
+            "SELECT count(*),
+                    count(*) FILTER (WHERE routed_to = 0 AND seq NOT IN
+                        (SELECT event_seq FROM quarantine WHERE released_at IS NULL)),
+                    (SELECT count(*) FROM quarantine WHERE released_at IS NULL)
+             FROM events",
             &[],
         )
         .await?;
@@ -208,5 +212,6 @@ pub async fn stats(c: &impl GenericClient) -> Result<JournalStats, JournalError>
         pending: d.get(0),
         delivered: d.get(1),
         dead: d.get(2),
+        quarantined: e.get(2),
     })
 }

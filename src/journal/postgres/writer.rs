@@ -10,6 +10,10 @@
 //!
 //! Any store error rolls the whole batch back and every caller gets `Unavailable`.
 
+mod registry;
+
+pub use registry::{COLUMNS as ASSIGNMENT_COLUMNS, assignment as assignment_row};
+
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -114,6 +118,7 @@ enum Out {
     Claim(Result<Claimed, JournalError>),
     Unit(Result<(), JournalError>),
     Replay(Result<Vec<Replayed>, JournalError>),
+    Registry(Result<crate::journal::command::RegistryOut, JournalError>),
 }
 
 impl Out {
@@ -123,6 +128,7 @@ impl Out {
             Out::Claim(r) => r.as_ref().err(),
             Out::Unit(r) => r.as_ref().err(),
             Out::Replay(r) => r.as_ref().err(),
+            Out::Registry(r) => r.as_ref().err(),
         };
         match err {
             Some(JournalError::Unavailable(m)) => Some(m),
@@ -138,6 +144,7 @@ fn finish(cmd: Command, out: Out) -> Done {
         (Command::Claim { reply, .. }, Out::Claim(o)) => Done::Claim(reply, o),
         (Command::Record(_, r) | Command::Ping(r), Out::Unit(o)) => Done::Unit(r, o),
         (Command::Replay(_, r), Out::Replay(o)) => Done::Replay(r, o),
+        (Command::Registry(_, r), Out::Registry(o)) => Done::Registry(r, o),
         (cmd, _) => fail(cmd, "internal error: result does not match command"),
     }
 }
@@ -216,6 +223,7 @@ async fn apply(tx: &Transaction<'_>, s: &Stmts, cmd: &Command, lease_ms: i64) ->
         } => Out::Claim(claim(tx, s, dest, *class, *limit, *now_ms, lease_ms).await),
         Command::Record(rec, _) => Out::Unit(record(tx, s, rec).await),
         Command::Replay(f, _) => Out::Replay(replay(tx, s, f).await),
+        Command::Registry(op, _) => Out::Registry(registry::apply(tx, s, op).await),
         Command::Ping(_) => Out::Unit(
             tx.execute("SELECT 1", &[])
                 .await

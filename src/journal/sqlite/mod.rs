@@ -2,6 +2,7 @@
 //! many commands per transaction (group commit), plus a read connection for admin queries.
 
 mod read;
+mod registry;
 mod writer;
 
 use std::fs::File;
@@ -13,12 +14,14 @@ use rusqlite::Connection;
 
 use super::command::Queue;
 use super::{
-    Appended, AttemptRecord, Claimed, DeadLetter, DeadLetterQuery, DestinationStats, EventDetail,
-    Journal, JournalError, JournalStats, LaneClass, LaneInfo, LaneQuery, NewEvent, ReplayFilter,
-    Replayed,
+    Appended, Assignment, AssignmentQuery, AttemptRecord, Claimed, DeadLetter, DeadLetterQuery,
+    DestinationStats, DeviceBeat, EventDetail, Journal, JournalError, JournalStats, LaneClass,
+    LaneInfo, LaneQuery, Liveness, LivenessQuery, NewAssignment, NewEvent, QuarantineInfo,
+    QuarantineQuery, QuarantinedEvent, Release, ReplayFilter, Replayed,
 };
 
-const SCHEMA_VERSION: i64 = 1;
+/// 1: events, deliveries, lanes, audit. 2: device registry, device liveness, quarantine.
+const SCHEMA_VERSION: i64 = 2;
 
 pub struct SqliteJournal {
     queue: Queue,
@@ -91,8 +94,16 @@ fn migrate(conn: &Connection) -> Result<(), JournalError> {
             "journal schema version {version} is newer than this binary ({SCHEMA_VERSION})"
         )));
     }
-    conn.execute_batch(include_str!("../schema.sql"))?;
-    conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+    // Every statement of the schema is `IF NOT EXISTS`: applying it to a version-1 journal adds
+    // the version-2 tables and leaves the rest untouched. Later versions that alter existing
+    // tables add their steps here, keyed on `version`.
+    let tx = conn.unchecked_transaction()?;
+    tx.execute_batch(include_str!("../schema.sql"))?;
+    tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+    tx.commit()?;
+    if version != SCHEMA_VERSION {
+        tracing::info!(from = version, to = SCHEMA_VERSION, "journal schema migrated");
+    }
     Ok(())
 }
 
@@ -143,5 +154,69 @@ impl Journal for SqliteJournal {
 
     async fn stats(&self) -> Result<JournalStats, JournalError> {
         self.read(read::stats).await
+    }
+
+    async fn assign_device(&self, a: NewAssignment) -> Result<Assignment, JournalError> {
+        self.queue.assign(a).await
+    }
+
+    async fn end_assignment(
+        &self,
+        id: i64,
+        vendor: &str,
+        device_id: &str,
+        at_ms: i64,
+    ) -> Result<Assignment, JournalError> {
+        self.queue.end_assignment(id, vendor, device_id, at_ms).await
+    }
+
+    async fn assignments(&self, q: AssignmentQuery) -> Result<Vec<Assignment>, JournalError> {
+        self.read(move |c| registry::assignments(c, &q)).await
+    }
+
+    async fn resolve_device(
+        &self,
+        vendor: &str,
+        device_id: &str,
+        at_ms: i64,
+    ) -> Result<Option<Assignment>, JournalError> {
+        let (vendor, device_id) = (vendor.to_string(), device_id.to_string());
+        self.read(move |c| registry::resolve(c, &vendor, &device_id, at_ms))
+            .await
+    }
+
+    async fn device_beat(&self, beat: DeviceBeat) -> Result<(), JournalError> {
+        self.queue.beat(beat).await
+    }
+
+    async fn liveness(&self, q: LivenessQuery) -> Result<Vec<Liveness>, JournalError> {
+        self.read(move |c| registry::liveness(c, &q)).await
+    }
+
+    async fn append_quarantined(
+        &self,
+        event: NewEvent,
+        info: QuarantineInfo,
+    ) -> Result<Appended, JournalError> {
+        self.queue.quarantine(event, info).await
+    }
+
+    async fn quarantined(
+        &self,
+        q: QuarantineQuery,
+    ) -> Result<Vec<QuarantinedEvent>, JournalError> {
+        self.read(move |c| registry::quarantined(c, &q)).await
+    }
+
+    async fn quarantined_event(
+        &self,
+        id: &str,
+    ) -> Result<Option<QuarantinedEvent>, JournalError> {
+        let id = id.to_string();
+        self.read(move |c| registry::quarantined_event(c, &id)).await
+    }
+
+    async fn release(&self, r: Release) -> Result<(), JournalError> {
+        self.queue.release(r).await
     }
 }

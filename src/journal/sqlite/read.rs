@@ -161,10 +161,15 @@ pub fn event(c: &Connection, id: &str) -> Result<Option<EventDetail>, rusqlite::
 }
 
 pub fn stats(c: &Connection) -> Result<JournalStats, rusqlite::Error> {
-    let (events, unrouted): (i64, i64) = c.query_row(
-        "SELECT count(*), coalesce(sum(routed_to = 0), 0) FROM events",
+    // An event held in quarantine is not "unrouted": it waits for a device assignment.
+    let (events, unrouted, quarantined): (i64, i64, i64) = c.query_row(
+        "SELECT count(*),
+                coalesce(sum(routed_to = 0 AND seq NOT IN
+                    (SELECT event_seq FROM quarantine WHERE released_at IS NULL)), 0),
+                (SELECT count(*) FROM quarantine WHERE released_at IS NULL)
+         FROM events",
         [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
     let (pending, delivered, dead): (i64, i64, i64) = c.query_row(
         "SELECT coalesce(sum(state = 'pending'), 0), coalesce(sum(state = 'delivered'), 0),
@@ -178,5 +183,6 @@ pub fn stats(c: &Connection) -> Result<JournalStats, rusqlite::Error> {
         pending,
         delivered,
         dead,
+        quarantined,
     })
 }

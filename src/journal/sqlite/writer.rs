@@ -2,6 +2,10 @@
 //! then answers each caller. Each command runs in its own savepoint so one failing command never
 //! leaves partial rows nor spoils the others in its batch.
 
+mod registry;
+
+pub use registry::assignment_row;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -77,6 +81,7 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command, tokens: &AtomicI64) -> Done {
         Command::Record(rec, r) => Done::Unit(r, in_savepoint(tx, |t| record(t, &rec))),
         Command::Replay(f, r) => Done::Replay(r, in_savepoint(tx, |t| replay(t, &f))),
         Command::Ping(r) => Done::Unit(r, Ok(())),
+        Command::Registry(op, r) => Done::Registry(r, in_savepoint(tx, |t| registry::apply(t, op))),
     }
 }
 
@@ -108,7 +113,25 @@ fn audit(c: &Connection, a: AuditRow<'_>) -> Result<(), JournalError> {
     Ok(())
 }
 
+/// What [`store`] did: stored the event as row `seq` at `now`, or found it already stored.
+enum Stored {
+    New { seq: i64, now: i64 },
+    Duplicate(String),
+}
+
 fn append(c: &Connection, ev: &NewEvent) -> Result<Appended, JournalError> {
+    let (seq, now) = match store(c, ev)? {
+        Stored::New { seq, now } => (seq, now),
+        Stored::Duplicate(id) => return Ok(Appended::Duplicate { id }),
+    };
+    route(c, seq, ev, now)?;
+    Ok(Appended::Stored {
+        id: ev.envelope.id.clone(),
+    })
+}
+
+/// Inserts the event row (unless it repeats a stored one) with its `received` and `stored` audit.
+fn store(c: &Connection, ev: &NewEvent) -> Result<Stored, JournalError> {
     let env = &ev.envelope;
     if let Some(vid) = &env.vendor_event_id {
         let found: Option<String> = c
@@ -116,7 +139,7 @@ fn append(c: &Connection, ev: &NewEvent) -> Result<Appended, JournalError> {
             .query_row(params![env.vendor, vid], |r| r.get(0))
             .optional()?;
         if let Some(id) = found {
-            return Ok(Appended::Duplicate { id });
+            return Ok(Stored::Duplicate(id));
         }
     }
     if let Some(key) = &ev.idempotency_key {
@@ -125,7 +148,7 @@ fn append(c: &Connection, ev: &NewEvent) -> Result<Appended, JournalError> {
             .query_row(params![env.vendor, key], |r| r.get(0))
             .optional()?;
         if let Some(id) = found {
-            return Ok(Appended::Duplicate { id });
+            return Ok(Stored::Duplicate(id));
         }
     }
     let now = crate::clock::now_ms();
@@ -175,10 +198,27 @@ fn append(c: &Connection, ev: &NewEvent) -> Result<Appended, JournalError> {
             ..Default::default()
         },
     )?;
-    for dest in &ev.destinations {
+    Ok(Stored::New { seq, now })
+}
+
+/// Queues the event's deliveries (or records that no route matched).
+fn route(c: &Connection, seq: i64, ev: &NewEvent, now: i64) -> Result<(), JournalError> {
+    route_to(c, seq, &ev.envelope, &ev.destinations, &ev.routes, now)
+}
+
+fn route_to(
+    c: &Connection,
+    seq: i64,
+    env: &crate::normalise::Envelope,
+    destinations: &[String],
+    routes: &[String],
+    now: i64,
+) -> Result<(), JournalError> {
+    let class = env.category.lane_class();
+    for dest in destinations {
         enqueue(c, seq, &env.id, dest, class, &env.key, now)?;
     }
-    if ev.destinations.is_empty() {
+    if destinations.is_empty() {
         audit(
             c,
             AuditRow {
@@ -192,8 +232,8 @@ fn append(c: &Connection, ev: &NewEvent) -> Result<Appended, JournalError> {
     } else {
         let detail = format!(
             "routes [{}] -> [{}]",
-            ev.routes.join(","),
-            ev.destinations.join(",")
+            routes.join(","),
+            destinations.join(",")
         );
         audit(
             c,
@@ -206,7 +246,7 @@ fn append(c: &Connection, ev: &NewEvent) -> Result<Appended, JournalError> {
             },
         )?;
     }
-    Ok(Appended::Stored { id: env.id.clone() })
+    Ok(())
 }
 
 /// Appends a pending delivery at the tail of its lane, creating the lane if it is empty.
