@@ -15,8 +15,8 @@ use super::mapping::{
 };
 use super::r4::*;
 use super::{
-    Category, Envelope, Format, Heartbeat, MapError, Outcome, PatientResolver, Priority, RawEvent,
-    VendorSpec, json_depth, xml,
+    Category, DeviceQuery, Envelope, Format, Heartbeat, MapError, Outcome, PatientResolver,
+    Priority, RawEvent, VendorSpec, json_depth, xml,
 };
 
 /// Namespace for deterministic `urn:uuid` fullUrls: v5(namespace, "<event id>/<n>").
@@ -463,8 +463,9 @@ pub fn run(
     })?;
     let rec = evaluate(&ctx0, shape)?;
 
-    // Tenant: request header, else payload, else the vendor default.
-    let tenant = match (&raw.tenant, rec.get("tenant")) {
+    // Tenant: request header, else payload, else (for device-only payloads) the device's
+    // assignment, else the vendor default.
+    let named_tenant = match (&raw.tenant, rec.get("tenant")) {
         (Some(t), _) => Some(t.clone()),
         (None, Some(t)) => {
             if !crate::config::validate::is_municipality_number(t) {
@@ -481,7 +482,7 @@ pub fn run(
             }
             Some(t.to_string())
         }
-        (None, None) => spec.default_tenant.clone(),
+        (None, None) => None,
     };
     let vendor_event_id = rec.get("event_id").map(str::to_string);
 
@@ -497,37 +498,94 @@ pub fn run(
         return Ok(Outcome::Heartbeat(Heartbeat {
             vendor: spec.name.clone(),
             device_key: format!("device:{device}"),
-            tenant,
+            tenant: named_tenant.or_else(|| spec.default_tenant.clone()),
             vendor_event_id,
             at_ms: at,
         }));
     }
 
     let device = DeviceInfo::from(&rec, &spec.name);
-    let allow_synth = tenant
-        .as_ref()
-        .is_some_and(|t| spec.test_tenants.contains(t));
+    let allow_synth =
+        |tenant: &Option<String>| tenant.as_ref().is_some_and(|t| spec.test_tenants.contains(t));
+    let mut tenant = named_tenant;
     let patient = match rec.get("patient_id") {
-        Some(p) => Some(
-            identity::parse_person_id(p, allow_synth)
-                .map_err(|e| MapError::unmappable(rec.at("patient_id"), e))?,
-        ),
+        Some(p) => {
+            tenant = tenant.or_else(|| spec.default_tenant.clone());
+            Some(
+                identity::parse_person_id(p, allow_synth(&tenant))
+                    .map_err(|e| MapError::unmappable(rec.at("patient_id"), e))?,
+            )
+        }
         None => {
-            let resolved = device
-                .as_ref()
-                .and_then(|d| resolver.resolve(tenant.as_deref(), &d.system, &d.id, received));
+            // Only a device id: ask the device registry at the event's time.
+            let at = rec
+                .vals
+                .get("occurred")
+                .and_then(|v| v.epoch_ms)
+                .unwrap_or(received);
+            let query = device.as_ref().map(|d| DeviceQuery {
+                vendor: spec.name.clone(),
+                device_system: d.system.clone(),
+                device_id: d.id.clone(),
+                device_field: rec.at("device_id"),
+                at_ms: at,
+            });
+            let resolved = query.as_ref().and_then(|q| resolver.resolve(q).map(|r| (q, r)));
             match resolved {
-                Some(p) => Some(p),
-                None if m.missing_patient == MissingPatient::Device && device.is_some() => None,
+                Some((q, r)) => {
+                    if let Some(t) = &tenant
+                        && *t != r.tenant
+                    {
+                        return Err(MapError::unmappable(
+                            &q.device_field,
+                            format!(
+                                "device {} is assigned (assignment {}) to a patient of municipality \
+                                 {}, but the event is for municipality {t}",
+                                q.device_id, r.assignment_id, r.tenant
+                            ),
+                        ));
+                    }
+                    tenant = Some(r.tenant.clone());
+                    // Registry entries are validated when added; checked again here so an entry
+                    // can never bypass the identity rules (never echoing the number).
+                    Some(
+                        identity::parse_person_id(&r.patient_id, allow_synth(&tenant)).map_err(
+                            |_| {
+                                MapError::unmappable(
+                                    &q.device_field,
+                                    format!(
+                                        "device {} is assigned (assignment {}) to a patient \
+                                         identifier that is not valid for municipality {}",
+                                        q.device_id, r.assignment_id, r.tenant
+                                    ),
+                                )
+                            },
+                        )?,
+                    )
+                }
+                None if m.missing_patient != MissingPatient::Reject && device.is_some() => None,
                 None => {
-                    return Err(MapError::unmappable(
-                        rec.at("patient_id"),
-                        "no patient identifier in the payload and the device is not assigned to a patient",
-                    ));
+                    return Err(match &query {
+                        Some(q) => MapError::unmappable(
+                            &q.device_field,
+                            format!(
+                                "no patient identifier in the payload ({}) and no device \
+                                 assignment covers device {} at {}",
+                                rec.at("patient_id"),
+                                q.device_id,
+                                datetime_render(m, q.at_ms)
+                            ),
+                        ),
+                        None => MapError::unmappable(
+                            rec.at("patient_id"),
+                            "no patient identifier and no device id in the payload",
+                        ),
+                    });
                 }
             }
         }
     };
+    let tenant = tenant.or_else(|| spec.default_tenant.clone());
     let patient_ref = patient.as_ref().map(|p| Reference {
         identifier: Some(Identifier::new(p.kind.system(), &p.value)),
         display: rec.get("patient_name").map(str::to_string),

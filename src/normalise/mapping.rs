@@ -100,8 +100,13 @@ impl Shape {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MissingPatient {
+    /// No patient and no device assignment: 422.
     Reject,
+    /// Emit without a patient, keyed by device.
     Device,
+    /// Journal the event without routing it (quarantine) until an operator adds the device
+    /// assignment and replays it.
+    Quarantine,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -460,10 +465,11 @@ pub fn compile(
     let missing_patient = match output.missing_patient.as_deref() {
         None | Some("reject") => MissingPatient::Reject,
         Some("device") => MissingPatient::Device,
+        Some("quarantine") => MissingPatient::Quarantine,
         Some(o) => {
             errs.push((
                 "output.missing_patient".into(),
-                format!("{o:?}: expected \"reject\" or \"device\""),
+                format!("{o:?}: expected \"reject\", \"device\" or \"quarantine\""),
             ));
             MissingPatient::Reject
         }
@@ -474,11 +480,14 @@ pub fn compile(
             errs.push((format!("fields.{name}"), format!("required: {why}")));
         }
     };
-    if missing_patient == MissingPatient::Reject && reachable.iter().any(|s| *s != Shape::Heartbeat)
+    if missing_patient == MissingPatient::Reject
+        && reachable.iter().any(|s| *s != Shape::Heartbeat)
+        && !fields.contains_key("device_id")
     {
         need(
             "patient_id",
-            "the patient's national identifier (or set output.missing_patient = \"device\")",
+            "the patient's national identifier, or a device_id to resolve it through the device \
+             registry",
             &mut errs,
         );
     }
@@ -513,6 +522,13 @@ pub fn compile(
         need(
             "device_id",
             "output.missing_patient = \"device\" keys events by device",
+            &mut errs,
+        );
+    }
+    if missing_patient == MissingPatient::Quarantine {
+        need(
+            "device_id",
+            "output.missing_patient = \"quarantine\" resolves patients through the device registry",
             &mut errs,
         );
     }

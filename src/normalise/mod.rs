@@ -77,25 +77,77 @@ pub enum Outcome {
     Heartbeat(Heartbeat),
 }
 
-/// Finds the patient a device is assigned to at a time (the device registry). The gateway has
-/// no registry yet; [`NoRegistry`] resolves nothing, so mappings decide via
-/// `output.missing_patient` whether such events are rejected (422) or keyed by device.
+/// A payload without a patient identifier asks the device registry: which patient was this
+/// vendor's device assigned to at `at_ms` (the event's own time when the mapping has `occurred`,
+/// else when the gateway received it)?
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceQuery {
+    pub vendor: String,
+    pub device_system: String,
+    pub device_id: String,
+    /// Where the device id came from in the payload (for error messages).
+    pub device_field: String,
+    pub at_ms: i64,
+}
+
+/// The registry's answer: the assigned patient (not yet validated) and municipality.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub assignment_id: i64,
+    pub patient_id: String,
+    pub tenant: String,
+}
+
+/// Finds the patient a device is assigned to at a time (the device registry). Resolution is
+/// synchronous so mapping stays a pure function: the gateway looks the device up in its journal
+/// first (see `ingest`) and hands the answer in through [`Answer`]; [`NoRegistry`] resolves
+/// nothing, so `output.missing_patient` decides (422, keyed by device, or quarantine).
 pub trait PatientResolver: Send + Sync {
-    fn resolve(
-        &self,
-        tenant: Option<&str>,
-        device_system: &str,
-        device_id: &str,
-        at_ms: i64,
-    ) -> Option<PersonId>;
+    fn resolve(&self, query: &DeviceQuery) -> Option<Registered>;
 }
 
 /// Resolves nothing.
 pub struct NoRegistry;
 
 impl PatientResolver for NoRegistry {
-    fn resolve(&self, _: Option<&str>, _: &str, _: &str, _: i64) -> Option<PersonId> {
+    fn resolve(&self, _: &DeviceQuery) -> Option<Registered> {
         None
+    }
+}
+
+/// Resolves nothing but remembers the question: a first mapping pass with it tells whether (and
+/// for which device and time) the registry must be asked.
+#[derive(Default)]
+pub struct Probe(std::sync::Mutex<Option<DeviceQuery>>);
+
+impl Probe {
+    pub fn asked(&self) -> Option<DeviceQuery> {
+        self.0.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+impl PatientResolver for Probe {
+    fn resolve(&self, query: &DeviceQuery) -> Option<Registered> {
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some(query.clone());
+        }
+        None
+    }
+}
+
+/// A registry answer looked up beforehand: resolves exactly that device at that time.
+pub struct Answer {
+    pub query: DeviceQuery,
+    pub registered: Option<Registered>,
+}
+
+impl PatientResolver for Answer {
+    fn resolve(&self, query: &DeviceQuery) -> Option<Registered> {
+        if *query == self.query {
+            self.registered.clone()
+        } else {
+            None
+        }
     }
 }
 
