@@ -6,7 +6,6 @@ mod registry;
 
 pub use registry::assignment_row;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -31,7 +30,8 @@ pub fn spawn(
 }
 
 fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize) {
-    let tokens = Arc::new(AtomicI64::new(lease_epoch()));
+    let tokens = &LEASE_TOKENS;
+    tokens.fetch_max(lease_epoch(), Ordering::Relaxed);
     while let Some(first) = rx.blocking_recv() {
         let mut batch = gather(first, &mut rx, max_batch);
         let mut done = Vec::with_capacity(batch.len());
@@ -39,7 +39,7 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize) 
         {
             Ok(mut tx) => {
                 for cmd in batch.drain(..) {
-                    done.push(apply(&mut tx, cmd, &tokens));
+                    done.push(apply(&mut tx, cmd, tokens));
                 }
                 tx.commit().map_err(|e| e.to_string())
             }
@@ -60,7 +60,11 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize) 
     }
 }
 
-/// Lease tokens start from the wall clock so tokens never repeat across restarts.
+/// Lease tokens of every writer in this process come from one counter, so they never repeat
+/// within the process; each writer first moves it past the wall clock (ms x 1000), so tokens
+/// also differ from those of earlier processes (whose leases are cleared on open anyway).
+static LEASE_TOKENS: AtomicI64 = AtomicI64::new(0);
+
 fn lease_epoch() -> i64 {
     crate::clock::now_ms().saturating_mul(1000)
 }
