@@ -1,5 +1,7 @@
 //! Admin and health endpoints (documented in `docs/api.md`).
 
+mod devices;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +22,7 @@ const MAX_LIMIT: usize = 10_000;
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
+        .merge(devices::router())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/admin/stats", get(stats))

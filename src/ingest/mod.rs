@@ -1,5 +1,12 @@
 //! Ingest: `POST /v1/vendors/{vendor}/events`. Validate, normalise, route, journal (durable),
 //! and only then answer 202. Every refusal is an OperationOutcome and stores nothing.
+//!
+//! Device-only payloads (no patient identifier) are resolved through the device registry in the
+//! journal at the event's time. When no assignment covers the device, the vendor mapping's
+//! `output.missing_patient` decides: `reject` (422), `device` (deliver keyed by device) or
+//! `quarantine` (journaled, not routed, 202 `quarantined`; released by an operator through
+//! `POST /v1/admin/quarantine/{id}/replay`). Heartbeats update device liveness (durably) and
+//! answer 200.
 
 use std::sync::Arc;
 
@@ -16,8 +23,12 @@ use crate::api_error::ApiError;
 use crate::app::AppState;
 use crate::clock::now_ms;
 use crate::config::validate::is_municipality_number;
-use crate::journal::{Appended, NewEvent};
-use crate::normalise::{self, Format, RawEvent, VendorSpec};
+use crate::journal::registry_text::instant;
+use crate::journal::{Appended, Assignment, DeviceBeat, NewEvent, QuarantineInfo};
+use crate::normalise::mapping::MissingPatient;
+use crate::normalise::{
+    self, Answer, DeviceQuery, Format, Outcome, Probe, RawEvent, Registered, VendorSpec,
+};
 
 /// Ingest limits, resolved from config.
 pub struct IngestLimits {
@@ -66,15 +77,44 @@ async fn ingest(
             tenant,
             max_json_depth: limits.max_json_depth,
         };
-        let envelope = match normalise::normalise_outcome(spec, &raw)? {
-            normalise::Outcome::Event(e) => e,
-            // Liveness only: acknowledged, never journaled as a clinical event.
-            normalise::Outcome::Heartbeat(hb) => {
+        let (outcome, lookup) = normalise_resolved(&state, spec, &raw).await?;
+        let envelope = match outcome {
+            Outcome::Event(e) => e,
+            // Liveness only: recorded durably, never journaled as a clinical event.
+            Outcome::Heartbeat(hb) => {
+                let device_id = hb
+                    .device_key
+                    .strip_prefix("device:")
+                    .unwrap_or(&hb.device_key)
+                    .to_string();
+                state
+                    .journal
+                    .device_beat(DeviceBeat {
+                        vendor: hb.vendor.clone(),
+                        device_id,
+                        seen_at_ms: received_at_ms,
+                        reported_at_ms: Some(hb.at_ms),
+                        kind: "heartbeat".into(),
+                        tenant: hb.tenant.clone(),
+                    })
+                    .await
+                    .map_err(|e| ApiError::from_journal(e, limits.retry_after_s))?;
                 tracing::debug!(vendor = %hb.vendor, device = %hb.device_key, "heartbeat");
-                return Ok(Err(hb));
+                return Ok(Stored::Heartbeat(hb.device_key));
             }
         };
-        let decision = state.router.route(&envelope);
+        let quarantine = match (&lookup, missing_patient(spec)) {
+            (Some(l), MissingPatient::Quarantine) if l.found.is_none() => Some(QuarantineInfo {
+                device_id: Some(l.query.device_id.clone()),
+                requested_tenant: raw.tenant.clone(),
+                reason: uncovered(&l.query),
+            }),
+            _ => None,
+        };
+        let decision = match quarantine {
+            Some(_) => Default::default(),
+            None => state.router.route(&envelope),
+        };
         let event = NewEvent {
             envelope,
             raw: body.to_vec(),
@@ -85,27 +125,47 @@ async fn ingest(
             routes: decision.routes,
         };
         let dests = event.destinations.clone();
-        let appended = state
-            .journal
-            .append(event)
-            .await
-            .map_err(|e| ApiError::from_journal(e, limits.retry_after_s))?;
-        Ok::<_, ApiError>(Ok((appended, dests)))
+        let appended = match quarantine {
+            Some(info) => {
+                tracing::info!(
+                    vendor = %spec.name,
+                    event = %event.envelope.id,
+                    device = info.device_id.as_deref().unwrap_or(""),
+                    "event quarantined: no device assignment covers the device"
+                );
+                let reason = info.reason.clone();
+                let a = state.journal.append_quarantined(event, info).await;
+                a.map(|a| (a, Some(reason)))
+            }
+            None => state.journal.append(event).await.map(|a| (a, None)),
+        }
+        .map_err(|e| ApiError::from_journal(e, limits.retry_after_s))?;
+        Ok::<_, ApiError>(Stored::Event(appended, dests))
     };
     let (appended, dests) = match tokio::time::timeout(limits.request_timeout, work)
         .await
         .map_err(|_| ApiError::Timeout {
             retry_after_s: limits.retry_after_s,
         })?? {
-        Ok(stored) => stored,
-        Err(hb) => {
+        Stored::Event(appended, dests) => (appended, dests),
+        Stored::Heartbeat(device_key) => {
             return Ok((
                 StatusCode::OK,
-                Json(json!({ "status": "heartbeat", "device": hb.device_key })),
+                Json(json!({ "status": "heartbeat", "device": device_key })),
             )
                 .into_response());
         }
     };
+    if let (Appended::Stored { id }, Some(reason)) = &appended {
+        let location = format!("/v1/admin/events/{id}");
+        return Ok((
+            StatusCode::ACCEPTED,
+            [(header::LOCATION, location)],
+            Json(json!({ "id": id, "status": "quarantined", "reason": reason })),
+        )
+            .into_response());
+    }
+    let appended = appended.0;
     Ok(match appended {
         Appended::Stored { id } => {
             for d in &dests {
@@ -125,6 +185,70 @@ async fn ingest(
         )
             .into_response(),
     })
+}
+
+enum Stored {
+    /// The journal's answer; with `Some(reason)` when the event was quarantined.
+    Event((Appended, Option<String>), Vec<String>),
+    Heartbeat(String),
+}
+
+fn missing_patient(spec: &VendorSpec) -> MissingPatient {
+    spec.mapping
+        .as_ref()
+        .map_or(MissingPatient::Reject, |m| m.missing_patient)
+}
+
+/// Why a device-only event could not be resolved (never names a patient).
+pub(crate) fn uncovered(q: &DeviceQuery) -> String {
+    format!(
+        "no patient identifier in the payload and no device assignment covers device {} \
+         (field {}) at {}",
+        q.device_id,
+        q.device_field,
+        instant(q.at_ms)
+    )
+}
+
+/// The registry lookup made for a device-only payload.
+pub(crate) struct Lookup {
+    pub query: DeviceQuery,
+    pub found: Option<Assignment>,
+}
+
+/// Normalises with the device registry: a first mapping pass with a [`Probe`] tells whether the
+/// payload has only a device id; if so the journal is asked which patient the device was assigned
+/// to at the event's time, and the body is mapped again with that answer.
+pub(crate) async fn normalise_resolved(
+    state: &AppState,
+    spec: &VendorSpec,
+    raw: &RawEvent<'_>,
+) -> Result<(Outcome, Option<Lookup>), ApiError> {
+    let probe = Probe::default();
+    let first = normalise::normalise_with(spec, raw, &probe);
+    let Some(query) = probe.asked() else {
+        return Ok((first?, None));
+    };
+    let found = state
+        .journal
+        .resolve_device(&spec.name, &query.device_id, query.at_ms)
+        .await
+        .map_err(|e| ApiError::from_journal(e, state.ingest.retry_after_s))?;
+    let outcome = match &found {
+        None => first?,
+        Some(a) => {
+            let answer = Answer {
+                query: query.clone(),
+                registered: Some(Registered {
+                    assignment_id: a.id,
+                    patient_id: a.patient_id.clone(),
+                    tenant: a.tenant.clone(),
+                }),
+            };
+            normalise::normalise_with(spec, raw, &answer)?
+        }
+    };
+    Ok((outcome, Some(Lookup { query, found })))
 }
 
 fn check_content_type(spec: &VendorSpec, headers: &HeaderMap) -> Result<String, ApiError> {

@@ -213,7 +213,9 @@ impl Queue {
     }
 
     pub async fn beat(&self, beat: DeviceBeat) -> Result<(), JournalError> {
-        self.registry(RegistryOp::Beat(beat), true).await.map(|_| ())
+        self.registry(RegistryOp::Beat(beat), true)
+            .await
+            .map(|_| ())
     }
 
     pub async fn quarantine(

@@ -113,11 +113,9 @@ pub trait Journal: Send + Sync + 'static {
         event: NewEvent,
         info: QuarantineInfo,
     ) -> Result<Appended, JournalError>;
-    async fn quarantined(&self, q: QuarantineQuery)
-    -> Result<Vec<QuarantinedEvent>, JournalError>;
+    async fn quarantined(&self, q: QuarantineQuery) -> Result<Vec<QuarantinedEvent>, JournalError>;
     /// One held (or released) event with its raw body, for a replay.
-    async fn quarantined_event(&self, id: &str)
-    -> Result<Option<QuarantinedEvent>, JournalError>;
+    async fn quarantined_event(&self, id: &str) -> Result<Option<QuarantinedEvent>, JournalError>;
     /// Releases a held event with its new mapping and routes; `Conflict` when it is not (any
     /// longer) in quarantine.
     async fn release(&self, r: Release) -> Result<(), JournalError>;

@@ -78,7 +78,10 @@ mod tests {
     #[test]
     fn messages_name_the_period_not_the_patient() {
         let m = overlap_message(&a(0, Some(86_400_000)));
-        assert!(m.contains("1970-01-01T00:00:00Z .. 1970-01-02T00:00:00Z"), "{m}");
+        assert!(
+            m.contains("1970-01-01T00:00:00Z .. 1970-01-02T00:00:00Z"),
+            "{m}"
+        );
         assert!(!m.contains(" p "), "{m}");
     }
 }

@@ -505,8 +505,11 @@ pub fn run(
     }
 
     let device = DeviceInfo::from(&rec, &spec.name);
-    let allow_synth =
-        |tenant: &Option<String>| tenant.as_ref().is_some_and(|t| spec.test_tenants.contains(t));
+    let allow_synth = |tenant: &Option<String>| {
+        tenant
+            .as_ref()
+            .is_some_and(|t| spec.test_tenants.contains(t))
+    };
     let mut tenant = named_tenant;
     let patient = match rec.get("patient_id") {
         Some(p) => {
@@ -530,7 +533,9 @@ pub fn run(
                 device_field: rec.at("device_id"),
                 at_ms: at,
             });
-            let resolved = query.as_ref().and_then(|q| resolver.resolve(q).map(|r| (q, r)));
+            let resolved = query
+                .as_ref()
+                .and_then(|q| resolver.resolve(q).map(|r| (q, r)));
             match resolved {
                 Some((q, r)) => {
                     if let Some(t) = &tenant

@@ -252,7 +252,9 @@ impl Journal for PostgresJournal {
         device_id: &str,
         at_ms: i64,
     ) -> Result<Assignment, JournalError> {
-        self.queue.end_assignment(id, vendor, device_id, at_ms).await
+        self.queue
+            .end_assignment(id, vendor, device_id, at_ms)
+            .await
     }
 
     async fn assignments(&self, q: AssignmentQuery) -> Result<Vec<Assignment>, JournalError> {
@@ -284,17 +286,11 @@ impl Journal for PostgresJournal {
         self.queue.quarantine(event, info).await
     }
 
-    async fn quarantined(
-        &self,
-        q: QuarantineQuery,
-    ) -> Result<Vec<QuarantinedEvent>, JournalError> {
+    async fn quarantined(&self, q: QuarantineQuery) -> Result<Vec<QuarantinedEvent>, JournalError> {
         registry::quarantined(&**self.client().await?, &q).await
     }
 
-    async fn quarantined_event(
-        &self,
-        id: &str,
-    ) -> Result<Option<QuarantinedEvent>, JournalError> {
+    async fn quarantined_event(&self, id: &str) -> Result<Option<QuarantinedEvent>, JournalError> {
         registry::quarantined_event(&**self.client().await?, id).await
     }
 

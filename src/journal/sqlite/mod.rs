@@ -102,7 +102,11 @@ fn migrate(conn: &Connection) -> Result<(), JournalError> {
     tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
     tx.commit()?;
     if version != SCHEMA_VERSION {
-        tracing::info!(from = version, to = SCHEMA_VERSION, "journal schema migrated");
+        tracing::info!(
+            from = version,
+            to = SCHEMA_VERSION,
+            "journal schema migrated"
+        );
     }
     Ok(())
 }
@@ -167,7 +171,9 @@ impl Journal for SqliteJournal {
         device_id: &str,
         at_ms: i64,
     ) -> Result<Assignment, JournalError> {
-        self.queue.end_assignment(id, vendor, device_id, at_ms).await
+        self.queue
+            .end_assignment(id, vendor, device_id, at_ms)
+            .await
     }
 
     async fn assignments(&self, q: AssignmentQuery) -> Result<Vec<Assignment>, JournalError> {
@@ -201,19 +207,14 @@ impl Journal for SqliteJournal {
         self.queue.quarantine(event, info).await
     }
 
-    async fn quarantined(
-        &self,
-        q: QuarantineQuery,
-    ) -> Result<Vec<QuarantinedEvent>, JournalError> {
+    async fn quarantined(&self, q: QuarantineQuery) -> Result<Vec<QuarantinedEvent>, JournalError> {
         self.read(move |c| registry::quarantined(c, &q)).await
     }
 
-    async fn quarantined_event(
-        &self,
-        id: &str,
-    ) -> Result<Option<QuarantinedEvent>, JournalError> {
+    async fn quarantined_event(&self, id: &str) -> Result<Option<QuarantinedEvent>, JournalError> {
         let id = id.to_string();
-        self.read(move |c| registry::quarantined_event(c, &id)).await
+        self.read(move |c| registry::quarantined_event(c, &id))
+            .await
     }
 
     async fn release(&self, r: Release) -> Result<(), JournalError> {

@@ -57,22 +57,19 @@ pub fn liveness(c: &Connection, q: &LivenessQuery) -> rusqlite::Result<Vec<Liven
          WHERE (?1 IS NULL OR vendor = ?1) AND (?2 IS NULL OR device_id = ?2)
          ORDER BY last_seen_at LIMIT ?3",
     )?
-    .query_map(
-        params![q.vendor, q.device_id, q.limit.max(1) as i64],
-        |r| {
-            let seen: i64 = r.get(3)?;
-            Ok(Liveness {
-                vendor: r.get(0)?,
-                device_id: r.get(1)?,
-                tenant: r.get(2)?,
-                last_seen_at_ms: seen,
-                last_seen_age_ms: (now - seen).max(0),
-                last_kind: r.get(4)?,
-                reported_at_ms: r.get(5)?,
-                beats: r.get(6)?,
-            })
-        },
-    )?
+    .query_map(params![q.vendor, q.device_id, q.limit.max(1) as i64], |r| {
+        let seen: i64 = r.get(3)?;
+        Ok(Liveness {
+            vendor: r.get(0)?,
+            device_id: r.get(1)?,
+            tenant: r.get(2)?,
+            last_seen_at_ms: seen,
+            last_seen_age_ms: (now - seen).max(0),
+            last_kind: r.get(4)?,
+            reported_at_ms: r.get(5)?,
+            beats: r.get(6)?,
+        })
+    })?
     .collect()
 }
 
@@ -99,10 +96,7 @@ fn quarantine_row(r: &rusqlite::Row<'_>, now: i64) -> rusqlite::Result<Quarantin
     })
 }
 
-pub fn quarantined(
-    c: &Connection,
-    q: &QuarantineQuery,
-) -> rusqlite::Result<Vec<QuarantinedEvent>> {
+pub fn quarantined(c: &Connection, q: &QuarantineQuery) -> rusqlite::Result<Vec<QuarantinedEvent>> {
     let now = now_ms();
     c.prepare_cached(&format!(
         "SELECT {QUARANTINE_COLUMNS} FROM quarantine q JOIN events e ON e.seq = q.event_seq

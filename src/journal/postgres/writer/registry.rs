@@ -39,9 +39,9 @@ pub async fn apply(
             .await
             .map(RegistryOut::Assignment),
         RegistryOp::Beat(b) => beat(tx, b).await.map(|()| RegistryOut::Unit),
-        RegistryOp::Quarantine(ev, info) => quarantine(tx, s, ev, info)
-            .await
-            .map(RegistryOut::Appended),
+        RegistryOp::Quarantine(ev, info) => {
+            quarantine(tx, s, ev, info).await.map(RegistryOut::Appended)
+        }
         RegistryOp::Release(r) => release(tx, s, r).await.map(|()| RegistryOut::Unit),
     }
 }

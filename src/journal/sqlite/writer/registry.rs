@@ -5,11 +5,11 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Stored, audit, route_to, store};
 use crate::journal::command::{AuditRow, RegistryOp, RegistryOut};
+use crate::journal::registry_text::{overlap_message, period};
 use crate::journal::{
     Appended, Assignment, DeviceBeat, JournalError, NewAssignment, NewEvent, QuarantineInfo,
     Release,
 };
-use crate::journal::registry_text::{overlap_message, period};
 
 pub fn apply(c: &Connection, op: RegistryOp) -> Result<RegistryOut, JournalError> {
     match op {
