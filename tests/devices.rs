@@ -46,6 +46,10 @@ fn mappings_dir(root: &std::path::Path) -> std::path::PathBuf {
 }
 
 async fn start(sink: Option<&Sink>) -> Gateway {
+    start_with(sink, None).await
+}
+
+async fn start_with(sink: Option<&Sink>, storage: Option<String>) -> Gateway {
     let dir = tempfile::tempdir().expect("tempdir");
     let maps = mappings_dir(dir.path());
     let mut cfg = format!(
@@ -59,7 +63,10 @@ async fn start(sink: Option<&Sink>) -> Gateway {
             d.url, d.extra
         ));
     }
-    cfg.push_str(&storage_section(dir.path()).await);
+    match storage {
+        Some(s) => cfg.push_str(&s),
+        None => cfg.push_str(&storage_section(dir.path()).await),
+    }
     Gateway::start_with_config(dir, &cfg).await
 }
 
@@ -506,4 +513,45 @@ async fn heartbeats_update_device_liveness() {
     // Heartbeats are not clinical events.
     let (_, stats) = gw.get("/v1/admin/stats").await;
     assert_eq!(stats["events"], 0, "{stats}");
+}
+
+/// A PostgreSQL database left at schema version 1 by an earlier binary gets only the version-2
+/// step (device registry, liveness, quarantine) and keeps working. (SQLite: unit test
+/// `journal::sqlite::tests::version_1_journal_is_migrated_to_version_2`.)
+#[tokio::test]
+async fn postgres_version_1_database_is_migrated() {
+    if !common::on_postgres() {
+        return;
+    }
+    let url = common::fresh_database().await;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
+        .batch_execute(include_str!("../src/journal/postgres/schema.sql"))
+        .await
+        .expect("v1 schema");
+    client
+        .batch_execute(
+            "CREATE TABLE knutepunkt_schema (version INTEGER NOT NULL);
+             INSERT INTO knutepunkt_schema (version) VALUES (1);",
+        )
+        .await
+        .expect("v1 marker");
+    let storage = format!("[storage]\nkind = \"postgres\"\nurl = {url:?}\n");
+    let gw = start_with(None, Some(storage)).await;
+    let (s, b) = assign(&gw, "scaip", "D1", P1, "2025-01-01T00:00:00Z", None).await;
+    assert_eq!(s, 201, "{b}");
+    let versions: Vec<i32> = client
+        .query(
+            "SELECT version FROM knutepunkt_schema ORDER BY version",
+            &[],
+        )
+        .await
+        .expect("versions")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, vec![1, 2]);
 }

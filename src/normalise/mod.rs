@@ -183,3 +183,119 @@ pub fn normalise_with(
         )),
     }
 }
+
+#[cfg(test)]
+mod registry_tests {
+    use super::*;
+
+    const P1: &str = "13097248022";
+
+    fn scaip() -> VendorSpec {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings/scaip.toml");
+        load_vendor_file(&path).expect("scaip mapping loads")
+    }
+
+    fn raw<'a>(body: &'a [u8], tenant: Option<&str>) -> RawEvent<'a> {
+        RawEvent {
+            id: "019594ab-2900-7000-8000-000000000001".into(),
+            body,
+            tenant: tenant.map(str::to_string),
+            max_json_depth: 64,
+        }
+    }
+
+    const ALARM: &[u8] =
+        b"<mrq><ref>R1</ref><mty>ME</mty><cid> 4711002 </cid><dty>0004</dty><stc>0010</stc></mrq>";
+
+    fn answer_for(spec: &VendorSpec, body: &[u8], patient: &str, tenant: &str) -> Answer {
+        let probe = Probe::default();
+        let _ = normalise_with(spec, &raw(body, None), &probe);
+        Answer {
+            query: probe
+                .asked()
+                .expect("device-only payload asks the registry"),
+            registered: Some(Registered {
+                assignment_id: 7,
+                patient_id: patient.into(),
+                tenant: tenant.into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn probe_asks_at_the_event_time_else_the_received_time() {
+        let spec = scaip();
+        let probe = Probe::default();
+        let _ = normalise_with(&spec, &raw(ALARM, None), &probe);
+        let q = probe.asked().expect("asked");
+        assert_eq!(q.vendor, "scaip");
+        assert_eq!(q.device_id, "4711002", "trimmed like the mapping does");
+        assert_eq!(q.device_field, "cid");
+        assert_eq!(q.at_ms, received_ms("019594ab-2900-7000-8000-000000000001"));
+
+        let timed = b"<mrq><ref>R2</ref><cid>4711002</cid><dty>0004</dty><stc>0010</stc>\
+            <lge><tim>2025-03-14T13:05:22+01</tim></lge></mrq>";
+        let probe = Probe::default();
+        let _ = normalise_with(&spec, &raw(timed, None), &probe);
+        assert_eq!(probe.asked().expect("asked").at_ms, 1_741_953_922_000);
+
+        // A payload patient never asks the registry.
+        let fhir_like = Probe::default();
+        let supervision = load_vendor_file(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings/supervision.toml"),
+        )
+        .expect("loads");
+        let body = format!(
+            r#"{{"eventId":"e1","eventType":"ALARM_TRIGGERED","occurredAt":"2025-03-14T13:05:22+01:00",
+               "alarm":{{"category":"FALL"}},"device":{{"serial":"FD-1"}},
+               "serviceRecipient":{{"nationalId":"{P1}","municipalityNumber":"5001"}}}}"#
+        );
+        normalise_with(&supervision, &raw(body.as_bytes(), None), &fhir_like).expect("maps");
+        assert!(fhir_like.asked().is_none());
+    }
+
+    #[test]
+    fn answer_sets_patient_and_municipality() {
+        let spec = scaip();
+        let answer = answer_for(&spec, ALARM, P1, "0301");
+        let Outcome::Event(env) = normalise_with(&spec, &raw(ALARM, None), &answer).expect("maps")
+        else {
+            panic!("event expected");
+        };
+        assert_eq!(env.key, format!("patient:{P1}"));
+        assert_eq!(
+            env.tenant.as_deref(),
+            Some("0301"),
+            "registry beats default_tenant"
+        );
+        assert!(env.fhir.contains(identity::OID_FNR));
+    }
+
+    #[test]
+    fn answer_conflicting_with_the_named_municipality_is_422() {
+        let spec = scaip();
+        let answer = answer_for(&spec, ALARM, P1, "5001");
+        let err = normalise_with(&spec, &raw(ALARM, Some("0301")), &answer).expect_err("422");
+        let MapError::Unmappable { field, message } = err else {
+            panic!("unmappable expected");
+        };
+        assert_eq!(field, "cid");
+        assert!(message.contains("municipality 5001"), "{message}");
+    }
+
+    #[test]
+    fn invalid_registry_identifier_is_refused_without_echo() {
+        let spec = scaip();
+        let answer = answer_for(&spec, ALARM, "13097248023", "0301");
+        let err = normalise_with(&spec, &raw(ALARM, None), &answer).expect_err("422");
+        assert!(!err.to_string().contains("13097248023"), "{err}");
+        // A synthetic number is valid only for a test tenant (scaip: 5001).
+        let synthetic = "13497248022";
+        if identity::parse_person_id(synthetic, true).is_ok() {
+            let answer = answer_for(&spec, ALARM, synthetic, "0301");
+            assert!(normalise_with(&spec, &raw(ALARM, None), &answer).is_err());
+            let answer = answer_for(&spec, ALARM, synthetic, "5001");
+            assert!(normalise_with(&spec, &raw(ALARM, None), &answer).is_ok());
+        }
+    }
+}

@@ -221,3 +221,50 @@ impl Journal for SqliteJournal {
         self.queue.release(r).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A journal created by a version-1 binary gains the version-2 tables on open; its rows stay.
+    #[tokio::test]
+    async fn version_1_journal_is_migrated_to_version_2() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let conn = open_conn(&dir.path().join("journal.sqlite3")).expect("open");
+            let full = include_str!("../schema.sql");
+            let v1 = &full[..full.find("-- Version 2").expect("v2 marker")];
+            conn.execute_batch(v1).expect("v1 schema");
+            conn.execute_batch(
+                "INSERT INTO audit (at, event_id, kind) VALUES (1, 'e', 'received');
+                 PRAGMA user_version = 1;",
+            )
+            .expect("v1 data");
+        }
+        let j = SqliteJournal::open(dir.path(), 16, 16).expect("open migrates");
+        let (version, audit): (i64, i64) = j
+            .read(|c| {
+                Ok((
+                    c.query_row("PRAGMA user_version", [], |r| r.get(0))?,
+                    c.query_row("SELECT count(*) FROM audit", [], |r| r.get(0))?,
+                ))
+            })
+            .await
+            .expect("read");
+        assert_eq!((version, audit), (2, 1));
+        let a = j
+            .assign_device(crate::journal::NewAssignment {
+                vendor: "v".into(),
+                device_id: "d".into(),
+                patient_id: "13097248022".into(),
+                tenant: "0301".into(),
+                valid_from_ms: 0,
+                valid_to_ms: None,
+                note: None,
+            })
+            .await
+            .expect("registry works after migration");
+        let found = j.resolve_device("v", "d", 5).await.expect("resolve");
+        assert_eq!(found.map(|f| f.id), Some(a.id));
+    }
+}
