@@ -64,7 +64,7 @@ struct Args {
     /// Phase 2: one alarm every this many milliseconds.
     #[arg(long, default_value_t = 20)]
     alarm_interval_ms: u64,
-    /// Phase 2 background rate in events/s (default: half the phase-1 end-to-end rate).
+    /// Phase 2 background rate in events/s (default: half the phase-1 end-to-end rate; 0 skips phase 2).
     #[arg(long)]
     bg_rate: Option<f64>,
     /// Skip phase 1 (needs --bg-rate).
