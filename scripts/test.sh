@@ -37,6 +37,10 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
 fi
 ./conformance-tests/run-validator.sh
 
+step "memory stays flat under a 200k backlog (release build: debug is too slow for 200k events)"
+cargo test --locked --release --test memory -- --nocapture
+
 step "the storage suites again on PostgreSQL"
 KNUTEPUNKT_TEST_STORAGE=postgres cargo test --locked \
-  --test ingest --test delivery --test crash --test journal_model -- --test-threads 2
+  --test ingest --test delivery --test crash --test journal_model --test lifecycle --test devices \
+  -- --test-threads 2
