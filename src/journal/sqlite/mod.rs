@@ -77,12 +77,15 @@ impl SqliteJournal {
 fn open_conn(path: &Path) -> Result<Connection, JournalError> {
     let conn = Connection::open(path)?;
     // FULL: the WAL is fsynced at every commit, so a 2xx survives power loss, not only a crash.
+    // temp_store = MEMORY keeps the per-command savepoint journal off the disk (a quarter of the
+    // writer's time went to those temp-file writes).
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
          PRAGMA foreign_keys = ON;
          PRAGMA busy_timeout = 5000;
-         PRAGMA cache_size = -16384;",
+         PRAGMA cache_size = -16384;
+         PRAGMA temp_store = MEMORY;",
     )?;
     Ok(conn)
 }
