@@ -1,5 +1,6 @@
 //! Admin and health endpoints (documented in `docs/api.md`).
 
+mod console;
 mod devices;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ const MAX_LIMIT: usize = 10_000;
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .merge(devices::router())
+        .merge(console::router())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/admin/stats", get(stats))
