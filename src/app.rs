@@ -23,26 +23,39 @@ pub struct AppState {
     pub ingest: IngestLimits,
     /// Configured destination names, so admin views list idle ones too.
     pub destinations: Vec<String>,
+    /// Metric instruments and the `/metrics` exporter.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 pub fn http_router(state: Arc<AppState>) -> Router {
     crate::ingest::router()
         .merge(crate::admin::router())
+        .merge(crate::telemetry::router())
         .with_state(state)
 }
 
 /// Builds everything from config and serves until SIGINT/SIGTERM.
 pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Result<()> {
     let journal = open_journal(&config).await?;
+    let telemetry = Arc::new(
+        crate::telemetry::Telemetry::prometheus().context("building the metrics exporter")?,
+    );
     let wakers = Wakers::new(config.destinations.iter().map(|d| d.name.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut dispatchers = Vec::new();
     for dest in &config.destinations {
         let d = Dispatcher::new(dest.clone(), Arc::clone(&journal), &wakers)
-            .with_context(|| format!("building HTTP client for destination {}", dest.name))?;
+            .with_context(|| format!("building HTTP client for destination {}", dest.name))?
+            .with_telemetry(Arc::clone(&telemetry));
         dispatchers.push(tokio::spawn(d.run(stop_rx.clone(), config.shutdown_grace)));
     }
+    let snapshot = tokio::spawn(Arc::clone(&telemetry.snapshot).run(
+        Arc::clone(&journal),
+        config.destinations.iter().map(|d| d.name.clone()).collect(),
+        stop_rx.clone(),
+    ));
     let state = Arc::new(AppState {
+        telemetry: Arc::clone(&telemetry),
         journal,
         vendors,
         router: EventRouter::new(config.routes.clone()),
@@ -82,6 +95,8 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
     for d in dispatchers {
         let _ = d.await;
     }
+    let _ = snapshot.await;
+    telemetry.shutdown();
     Ok(())
 }
 

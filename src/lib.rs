@@ -4,7 +4,8 @@
 //! `ingest` (HTTP, limits) → `normalise` (vendor body → FHIR R4 `Envelope`) → `route`
 //! (destinations) → `journal` (durable, group-committed) → `deliver` (per-lane ordered,
 //! at-least-once HTTP). Beside them: `admin` (health, lanes, dead letters, replay), `config`
-//! (raw → validated), `api_error` (every HTTP error as an OperationOutcome), `app` (wiring).
+//! (raw → validated), `api_error` (every HTTP error as an OperationOutcome), `app` (wiring),
+//! `telemetry` (metrics on `/metrics`, typed events).
 
 pub mod deliver;
 pub mod ingest;
@@ -17,3 +18,4 @@ pub mod api_error;
 pub mod app;
 pub mod clock;
 pub mod config;
+pub mod telemetry;

@@ -20,6 +20,8 @@ use tokio::sync::{Notify, Semaphore, watch};
 use crate::clock::now_ms;
 use crate::config::ValidDestination;
 use crate::journal::{AttemptRecord, DeliveryTask, Journal, JournalError, LaneClass, Verdict};
+use crate::telemetry::Telemetry;
+use crate::telemetry::events::{AttemptOutcome, DeadReason, DeliveryAttempted};
 use classify::Class;
 
 /// Longest a dispatcher sleeps without looking at the journal, so a missed wake-up costs at most
@@ -61,6 +63,7 @@ pub struct Dispatcher {
     journal: Arc<dyn Journal>,
     client: reqwest::Client,
     wake: Arc<Notify>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Dispatcher {
@@ -76,7 +79,14 @@ impl Dispatcher {
             journal,
             client,
             wake,
+            telemetry: Arc::new(Telemetry::disabled()),
         })
+    }
+
+    /// Records attempt metrics through `telemetry` (default: nowhere).
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 
     /// Runs until `shutdown` turns true, then waits up to `grace` for attempts in flight.
@@ -178,6 +188,25 @@ impl Dispatcher {
                 other => other,
             },
         };
+        DeliveryAttempted {
+            destination: &self.dest.name,
+            class: task.class,
+            outcome: match verdict {
+                Verdict::Delivered => AttemptOutcome::Delivered,
+                Verdict::Retry { .. } => AttemptOutcome::Retry,
+                Verdict::DeadLetter { .. } => AttemptOutcome::DeadLetter,
+            },
+            dead_reason: match (&verdict, answer.class) {
+                (Verdict::DeadLetter { .. }, Class::Permanent) => Some(DeadReason::Permanent),
+                (Verdict::DeadLetter { .. }, _) => Some(DeadReason::Exhausted),
+                _ => None,
+            },
+            duration: Duration::from_secs_f64(latency_ms / 1000.0),
+            since_created: Some(Duration::from_millis(
+                (at_ms - task.created_at_ms).max(0) as u64
+            )),
+        }
+        .emit(&self.telemetry);
         if let Verdict::DeadLetter { reason } = &verdict {
             tracing::warn!(dest = %self.dest.name, event_id = %task.event_id, attempt, %reason, "dead-lettered");
         }

@@ -29,6 +29,7 @@ use crate::normalise::mapping::MissingPatient;
 use crate::normalise::{
     self, Answer, DeviceQuery, Format, Outcome, Probe, RawEvent, Registered, VendorSpec,
 };
+use crate::telemetry::events::{EventStored, IngestAnswered, IngestOutcome};
 
 /// Ingest limits, resolved from config.
 pub struct IngestLimits {
@@ -43,7 +44,40 @@ pub fn router() -> Router<Arc<AppState>> {
     Router::new().route("/v1/vendors/{vendor}/events", post(ingest))
 }
 
+/// Answers through [`ingest_inner`] and records the request's metrics.
 async fn ingest(
+    State(state): State<Arc<AppState>>,
+    Path(vendor): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = std::time::Instant::now();
+    let known = state.vendors.get(&vendor).map(|s| s.name.clone());
+    let response = ingest_inner(State(Arc::clone(&state)), Path(vendor), headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    let outcome = response
+        .extensions()
+        .get::<IngestOutcome>()
+        .copied()
+        .unwrap_or(IngestOutcome::Rejected);
+    IngestAnswered {
+        vendor: known.as_deref().unwrap_or("unknown"),
+        outcome,
+        status: response.status().as_u16(),
+        duration: started.elapsed(),
+    }
+    .emit(&state.telemetry);
+    response
+}
+
+fn tagged(outcome: IngestOutcome, r: impl IntoResponse) -> Response {
+    let mut r = r.into_response();
+    r.extensions_mut().insert(outcome);
+    r
+}
+
+async fn ingest_inner(
     State(state): State<Arc<AppState>>,
     Path(vendor): Path<String>,
     headers: HeaderMap,
@@ -125,6 +159,7 @@ async fn ingest(
             routes: decision.routes,
         };
         let dests = event.destinations.clone();
+        let category = event.envelope.category;
         let appended = match quarantine {
             Some(info) => {
                 tracing::info!(
@@ -140,6 +175,13 @@ async fn ingest(
             None => state.journal.append(event).await.map(|a| (a, None)),
         }
         .map_err(|e| ApiError::from_journal(e, limits.retry_after_s))?;
+        if let (Appended::Stored { .. }, _) = &appended {
+            EventStored {
+                vendor: &spec.name,
+                category,
+            }
+            .emit(&state.telemetry);
+        }
         Ok::<_, ApiError>(Stored::Event(appended, dests))
     };
     let (appended, dests) = match tokio::time::timeout(limits.request_timeout, work)
@@ -149,21 +191,25 @@ async fn ingest(
         })?? {
         Stored::Event(appended, dests) => (appended, dests),
         Stored::Heartbeat(device_key) => {
-            return Ok((
-                StatusCode::OK,
-                Json(json!({ "status": "heartbeat", "device": device_key })),
-            )
-                .into_response());
+            return Ok(tagged(
+                IngestOutcome::Heartbeat,
+                (
+                    StatusCode::OK,
+                    Json(json!({ "status": "heartbeat", "device": device_key })),
+                ),
+            ));
         }
     };
     if let (Appended::Stored { id }, Some(reason)) = &appended {
         let location = format!("/v1/admin/events/{id}");
-        return Ok((
-            StatusCode::ACCEPTED,
-            [(header::LOCATION, location)],
-            Json(json!({ "id": id, "status": "quarantined", "reason": reason })),
-        )
-            .into_response());
+        return Ok(tagged(
+            IngestOutcome::Quarantined,
+            (
+                StatusCode::ACCEPTED,
+                [(header::LOCATION, location)],
+                Json(json!({ "id": id, "status": "quarantined", "reason": reason })),
+            ),
+        ));
     }
     let appended = appended.0;
     Ok(match appended {
@@ -172,18 +218,22 @@ async fn ingest(
                 state.wakers.wake(d);
             }
             let location = format!("/v1/admin/events/{id}");
-            (
-                StatusCode::ACCEPTED,
-                [(header::LOCATION, location)],
-                Json(json!({ "id": id, "status": "stored" })),
+            tagged(
+                IngestOutcome::Stored,
+                (
+                    StatusCode::ACCEPTED,
+                    [(header::LOCATION, location)],
+                    Json(json!({ "id": id, "status": "stored" })),
+                ),
             )
-                .into_response()
         }
-        Appended::Duplicate { id } => (
-            StatusCode::OK,
-            Json(json!({ "id": id, "status": "duplicate" })),
-        )
-            .into_response(),
+        Appended::Duplicate { id } => tagged(
+            IngestOutcome::Duplicate,
+            (
+                StatusCode::OK,
+                Json(json!({ "id": id, "status": "duplicate" })),
+            ),
+        ),
     })
 }
 

@@ -1,0 +1,141 @@
+//! Queue gauges: a snapshot of the journal's per-destination figures, refreshed by a background
+//! task, read by observable-gauge callbacks at scrape time (never blocking on the database).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry::metrics::Meter;
+use tokio::sync::watch;
+
+use super::kv;
+use super::names::{self, MetricDef};
+use crate::clock::now_ms;
+use crate::journal::{DestinationStats, Journal};
+
+/// How often the background task re-reads the journal.
+pub const REFRESH: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+pub struct Snapshot {
+    inner: Mutex<Figures>,
+}
+
+#[derive(Default, Clone)]
+struct Figures {
+    taken_at_ms: Option<i64>,
+    destinations: Vec<DestinationStats>,
+    quarantined: i64,
+}
+
+impl Snapshot {
+    fn get(&self) -> Figures {
+        self.inner.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// Reads the journal once and replaces the figures. Configured destinations that the journal
+    /// has never seen are reported with zeros, so every series exists from the first scrape.
+    pub async fn refresh(
+        &self,
+        journal: &dyn Journal,
+        configured: &[String],
+    ) -> Result<(), crate::journal::JournalError> {
+        let mut dests = journal.destinations().await?;
+        let stats = journal.stats().await?;
+        for name in configured {
+            if !dests.iter().any(|d| &d.destination == name) {
+                dests.push(DestinationStats {
+                    destination: name.clone(),
+                    lanes: 0,
+                    pending: 0,
+                    delivered: 0,
+                    dead: 0,
+                    oldest_pending_age_ms: None,
+                });
+            }
+        }
+        if let Ok(mut g) = self.inner.lock() {
+            *g = Figures {
+                taken_at_ms: Some(now_ms()),
+                destinations: dests,
+                quarantined: stats.quarantined,
+            };
+        }
+        Ok(())
+    }
+
+    /// Refreshes every [`REFRESH`] until `stop` turns true.
+    pub async fn run(
+        self: Arc<Self>,
+        journal: Arc<dyn Journal>,
+        configured: Vec<String>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        while !*stop.borrow() {
+            if let Err(e) = self.refresh(journal.as_ref(), &configured).await {
+                tracing::warn!(error = %e, "metrics snapshot: cannot read the journal");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(REFRESH) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+}
+
+pub(super) fn register_gauges(
+    meter: &Meter,
+    snap: &Arc<Snapshot>,
+    vendor_seen: &Arc<Mutex<HashMap<String, f64>>>,
+) {
+    per_destination(meter, snap, names::DEST_PENDING, |d| d.pending as f64);
+    per_destination(meter, snap, names::DEST_LANES, |d| d.lanes as f64);
+    per_destination(meter, snap, names::DEST_OLDEST_AGE, |d| {
+        d.oldest_pending_age_ms.unwrap_or(0).max(0) as f64 / 1000.0
+    });
+    per_destination(meter, snap, names::DEST_DEAD, |d| d.dead as f64);
+    let s = Arc::clone(snap);
+    gauge(meter, names::QUARANTINED, move |obs| {
+        obs(s.get().quarantined as f64, &[]);
+    });
+    let s = Arc::clone(snap);
+    gauge(meter, names::SNAPSHOT_AGE, move |obs| {
+        if let Some(t) = s.get().taken_at_ms {
+            obs((now_ms() - t).max(0) as f64 / 1000.0, &[]);
+        }
+    });
+    let seen = Arc::clone(vendor_seen);
+    gauge(meter, names::VENDOR_LAST_ACCEPTED, move |obs| {
+        if let Ok(m) = seen.lock() {
+            for (v, t) in m.iter() {
+                obs(*t, &[kv("vendor", v.clone())]);
+            }
+        }
+    });
+}
+
+fn per_destination(
+    meter: &Meter,
+    snap: &Arc<Snapshot>,
+    def: MetricDef,
+    value: fn(&DestinationStats) -> f64,
+) {
+    let s = Arc::clone(snap);
+    gauge(meter, def, move |obs| {
+        for d in s.get().destinations {
+            obs(value(&d), &[kv("destination", d.destination.clone())]);
+        }
+    });
+}
+
+type Observe<'a> = &'a dyn Fn(f64, &[opentelemetry::KeyValue]);
+
+fn gauge(meter: &Meter, def: MetricDef, f: impl Fn(Observe<'_>) + Send + Sync + 'static) {
+    // The handle only needs to live as long as the provider, which keeps the callback.
+    let _ = meter
+        .f64_observable_gauge(def.otel)
+        .with_unit(def.unit)
+        .with_description(def.help)
+        .with_callback(move |o| f(&|v, attrs| o.observe(v, attrs)))
+        .build();
+}
