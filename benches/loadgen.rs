@@ -97,6 +97,15 @@ struct Args {
     /// Keep the temp dir (config, journal, gateway stderr) for inspection.
     #[arg(long)]
     keep_dir: bool,
+    /// Run on PostgreSQL instead of the embedded journal: libpq settings of a server without a
+    /// database name (e.g. "host=127.0.0.1 user=postgres"). A fresh database is created for the
+    /// run and dropped afterwards.
+    #[arg(long)]
+    pg_server: Option<String>,
+    /// Gateway processes sharing the database (needs --pg-server); connections are spread over
+    /// them round-robin.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
 }
 
 fn main() -> ExitCode {
@@ -180,6 +189,56 @@ fn start_sink(rt: &tokio::runtime::Runtime) -> Result<(Arc<Sink>, SocketAddr)> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// PostgreSQL database for a run
+
+/// A database created for one bench run on the given server, dropped at the end.
+struct BenchDb {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl BenchDb {
+    fn create(rt: &tokio::runtime::Runtime, server: &str) -> Result<BenchDb> {
+        let name = format!(
+            "kp_bench_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        rt.block_on(admin_sql(server, &format!("CREATE DATABASE {name}")))?;
+        println!("PostgreSQL database {name} on {server}");
+        Ok(BenchDb {
+            server: server.to_string(),
+            url: format!("{server} dbname={name}"),
+            name,
+        })
+    }
+
+    fn drop_on(self, rt: &tokio::runtime::Runtime) {
+        if let Err(e) = rt.block_on(admin_sql(
+            &self.server,
+            &format!("DROP DATABASE IF EXISTS {}", self.name),
+        )) {
+            eprintln!("could not drop {}: {e:#}", self.name);
+        }
+    }
+}
+
+async fn admin_sql(server: &str, sql: &str) -> Result<()> {
+    let (client, conn) =
+        tokio_postgres::connect(&format!("{server} dbname=postgres"), tokio_postgres::NoTls)
+            .await
+            .context("connect to PostgreSQL")?;
+    let driver = tokio::spawn(conn);
+    client
+        .batch_execute(sql)
+        .await
+        .with_context(|| sql.to_string())?;
+    drop(client);
+    let _ = driver.await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Gateway child process
 
 struct Gateway {
@@ -190,7 +249,7 @@ struct Gateway {
 }
 
 impl Gateway {
-    fn start(args: &Args, sink: SocketAddr) -> Result<Gateway> {
+    fn start(args: &Args, sink: SocketAddr, pg_url: Option<&str>) -> Result<Gateway> {
         let bin = resolve_gateway(&args.gateway)?;
         let dir = std::env::temp_dir().join(format!(
             "knutepunkt-bench-{}-{}",
@@ -206,7 +265,10 @@ impl Gateway {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         };
         let config = gw.dir.join("knutepunkt.toml");
-        std::fs::write(&config, config_text(args, &gw.dir.join("data"), sink))?;
+        std::fs::write(
+            &config,
+            config_text(args, &gw.dir.join("data"), sink, pg_url),
+        )?;
         let stderr = std::fs::File::create(gw.dir.join("gateway.stderr"))?;
         let mut child = Command::new(&bin)
             .arg("serve")
@@ -316,14 +378,18 @@ fn resolve_gateway(p: &Path) -> Result<PathBuf> {
     )
 }
 
-fn config_text(args: &Args, data: &Path, sink: SocketAddr) -> String {
+fn config_text(args: &Args, data: &Path, sink: SocketAddr, pg_url: Option<&str>) -> String {
+    let storage = match pg_url {
+        Some(url) => format!("kind = \"postgres\"\nurl = {url:?}"),
+        None => format!("data_dir = {:?}", data.display().to_string()),
+    };
     format!(
         r#"[server]
 listen = "127.0.0.1:0"
 shutdown_grace_s = 2
 
 [storage]
-data_dir = {data:?}
+{storage}
 max_batch = {max_batch}
 queue_capacity = {queue}
 
@@ -344,7 +410,6 @@ alarm_concurrency = {alarm_conc}
 name = "everything-to-sink"
 destinations = ["sink"]
 "#,
-        data = data.display().to_string(),
         max_batch = args.max_batch,
         queue = args.queue_capacity,
         mappings = args.mappings.display().to_string(),
@@ -645,8 +710,7 @@ struct CpuSplit {
 }
 
 impl Cpu {
-    fn sample(gateway_pid: u32) -> Cpu {
-        let gw = format!("/proc/{gateway_pid}");
+    fn sample(gateway_pids: &[u32]) -> Cpu {
         let threads = |dir: &str| -> Vec<(String, u64)> {
             std::fs::read_dir(format!("{dir}/task"))
                 .map(|rd| {
@@ -663,12 +727,15 @@ impl Cpu {
                 .map(|(_, t)| t)
                 .sum()
         };
-        let gw_threads = threads(&gw);
+        let dirs: Vec<String> = gateway_pids.iter().map(|p| format!("/proc/{p}")).collect();
         let own = threads("/proc/self");
         Cpu {
             at: Instant::now(),
-            gateway: process_ticks(&gw),
-            writer: sum(&gw_threads, "journal-writer"),
+            gateway: dirs.iter().map(|d| process_ticks(d)).sum(),
+            writer: dirs
+                .iter()
+                .map(|d| sum(&threads(d), "journal-writer"))
+                .sum(),
             bench: process_ticks("/proc/self"),
             sink: sum(&own, "bench-sink"),
             generator: sum(&own, "bench-gen"),
@@ -788,10 +855,16 @@ impl Ctx {
     }
 }
 
-async fn open_all(addr: SocketAddr, n: usize) -> Result<Vec<Conn>> {
+/// Opens `n` connections spread round-robin over the gateway nodes. (A connection that fails
+/// later reconnects to the first node.)
+async fn open_all(addrs: &[SocketAddr], n: usize) -> Result<Vec<Conn>> {
     let mut v = Vec::with_capacity(n);
-    for _ in 0..n {
-        v.push(Conn::open(addr).await.context("connect to gateway")?);
+    for i in 0..n {
+        v.push(
+            Conn::open(addrs[i % addrs.len()])
+                .await
+                .context("connect to gateway")?,
+        );
     }
     Ok(v)
 }
@@ -970,8 +1043,24 @@ fn run(args: Args) -> Result<bool> {
         .enable_all()
         .build()?;
     let (sink, sink_addr) = start_sink(&sink_rt)?;
-    let mut gw = Gateway::start(&args, sink_addr)?;
-    let pid = gw.pid();
+    if args.nodes > 1 && args.pg_server.is_none() {
+        bail!("--nodes > 1 needs --pg-server: several nodes share a PostgreSQL database");
+    }
+    let db = match &args.pg_server {
+        Some(server) => Some(BenchDb::create(&gen_rt, server)?),
+        None => None,
+    };
+    let mut nodes = Vec::new();
+    for _ in 0..args.nodes.max(1) {
+        nodes.push(Gateway::start(
+            &args,
+            sink_addr,
+            db.as_ref().map(|d| d.url.as_str()),
+        )?);
+    }
+    let pids: Vec<u32> = nodes.iter().map(Gateway::pid).collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|g| g.addr).collect();
+    let gw = &nodes[0];
     let ctx = Arc::new(Ctx {
         gateway: gw.addr,
         run: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
@@ -997,18 +1086,18 @@ fn run(args: Args) -> Result<bool> {
             "phase 1: closed loop, {} connections, {} s, {} keys ...",
             args.connections, args.duration_s, args.keys
         );
-        let conns = gen_rt.block_on(open_all(gw.addr, args.connections))?;
-        let cpu0 = Cpu::sample(pid);
+        let conns = gen_rt.block_on(open_all(&addrs, args.connections))?;
+        let cpu0 = Cpu::sample(&pids);
         let start = Instant::now();
         let tally = gen_rt.block_on(closed_loop(Arc::clone(&ctx), conns, start + duration));
         let load_end = tally.acks.iter().map(|a| a.acked).max().unwrap_or(start);
-        let cpu1 = Cpu::sample(pid);
+        let cpu1 = Cpu::sample(&pids);
         let load_mid = loadavg();
         let acks: Vec<&Ack> = tally.acks.iter().collect();
         let n = acks.len() as f64;
-        let backlog_rss = rss_kib(pid, "VmRSS:");
+        let backlog_rss = rss_kib(pids[0], "VmRSS:");
         let (delivered, _) = gen_rt.block_on(drain(&sink, acks.len() as u64, &acks, drain_timeout));
-        let cpu2 = Cpu::sample(pid);
+        let cpu2 = Cpu::sample(&pids);
         ok &= delivered;
         let ingest = Dist::new(acks.iter().map(|a| a.acked - a.sent).collect());
         let (e2e_lat, last_arrival) = deliveries(&sink, &acks);
@@ -1077,10 +1166,10 @@ fn run(args: Args) -> Result<bool> {
             "phase 2: open loop {bg_rate:.0} events/s background on {} connections + one alarm every {} ms, {} s ...",
             args.bg_connections, args.alarm_interval_ms, args.duration_s
         );
-        let bg_conns = gen_rt.block_on(open_all(gw.addr, args.bg_connections))?;
-        let alarm_conns = gen_rt.block_on(open_all(gw.addr, 8))?;
+        let bg_conns = gen_rt.block_on(open_all(&addrs, args.bg_connections))?;
+        let alarm_conns = gen_rt.block_on(open_all(&addrs, 8))?;
         let before = sink.distinct.load(Relaxed);
-        let cpu0 = Cpu::sample(pid);
+        let cpu0 = Cpu::sample(&pids);
         let t0 = Instant::now() + Duration::from_millis(20);
         let end = t0 + duration;
         let interval = Duration::from_millis(args.alarm_interval_ms.max(1));
@@ -1090,7 +1179,7 @@ fn run(args: Args) -> Result<bool> {
             (bg.await, al.await)
         });
         let (bg, al) = (bg?, al?);
-        let cpu1 = Cpu::sample(pid);
+        let cpu1 = Cpu::sample(&pids);
         let load_mid = loadavg();
         let bg_acks: Vec<&Ack> = bg.acks.iter().collect();
         let al_acks: Vec<&Ack> = al.acks.iter().collect();
@@ -1159,10 +1248,20 @@ fn run(args: Args) -> Result<bool> {
         sink.malformed.load(Relaxed)
     ));
     ok &= sink.malformed.load(Relaxed) == 0;
+    let storage = match &db {
+        Some(_) => format!("PostgreSQL, {} node(s)", nodes.len()),
+        None => format!(
+            "embedded, journal on disk {} MiB",
+            gw.journal_bytes() / (1024 * 1024)
+        ),
+    };
+    let peak: Vec<String> = pids
+        .iter()
+        .map(|p| format!("{}", rss_kib(*p, "VmHWM:") / 1024))
+        .collect();
     report.push(format!(
-        "GATEWAY  peak RSS {} MiB, journal on disk {} MiB",
-        rss_kib(pid, "VmHWM:") / 1024,
-        gw.journal_bytes() / (1024 * 1024)
+        "GATEWAY  peak RSS {} MiB; {storage}",
+        peak.join(" / ")
     ));
     report.push(format!(
         "MACHINE  {nproc} CPUs; load average at start {load_start}, at end {}",
@@ -1186,7 +1285,9 @@ fn run(args: Args) -> Result<bool> {
             if alarm_p99 <= 20.0 { "met" } else { "NOT met" }
         ));
     }
-    gw.stop();
+    for n in &mut nodes {
+        n.stop();
+    }
     println!();
     println!("==================== knutepunkt-bench summary ====================");
     for l in &report {
@@ -1201,7 +1302,10 @@ fn run(args: Args) -> Result<bool> {
             "FAILED"
         }
     );
-    drop(gw);
+    drop(nodes);
+    if let Some(db) = db {
+        db.drop_on(&gen_rt);
+    }
     drop(gen_rt);
     drop(sink_rt);
     Ok(ok)

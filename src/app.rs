@@ -10,7 +10,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::config::{Storage, ValidConfig};
 use crate::deliver::{Dispatcher, Wakers};
 use crate::ingest::IngestLimits;
-use crate::journal::{Journal, PostgresJournal, SqliteJournal};
+use crate::journal::{Journal, PgOptions, PostgresJournal, SqliteJournal};
 use crate::normalise::VendorRegistry;
 use crate::route::Router as EventRouter;
 
@@ -110,19 +110,23 @@ async fn open_journal(config: &ValidConfig) -> anyhow::Result<Arc<dyn Journal>> 
             url,
             tls_ca_file,
             pool_size,
+            writers,
             lease,
-        } => Arc::new(
-            PostgresJournal::open(
-                &url.resolve().map_err(anyhow::Error::msg)?,
-                tls_ca_file.as_deref(),
-                *pool_size,
-                *lease,
-                config.max_batch,
-                config.queue_capacity,
+        } => {
+            let opts = PgOptions {
+                pool_size: *pool_size,
+                lease: *lease,
+                max_batch: config.max_batch,
+                queue_capacity: config.queue_capacity,
+                writers: *writers,
+            };
+            let url = url.resolve().map_err(anyhow::Error::msg)?;
+            Arc::new(
+                PostgresJournal::open_with(&url, tls_ca_file.as_deref(), opts)
+                    .await
+                    .context("opening the PostgreSQL journal")?,
             )
-            .await
-            .context("opening the PostgreSQL journal")?,
-        ),
+        }
     })
 }
 

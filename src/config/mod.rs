@@ -68,6 +68,8 @@ pub struct StorageConfig {
     pub pool_size: usize,
     /// Seconds a node holds a lane before another node may take it over (PostgreSQL).
     pub lease_s: u64,
+    /// Writer connections per node, each committing its own batches (PostgreSQL).
+    pub writers: usize,
 }
 
 impl Default for StorageConfig {
@@ -82,6 +84,7 @@ impl Default for StorageConfig {
             tls_ca_file: None,
             pool_size: 8,
             lease_s: 30,
+            writers: 4,
         }
     }
 }

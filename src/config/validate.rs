@@ -33,6 +33,7 @@ pub enum Storage {
         url: PgUrl,
         tls_ca_file: Option<PathBuf>,
         pool_size: usize,
+        writers: usize,
         lease: Duration,
     },
 }
@@ -178,6 +179,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
                 }
             };
             positive(&mut errs, "storage.pool_size", raw.storage.pool_size as u64);
+            positive(&mut errs, "storage.writers", raw.storage.writers as u64);
             let slowest = raw
                 .destinations
                 .iter()
@@ -196,6 +198,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
                 url,
                 tls_ca_file: raw.storage.tls_ca_file.clone(),
                 pool_size: raw.storage.pool_size,
+                writers: raw.storage.writers,
                 lease: Duration::from_secs(raw.storage.lease_s),
             }
         }

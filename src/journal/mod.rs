@@ -7,19 +7,23 @@
 //! - `lanes` holds one row per non-empty (destination, lane class, key) FIFO: its head delivery,
 //!   the head's retry schedule (`next_attempt_at`) and whether a worker holds it (`leased`).
 //!   Only a lane's head is ever handed out, and only while unleased, so per-key order is strict.
-//! - `audit` is the append-only trail of every step.
+//! - `audit` is the append-only trail of every step, hash-chained (`audit_chain`): editing or
+//!   deleting a row is detected by `knutepunkt audit verify`.
 //!
 //! A backend commits many commands in one transaction (group commit) and answers none before
 //! that commit is durable.
 
+pub mod audit_chain;
 mod command;
 mod postgres;
 pub mod registry_text;
 mod sqlite;
 pub mod types;
 
-pub use postgres::PostgresJournal;
+pub use postgres::audit::verify as verify_postgres_audit;
+pub use postgres::{PgOptions, PostgresJournal};
 pub use sqlite::SqliteJournal;
+pub use sqlite::audit::verify as verify_sqlite_audit;
 pub use types::*;
 
 use async_trait::async_trait;

@@ -9,12 +9,14 @@
 //! Each node has one writer connection that commits batches of commands (group commit); the
 //! commands of a batch run pipelined on that connection inside one transaction.
 
+pub mod audit;
 mod read;
 mod registry;
 mod tls;
 mod writer;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -30,8 +32,22 @@ use super::{
 };
 
 /// 1: events, deliveries, lanes, audit (`schema.sql`). 2: device registry, device liveness,
-/// quarantine (`schema_v2.sql`).
-const SCHEMA_VERSION: i32 = 2;
+/// quarantine (`schema_v2.sql`). 3: audit hash chain (`schema_v3.sql`).
+/// Writer connections per node unless configured (`storage.writers`).
+pub const DEFAULT_WRITERS: usize = 4;
+
+/// Tuning of a PostgreSQL journal (see docs/configuration.md, `[storage]`).
+#[derive(Debug, Clone, Copy)]
+pub struct PgOptions {
+    pub pool_size: usize,
+    pub lease: Duration,
+    pub max_batch: usize,
+    pub queue_capacity: usize,
+    /// Writer connections, each committing its own batches (see `writer::run`).
+    pub writers: usize,
+}
+
+const SCHEMA_VERSION: i32 = 3;
 /// Arbitrary constant naming the migration advisory lock.
 const MIGRATION_LOCK: i64 = 0x6b6e_7574_6570_756e;
 
@@ -75,6 +91,29 @@ impl PostgresJournal {
         max_batch: usize,
         queue_capacity: usize,
     ) -> Result<Self, JournalError> {
+        let opts = PgOptions {
+            pool_size,
+            lease,
+            max_batch,
+            queue_capacity,
+            writers: DEFAULT_WRITERS,
+        };
+        Self::open_with(url, tls_ca_file, opts).await
+    }
+
+    /// Like `open`, with every tuning knob.
+    pub async fn open_with(
+        url: &str,
+        tls_ca_file: Option<&Path>,
+        opts: PgOptions,
+    ) -> Result<Self, JournalError> {
+        let PgOptions {
+            pool_size,
+            lease,
+            max_batch,
+            queue_capacity,
+            ..
+        } = opts;
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| JournalError::Unavailable(format!("storage.url: {e}")))?;
@@ -110,7 +149,16 @@ impl PostgresJournal {
             .build()
             .map_err(|e| JournalError::Unavailable(format!("pool: {e}")))?;
         let (queue, rx) = Queue::new(queue_capacity);
-        tokio::spawn(writer::run(config, tls, rx, max_batch, lease));
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..opts.writers.max(1) {
+            tokio::spawn(writer::run(
+                config.clone(),
+                tls.clone(),
+                Arc::clone(&rx),
+                max_batch,
+                lease,
+            ));
+        }
         Ok(Self { queue, pool })
     }
 
@@ -174,9 +222,10 @@ async fn migrate(client: &tokio_postgres::Client) -> Result<(), JournalError> {
     }
     // One step per version, each applied once, in order; a database at version 1 gets only the
     // later steps.
-    let steps: [(i32, &str); 2] = [
+    let steps: [(i32, &str); 3] = [
         (1, include_str!("schema.sql")),
         (2, include_str!("schema_v2.sql")),
+        (3, include_str!("schema_v3.sql")),
     ];
     for (version, sql) in steps {
         if current < version {

@@ -14,10 +14,11 @@ mod registry;
 
 pub use registry::{COLUMNS as ASSIGNMENT_COLUMNS, assignment as assignment_row};
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use tokio::sync::mpsc;
+use tokio::sync::{Mutex, mpsc};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, Statement, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -56,18 +57,26 @@ struct Conn {
     s: Stmts,
 }
 
+/// Runs one writer. Several writers of a node share the queue: each takes the next batch while
+/// the others' batches run, so PostgreSQL executes them on several server processes (one
+/// connection's statements run one after another on one core). They are as safe together as
+/// writers of different nodes, which is what the locking above is designed for.
 pub async fn run(
     config: Config,
     tls: MakeRustlsConnect,
-    mut rx: mpsc::Receiver<Command>,
+    rx: Arc<Mutex<mpsc::Receiver<Command>>>,
     max_batch: usize,
     lease: Duration,
 ) {
     let lease_ms = lease.as_millis() as i64;
     let mut conn: Option<Conn> = None;
     let mut last_sweep = Instant::now();
-    while let Some(first) = rx.recv().await {
-        let batch = gather(first, &mut rx, max_batch);
+    loop {
+        let batch = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else { break };
+            gather(first, &mut rx, max_batch)
+        };
         if conn.as_ref().is_none_or(|c| c.client.is_closed()) {
             conn = match open(&config, tls.clone()).await {
                 Ok(c) => Some(c),
@@ -181,7 +190,13 @@ async fn run_batch(
                 let _ = tx.rollback().await;
                 Err(e)
             }
-            None => tx.commit().await.map_err(|e| db_error_text(&e)),
+            None => match super::audit::seal(&tx).await {
+                Ok(()) => tx.commit().await.map_err(|e| db_error_text(&e)),
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    Err(db_error_text(&e))
+                }
+            },
         };
         match result {
             Ok(()) => {

@@ -1,6 +1,7 @@
 //! Embedded journal on SQLite (bundled): WAL, `synchronous=FULL`, one writer thread that commits
 //! many commands per transaction (group commit), plus a read connection for admin queries.
 
+pub mod audit;
 mod read;
 mod registry;
 mod writer;
@@ -21,7 +22,17 @@ use super::{
 };
 
 /// 1: events, deliveries, lanes, audit. 2: device registry, device liveness, quarantine.
-const SCHEMA_VERSION: i64 = 2;
+/// 3: audit hash chain (`chain_seq`, `hash`).
+const SCHEMA_VERSION: i64 = 3;
+
+/// Version 3: the audit hash chain. Rows written before it get a negative position (outside the
+/// chain, reported by `audit verify` as not covered).
+const SCHEMA_V3: &str = "
+    ALTER TABLE audit ADD COLUMN chain_seq INTEGER;
+    ALTER TABLE audit ADD COLUMN hash TEXT;
+    UPDATE audit SET chain_seq = -id;
+    CREATE UNIQUE INDEX audit_chain ON audit(chain_seq);
+";
 
 pub struct SqliteJournal {
     queue: Queue,
@@ -102,6 +113,9 @@ fn migrate(conn: &Connection) -> Result<(), JournalError> {
     // tables add their steps here, keyed on `version`.
     let tx = conn.unchecked_transaction()?;
     tx.execute_batch(include_str!("../schema.sql"))?;
+    if version < 3 {
+        tx.execute_batch(SCHEMA_V3)?;
+    }
     tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
     tx.commit()?;
     if version != SCHEMA_VERSION {
@@ -254,7 +268,7 @@ mod tests {
             })
             .await
             .expect("read");
-        assert_eq!((version, audit), (2, 1));
+        assert_eq!((version, audit), (SCHEMA_VERSION, 1));
         let a = j
             .assign_device(crate::journal::NewAssignment {
                 vendor: "v".into(),

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::mpsc;
 
+use crate::journal::audit_chain::{Content, GENESIS, row_hash};
 use crate::journal::command::{AuditRow, Command, Done, fail, gather};
 use crate::journal::{
     Appended, AttemptRecord, Claimed, DeliveryTask, JournalError, LaneClass, NewEvent,
@@ -111,10 +112,36 @@ fn in_savepoint<T>(
     }
 }
 
+/// Appends one audit row, chained to the last one. The chain head is read from the table (the
+/// last entry of the `audit_chain` index, always in cache) rather than kept in memory, so a
+/// command's savepoint rollback or a failed commit can never leave a stale head behind.
 fn audit(c: &Connection, a: AuditRow<'_>) -> Result<(), JournalError> {
+    let prev: Option<(i64, String)> = c
+        .prepare_cached(
+            "SELECT chain_seq, hash FROM audit WHERE chain_seq > 0 ORDER BY chain_seq DESC LIMIT 1",
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let (prev_seq, prev_hash) = prev.unwrap_or((0, GENESIS.to_string()));
+    let seq = prev_seq + 1;
+    let hash = row_hash(
+        &prev_hash,
+        &Content {
+            seq,
+            at: a.at,
+            event_id: a.event_id,
+            kind: a.kind,
+            dest: a.dest,
+            attempt: a.attempt.map(i64::from),
+            status: a.status.map(i64::from),
+            latency_ms: a.latency_ms,
+            detail: a.detail,
+        },
+    );
     c.prepare_cached(
-        "INSERT INTO audit (at, event_id, kind, dest, attempt, status, latency_ms, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO audit (at, event_id, kind, dest, attempt, status, latency_ms, detail,
+                            chain_seq, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
     .execute(params![
         a.at,
@@ -124,7 +151,9 @@ fn audit(c: &Connection, a: AuditRow<'_>) -> Result<(), JournalError> {
         a.attempt,
         a.status,
         a.latency_ms,
-        a.detail
+        a.detail,
+        seq,
+        hash
     ])?;
     Ok(())
 }
