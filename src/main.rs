@@ -31,6 +31,11 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Audit trail tools.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
     /// Map one vendor payload offline and print the FHIR R4 Bundle (or precise errors).
     /// See docs/mappings.md.
     Map {
@@ -57,6 +62,16 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Walk the audit hash chain in the configured store; report the first broken row and exit
+    /// 1, or print the chain head and exit 0. Read-only: the gateway may be running.
+    Verify {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -70,6 +85,12 @@ fn main() -> ExitCode {
                 );
                 ExitCode::SUCCESS
             }
+            Err(errs) => report(&errs),
+        },
+        Command::Audit {
+            action: AuditAction::Verify { config },
+        } => match config::load(config.as_deref()) {
+            Ok(cfg) => audit_verify(&cfg),
             Err(errs) => report(&errs),
         },
         Command::Map {
@@ -231,6 +252,61 @@ fn map_command(a: MapArgs) -> ExitCode {
         Err(MapError::Unmappable { field, message }) => {
             eprintln!("error (HTTP 422) at {field}: {message}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// `knutepunkt audit verify`: 0 intact, 1 broken (the first broken row is named), 2 error.
+fn audit_verify(cfg: &config::ValidConfig) -> ExitCode {
+    use knutepunkt::journal::audit_chain::Verdict;
+    let verdict = match &cfg.storage {
+        config::Storage::Sqlite { data_dir } => knutepunkt::journal::verify_sqlite_audit(data_dir),
+        config::Storage::Postgres {
+            url, tls_ca_file, ..
+        } => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start runtime: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match url.resolve() {
+                Ok(url) => rt.block_on(knutepunkt::journal::verify_postgres_audit(
+                    &url,
+                    tls_ca_file.as_deref(),
+                )),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
+    match verdict {
+        Ok(Verdict::Intact { rows, head, legacy }) => {
+            let head = head.map_or("empty".to_string(), |(seq, hash)| {
+                format!("head position {seq}, hash {hash}")
+            });
+            println!("ok: audit chain intact: {rows} row(s), {head}");
+            if legacy > 0 {
+                println!("note: {legacy} row(s) written before the chain existed are not covered");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Verdict::Broken { id, seq, what }) => {
+            let pos = seq.map_or("no chain position".to_string(), |s| {
+                format!("chain position {s}")
+            });
+            println!("broken: audit row id {id} ({pos}): {what}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
         }
     }
 }
