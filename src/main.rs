@@ -301,7 +301,11 @@ fn audit_verify(cfg: &config::ValidConfig) -> ExitCode {
             let pos = seq.map_or("no chain position".to_string(), |s| {
                 format!("chain position {s}")
             });
-            println!("broken: audit row id {id} ({pos}): {what}");
+            if id == 0 {
+                println!("broken: end of the audit chain ({pos}): {what}");
+            } else {
+                println!("broken: audit row id {id} ({pos}): {what}");
+            }
             ExitCode::FAILURE
         }
         Err(e) => {

@@ -179,6 +179,27 @@ async fn audit_verify_finds_exactly_the_tampered_row() {
     let (code, out) = verify(&gw);
     assert_eq!(code, 0, "{out}");
 
+    // Delete the newest row: PostgreSQL's chain head row says where the chain must end; SQLite
+    // has no head row (a truncated tail is found only against a head recorded elsewhere).
+    let (last_id, last_seq) = *chain.last().expect("rows");
+    store
+        .exec(&format!("DELETE FROM audit WHERE id = {last_id}"))
+        .await;
+    let (code, out) = verify(&gw);
+    if common::on_postgres() {
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains(&format!("chain ends at position {}", last_seq - 1)),
+            "{out}"
+        );
+    } else {
+        assert_eq!(code, 0, "{out}");
+        assert!(
+            out.contains(&format!("head position {}", last_seq - 1)),
+            "{out}"
+        );
+    }
+
     // Delete one row: reported at the row after it, naming the missing position.
     let (deleted_id, deleted_seq) = chain[chain.len() / 3];
     let (next_id, next_seq) = chain[chain.len() / 3 + 1];
@@ -264,4 +285,74 @@ async fn untampered_chain_verifies_after_restart() {
     gw.kill();
     let (code, out) = verify(&gw);
     assert_eq!(code, 0, "{out}");
+}
+
+/// PostgreSQL only: three nodes (each with several writer connections) append audit rows at the
+/// same time; the chain stays one gapless, verifiable sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_writing_concurrently_keep_one_chain() {
+    if !common::on_postgres() {
+        return;
+    }
+    let sink = Sink::start(Mode::Ok).await;
+    let url = common::fresh_database().await;
+    let cfg = format!(
+        "{}\n[storage]\nkind = \"postgres\"\nurl = {url:?}\nlease_s = 4\n",
+        common::config_text(&[Dest::new("epj", &sink.url)], "")
+    );
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(Gateway::start_with_config(tempfile::tempdir().expect("tempdir"), &cfg).await);
+    }
+    let n = 40;
+    let mut set = JoinSet::new();
+    for (k, gw) in nodes.iter().enumerate() {
+        let base = gw.base.clone();
+        set.spawn(async move {
+            let http = reqwest::Client::new();
+            let mut inner = JoinSet::new();
+            for i in 0..n {
+                let http = http.clone();
+                let url = format!("{base}/v1/vendors/fhir/events");
+                inner.spawn(async move {
+                    let body = observation(&format!("1234567890{}", i % 10), &format!("n{k}-{i}"));
+                    let resp = http
+                        .post(&url)
+                        .header("content-type", "application/fhir+json")
+                        .body(body.to_string())
+                        .send()
+                        .await
+                        .expect("post");
+                    assert_eq!(resp.status().as_u16(), 202);
+                });
+            }
+            while let Some(r) = inner.join_next().await {
+                r.expect("join");
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.expect("join");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, stats) = nodes[0].get("/v1/admin/stats").await;
+        if stats["delivered"].as_i64() == Some(3 * n as i64) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not all delivered: {stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Verified while the nodes still run (one snapshot), then again after they stop.
+    let (code, out) = verify(&nodes[1]);
+    assert_eq!(code, 0, "{out}");
+    for gw in &mut nodes {
+        gw.kill();
+    }
+    let (code, out) = verify(&nodes[2]);
+    assert_eq!(code, 0, "{out}");
+    let store = Store::open(&nodes[0]).await;
+    let chain = store.chain().await;
+    assert!(chain.len() >= 3 * n * 4, "{} rows", chain.len());
+    assert!(out.contains(&format!("{} row(s)", chain.len())), "{out}");
 }

@@ -124,6 +124,33 @@ pub async fn verify(url: &str, tls_ca_file: Option<&Path>) -> Result<Verdict, Jo
             return Ok(broken);
         }
     }
+    let head = client
+        .query_one("SELECT seq, hash FROM audit_chain_head WHERE id = 1", &[])
+        .await?;
     client.batch_execute("COMMIT").await?;
-    Ok(w.finish())
+    let (head_seq, head_hash): (i64, String) = (head.get(0), head.get(1));
+    Ok(match w.finish() {
+        Verdict::Intact { head: end, .. } if end.as_ref().map_or(0, |e| e.0) != head_seq => {
+            let last = end.map_or(0, |e| e.0);
+            Verdict::Broken {
+                id: 0,
+                seq: Some(last),
+                what: format!(
+                    "the chain ends at position {last} but audit_chain_head says {head_seq}: \
+                     the newest row(s) were deleted"
+                ),
+            }
+        }
+        Verdict::Intact {
+            head: Some((seq, hash)),
+            ..
+        } if hash != head_hash => Verdict::Broken {
+            id: 0,
+            seq: Some(seq),
+            what: "the last row's hash differs from audit_chain_head: the newest row was \
+                   rewritten"
+                .into(),
+        },
+        v => v,
+    })
 }
