@@ -106,6 +106,9 @@ struct Args {
     /// them round-robin.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
+    /// Gateway `storage.writers` (PostgreSQL only).
+    #[arg(long, default_value_t = 1)]
+    pg_writers: usize,
 }
 
 fn main() -> ExitCode {
@@ -380,7 +383,10 @@ fn resolve_gateway(p: &Path) -> Result<PathBuf> {
 
 fn config_text(args: &Args, data: &Path, sink: SocketAddr, pg_url: Option<&str>) -> String {
     let storage = match pg_url {
-        Some(url) => format!("kind = \"postgres\"\nurl = {url:?}"),
+        Some(url) => format!(
+            "kind = \"postgres\"\nurl = {url:?}\nwriters = {}",
+            args.pg_writers
+        ),
         None => format!("data_dir = {:?}", data.display().to_string()),
     };
     format!(

@@ -84,7 +84,7 @@ impl Default for StorageConfig {
             tls_ca_file: None,
             pool_size: 8,
             lease_s: 30,
-            writers: 4,
+            writers: 1,
         }
     }
 }

@@ -34,7 +34,7 @@ use super::{
 /// 1: events, deliveries, lanes, audit (`schema.sql`). 2: device registry, device liveness,
 /// quarantine (`schema_v2.sql`). 3: audit hash chain (`schema_v3.sql`).
 /// Writer connections per node unless configured (`storage.writers`).
-pub const DEFAULT_WRITERS: usize = 4;
+pub const DEFAULT_WRITERS: usize = 1;
 
 /// Tuning of a PostgreSQL journal (see docs/configuration.md, `[storage]`).
 #[derive(Debug, Clone, Copy)]
