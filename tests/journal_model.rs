@@ -1,6 +1,7 @@
-//! Model-based test of the SQLite journal: random sequences of appends, claims, outcomes, replays
-//! and restarts run against the real `SqliteJournal` and against a tiny in-memory model, and the
-//! two must agree after every step.
+//! Model-based test of the journal: random sequences of appends, claims, outcomes, replays and
+//! restarts run against the real journal and against a tiny in-memory model, and the two must
+//! agree after every step. The same code runs on the embedded store (`SqliteJournal`, default) and
+//! with `KNUTEPUNKT_TEST_STORAGE=postgres` on `PostgresJournal` (a fresh database per case).
 //!
 //! What is checked:
 //! - `claim` hands out only lane heads (the oldest pending delivery of its (dest, class, key) in
@@ -17,17 +18,32 @@
 //!   from the test; they become stale and recording them must answer `Conflict`, while their
 //!   lanes are claimable again.
 //!
+//! What differs on PostgreSQL (and is modelled exactly):
+//! - leases expire: a claim at `now` leases until `now + PG_LEASE`, and a lane whose lease ended
+//!   (`lease_until < now`) is claimable again (and does count for `next_due_ms`). The new claim
+//!   fences the old holder: its task becomes stale. A holder whose lease ended but whose lane
+//!   nobody took meanwhile still holds the token and may record its outcome;
+//! - restart drops the journal and opens a new one on the same database (another node): leases
+//!   survive it, so tasks held across it stay valid until they expire and are taken over;
+//! - emptied lanes keep a row (`head_id = 0`) until a sweep: claims and the read models must not
+//!   show them, which the checks after every step cover;
+//! - the lanes read model reports `in_flight` for a lease that has not expired by the wall clock.
+//!   Model time runs far ahead of the wall clock, so every lease still holding a token reads as
+//!   in flight, as on SQLite.
+//!
 //! Time: lanes created by append/replay are due at the wall clock of the write, so the model runs
 //! its own clock far ahead of the wall clock (claims pass it as `now_ms`); retries are scheduled
 //! relative to that clock, in its past or future.
 
+mod common;
+
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use knutepunkt::journal::{
     Appended, AttemptRecord, Claimed, DeliveryTask, Journal, JournalError, LaneClass, LaneQuery,
-    NewEvent, ReplayFilter, SqliteJournal, Verdict,
+    NewEvent, PostgresJournal, ReplayFilter, SqliteJournal, Verdict,
 };
 use knutepunkt::normalise::{Category, Envelope, Priority};
 use proptest::prelude::*;
@@ -70,6 +86,13 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    // On PostgreSQL, more time passes between claims and outcomes, so that leases expire and are
+    // taken over, also across restarts.
+    let (record, advance) = if common::on_postgres() {
+        (3, 5)
+    } else {
+        (5, 2)
+    };
     let choice = prop_oneof![
         3 => Just(Choice::Delivered),
         1 => (0u16..5000).prop_map(Choice::RetryPast),
@@ -82,12 +105,12 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<Index>().prop_map(Op::AppendDup),
         5 => (0..DESTS.len(), any::<bool>(), 0usize..4)
             .prop_map(|(dest, alarm, limit)| Op::Claim { dest, alarm, limit }),
-        5 => (any::<Index>(), choice).prop_map(|(i, c)| Op::Record(i, c)),
+        record => (any::<Index>(), choice).prop_map(|(i, c)| Op::Record(i, c)),
         1 => any::<Index>().prop_map(Op::RecordStale),
         1 => (proptest::option::of(0..DESTS.len()), 1usize..4)
             .prop_map(|(dest, limit)| Op::Replay { dest, limit }),
         1 => any::<Index>().prop_map(Op::ReplayOne),
-        2 => (0u16..3000).prop_map(Op::Advance),
+        advance => (0u16..3000).prop_map(Op::Advance),
         1 => Just(Op::Restart),
     ]
 }
@@ -139,6 +162,8 @@ impl Due {
 struct Lane {
     due: Due,
     leased: Option<i64>,
+    /// End of the lease (model time) where leases expire (PostgreSQL).
+    lease_until: i64,
 }
 
 type LaneId = (String, LaneClass, String);
@@ -156,6 +181,9 @@ struct Model {
     tokens: HashSet<i64>,
     now: i64,
     next_event: u64,
+    /// Lease length where leases expire (PostgreSQL); `None`: a lease lasts until it is released
+    /// or the journal restarts (SQLite).
+    lease_ms: Option<i64>,
 }
 
 impl Model {
@@ -171,7 +199,13 @@ impl Model {
         self.lanes.entry(id).or_insert(Lane {
             due: Due::Wall { lo, hi },
             leased: None,
+            lease_until: 0,
         });
+    }
+
+    /// Nobody holds the lane at `now`: never leased, released, or its lease ended.
+    fn unleased(&self, l: &Lane, now: i64) -> bool {
+        l.leased.is_none() || self.lease_ms.is_some() && l.lease_until < now
     }
 
     /// The head is finished: the lane moves on (due at `at`) or disappears.
@@ -194,8 +228,68 @@ fn wall() -> i64 {
     knutepunkt::clock::now_ms()
 }
 
-fn open(dir: &Path) -> SqliteJournal {
-    SqliteJournal::open(dir, 64, 1024).expect("open journal")
+/// Lease length on PostgreSQL: short against the model's time steps (`Advance` up to 3 s, retries
+/// up to 5 s), so leases often expire and get taken over within a case.
+const PG_LEASE: Duration = Duration::from_secs(2);
+
+/// Where the journal under test lives; a restart opens it again.
+enum Store {
+    Sqlite(tempfile::TempDir),
+    /// Connection string of a database created for this case.
+    Postgres(String),
+}
+
+impl Store {
+    async fn create() -> Store {
+        if common::on_postgres() {
+            Store::Postgres(common::fresh_database().await)
+        } else {
+            Store::Sqlite(tempfile::tempdir().expect("tempdir"))
+        }
+    }
+
+    fn lease_ms(&self) -> Option<i64> {
+        match self {
+            Store::Sqlite(_) => None,
+            Store::Postgres(_) => Some(PG_LEASE.as_millis() as i64),
+        }
+    }
+
+    async fn open(&self) -> Arc<dyn Journal> {
+        match self {
+            Store::Sqlite(dir) => {
+                Arc::new(SqliteJournal::open(dir.path(), 64, 1024).expect("open journal"))
+            }
+            Store::Postgres(url) => Arc::new(
+                PostgresJournal::open(url, None, 2, PG_LEASE, 64, 1024)
+                    .await
+                    .expect("open journal"),
+            ),
+        }
+    }
+
+    /// Removes the case's database (the journal must be dropped already).
+    async fn remove(self) {
+        if let Store::Postgres(url) = self {
+            let name = url
+                .split_whitespace()
+                .find_map(|p| p.strip_prefix("dbname="))
+                .expect("database name")
+                .to_string();
+            let (client, conn) = tokio_postgres::connect(
+                &format!("{} dbname=test", common::pg_server()),
+                tokio_postgres::NoTls,
+            )
+            .await
+            .expect("connect to the test PostgreSQL server");
+            tokio::spawn(conn);
+            // FORCE: connections of the dropped journal may still be closing.
+            client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await
+                .expect("drop database");
+        }
+    }
 }
 
 /// Journal writer threads alive in this process (named `journal-writer`).
@@ -248,15 +342,15 @@ fn class(alarm: bool) -> LaneClass {
 }
 
 struct Harness {
-    dir: tempfile::TempDir,
-    journal: Option<SqliteJournal>,
+    store: Store,
+    journal: Option<Arc<dyn Journal>>,
     m: Model,
     restarts: usize,
 }
 
 impl Harness {
-    fn j(&self) -> &SqliteJournal {
-        self.journal.as_ref().expect("open")
+    fn j(&self) -> &dyn Journal {
+        self.journal.as_deref().expect("open")
     }
 
     async fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
@@ -335,7 +429,7 @@ impl Harness {
             .lanes
             .iter()
             .filter(|(id, l)| {
-                id.0 == dest && id.1 == class && l.leased.is_none() && l.due.lo() <= now
+                id.0 == dest && id.1 == class && self.m.unleased(l, now) && l.due.lo() <= now
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -408,15 +502,24 @@ impl Harness {
                 );
             }
         }
+        let lease_ms = self.m.lease_ms.unwrap_or(0);
         for t in &got.tasks {
-            self.m.lanes.get_mut(&lane_of(t)).expect("lane").leased = Some(t.lease);
+            let l = self.m.lanes.get_mut(&lane_of(t)).expect("lane");
+            l.lease_until = now + lease_ms;
+            // Taking over an expired lease fences its holder: that task is stale from now on.
+            if let Some(old) = l.leased.replace(t.lease) {
+                let p = self.m.held.iter().position(|h| h.lease == old);
+                prop_assert!(p.is_some(), "lease {} of a taken-over lane not held", old);
+                let stale = self.m.held.remove(p.expect("held"));
+                self.m.spent.push(stale);
+            }
             self.m.held.push(t.clone());
         }
         let next_due = self
             .m
             .lanes
             .iter()
-            .filter(|(id, l)| id.0 == dest && id.1 == class && l.leased.is_none())
+            .filter(|(id, l)| id.0 == dest && id.1 == class && self.m.unleased(l, now))
             .filter_map(|(_, l)| match l.due {
                 Due::At(v) if v > now => Some(v),
                 _ => None,
@@ -597,6 +700,13 @@ impl Harness {
 
     async fn restart(&mut self) -> Result<(), TestCaseError> {
         drop(self.journal.take());
+        self.restarts += 1;
+        if self.m.lease_ms.is_some() {
+            // PostgreSQL: another node opens the same database. Leases are rows and outlive the
+            // node that took them; they end only by expiring (or being released).
+            self.journal = Some(self.store.open().await);
+            return Ok(());
+        }
         // The writer thread stops once its queue is closed; wait for it so the old connection is
         // gone before the directory is opened again (the LOCK file alone does not ensure that).
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -604,8 +714,7 @@ impl Harness {
             prop_assert!(Instant::now() < deadline, "journal writer did not stop");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        self.journal = Some(open(self.dir.path()));
-        self.restarts += 1;
+        self.journal = Some(self.store.open().await);
         for l in self.m.lanes.values_mut() {
             l.leased = None;
         }
@@ -690,34 +799,61 @@ impl Harness {
 }
 
 async fn run(ops: Vec<Op>) -> Result<usize, TestCaseError> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let journal = Some(open(dir.path()));
+    let store = Store::create().await;
+    let journal = Some(store.open().await);
     let mut h = Harness {
-        dir,
-        journal,
         m: Model {
             // Far ahead of the wall clock: lanes due "now" at append are always ready.
             now: wall() + 1_000_000_000,
+            lease_ms: store.lease_ms(),
             ..Default::default()
         },
+        store,
+        journal,
         restarts: 0,
     };
+    let mut result = Ok(());
     for (n, op) in ops.iter().enumerate() {
-        h.step(op)
+        result = h
+            .step(op)
             .await
-            .map_err(|e| TestCaseError::fail(format!("step {n} {op:?}: {e}")))?;
-        h.check()
-            .await
-            .map_err(|e| TestCaseError::fail(format!("after step {n} {op:?}: {e}")))?;
+            .map_err(|e| TestCaseError::fail(format!("step {n} {op:?}: {e}")));
+        if result.is_ok() {
+            result = h
+                .check()
+                .await
+                .map_err(|e| TestCaseError::fail(format!("after step {n} {op:?}: {e}")));
+        }
+        if result.is_err() {
+            break;
+        }
     }
-    Ok(h.restarts)
+    let Harness {
+        store,
+        journal,
+        restarts,
+        ..
+    } = h;
+    drop(journal);
+    store.remove().await;
+    result.map(|()| restarts)
+}
+
+/// Fewer but longer cases on PostgreSQL: each creates a database.
+fn cases() -> u32 {
+    if common::on_postgres() { 24 } else { 64 }
+}
+
+fn ops() -> impl Strategy<Value = Vec<Op>> {
+    let len = if common::on_postgres() { 1..80 } else { 1..40 };
+    proptest::collection::vec(op(), len)
 }
 
 proptest! {
-    #![proptest_config(Config { cases: 64, failure_persistence: None, ..Config::default() })]
+    #![proptest_config(Config { cases: cases(), failure_persistence: None, ..Config::default() })]
 
     #[test]
-    fn journal_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
+    fn journal_matches_model(ops in ops()) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
