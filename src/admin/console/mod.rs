@@ -28,6 +28,7 @@ use html::{Html, age, mask_in_text, mask_key, url_encode};
 
 const CSS: &str = include_str!("console.css");
 const JS: &str = include_str!("console.js");
+const ICON: &str = include_str!("icon.svg");
 
 /// Rows shown per table (and the widest scan used for per-vendor counts).
 const PAGE_ROWS: usize = 500;
@@ -51,6 +52,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/console/quarantine", get(quarantine))
         .route("/console/static/console.css", get(css))
         .route("/console/static/console.js", get(js))
+        .route("/console/static/icon.svg", get(icon))
 }
 
 // ---- Responses -------------------------------------------------------------------------------
@@ -75,9 +77,10 @@ fn html_response(status: StatusCode, body: String) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    // Not `no-referrer`: with it the browser sends `Origin: null`, which the replay forms refuse.
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     r
 }
@@ -88,6 +91,10 @@ async fn css() -> Response {
 
 async fn js() -> Response {
     asset(JS, "text/javascript; charset=utf-8")
+}
+
+async fn icon() -> Response {
+    asset(ICON, "image/svg+xml")
 }
 
 fn asset(body: &'static str, ctype: &'static str) -> Response {
@@ -119,6 +126,7 @@ fn page(title: &str, nav: Nav, notice: Option<&str>, body: Html) -> String {
         .raw("<title>")
         .text(title)
         .raw(" · knutepunkt console</title>")
+        .raw("<link rel=\"icon\" href=\"/console/static/icon.svg\">")
         .raw("<link rel=\"stylesheet\" href=\"/console/static/console.css\">")
         .raw("<script src=\"/console/static/console.js\" defer></script></head><body>")
         .raw("<header><a class=\"brand\" href=\"/console\">knutepunkt</a><nav>");
@@ -207,6 +215,14 @@ async fn render_overview(state: &AppState) -> Result<String, JournalError> {
         })
         .await?;
 
+    let failing = state
+        .journal
+        .lanes(LaneQuery {
+            destination: None,
+            limit: PAGE_ROWS,
+        })
+        .await?;
+
     let mut b = Html::new();
     b.raw("<section class=\"cards\">");
     for (label, value, bad) in [
@@ -265,6 +281,16 @@ async fn render_overview(state: &AppState) -> Result<String, JournalError> {
         }
         if slow {
             problems.push("backlog is old");
+        }
+        let failing_lanes = failing
+            .iter()
+            .filter(|l| {
+                &l.destination == name && (l.last_error.is_some() || status_is_bad(l.last_status))
+            })
+            .count();
+        let failing_text = format!("failing ({failing_lanes} lanes retrying)");
+        if failing_lanes > 0 {
+            problems.push(&failing_text);
         }
         b.raw("<tr><td>")
             .link(
@@ -525,6 +551,21 @@ fn same_origin(headers: &HeaderMap) -> bool {
     !host.is_empty() && origin_host.eq_ignore_ascii_case(host)
 }
 
+fn refused(headers: &HeaderMap) -> String {
+    let h = |n| {
+        headers
+            .get(n)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    format!(
+        "Cross-origin replay refused: Origin {:?} is not this host ({:?}).",
+        h(header::ORIGIN),
+        h(header::HOST)
+    )
+}
+
 /// Replays through the same journal call as the JSON API (audited there), wakes the dispatchers
 /// and redirects back to the dead letters with a summary.
 async fn do_replay(state: &AppState, filter: ReplayFilter, back: String) -> Response {
@@ -558,7 +599,7 @@ async fn replay_one(
             StatusCode::FORBIDDEN,
             "Forbidden",
             Nav::DeadLetters,
-            "cross-origin replay refused",
+            &refused(&headers),
         );
     }
     let filter = ReplayFilter {
@@ -579,7 +620,7 @@ async fn replay_filtered(
             StatusCode::FORBIDDEN,
             "Forbidden",
             Nav::DeadLetters,
-            "cross-origin replay refused",
+            &refused(&headers),
         );
     }
     let mut filter = ReplayFilter {
