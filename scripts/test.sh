@@ -27,6 +27,9 @@ drop_test_databases() {
 drop_test_databases
 trap drop_test_databases EXIT
 
+step "Chromium and playwright-core for the console browser test (tests/console.rs)"
+./tests/browser/setup.sh
+
 step "tests on the embedded store (unit, integration over real sockets and processes, property, crash)"
 cargo test --locked --all-targets -- --test-threads 2
 
