@@ -46,4 +46,4 @@ cargo test --locked --release --test memory -- --nocapture
 step "the storage suites again on PostgreSQL"
 KNUTEPUNKT_TEST_STORAGE=postgres cargo test --locked \
   --test ingest --test delivery --test crash --test journal_model --test lifecycle --test devices \
-  -- --test-threads 2
+  --test metrics --test audit_chain -- --test-threads 2
