@@ -20,7 +20,10 @@ const KEYS: usize = 1_000;
 const WORKERS: usize = 32;
 /// Backlog sizes at which RSS is sampled.
 const MARKS: [usize; 5] = [20_000, 50_000, 100_000, 150_000, 200_000];
-const MAX_GROWTH_KIB: u64 = 40 * 1024;
+// Tight enough to catch a page cache or sort buffer that scales with the journal (a read
+// connection sorting in memory once added 24 MiB at 200 000 events); loose enough for allocator
+// noise.
+const MAX_GROWTH_KIB: u64 = 16 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(

@@ -60,6 +60,11 @@ impl SqliteJournal {
         // Leases die with the process that held them; their heads become claimable again.
         conn.execute("UPDATE lanes SET leased = 0 WHERE leased != 0", [])?;
         let reader = open_conn(&path)?;
+        // Admin and metrics queries scan whole tables; a small page cache keeps that from costing
+        // memory (each connection's cache is the journal's only memory that grows with its size).
+        // Sorts for those scans (GROUP BY) spill to temp files, not memory: in memory they would
+        // grow with the journal.
+        reader.execute_batch("PRAGMA cache_size = -2048; PRAGMA temp_store = FILE;")?;
         let (queue, rx) = Queue::new(queue_capacity);
         writer::spawn(conn, rx, max_batch)?;
         Ok(Self {
