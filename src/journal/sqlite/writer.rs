@@ -54,6 +54,8 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize) 
         };
         if let Err(e) = &commit {
             tracing::error!(error = %e, "journal commit failed");
+            // The batch's audit rows are gone: read the head from the table again.
+            CHAIN_HEAD.with(|h| h.borrow_mut().take());
         }
         for d in done {
             d.send(&commit);
@@ -99,12 +101,15 @@ fn in_savepoint<T>(
 ) -> Result<T, JournalError> {
     let c: &Connection = tx;
     c.prepare_cached("SAVEPOINT command")?.execute([])?;
+    let head_before = CHAIN_HEAD.with(|h| h.borrow().clone());
     match f(c) {
         Ok(out) => {
             c.prepare_cached("RELEASE command")?.execute([])?;
             Ok(out)
         }
         Err(e) => {
+            // The command's audit rows are undone with it, and so is its move of the head.
+            CHAIN_HEAD.with(|h| *h.borrow_mut() = head_before);
             c.prepare_cached("ROLLBACK TO command")?.execute([])?;
             c.prepare_cached("RELEASE command")?.execute([])?;
             Err(e)
@@ -112,16 +117,26 @@ fn in_savepoint<T>(
     }
 }
 
-/// Appends one audit row, chained to the last one. The chain head is read from the table (the
-/// last entry of the `audit_chain` index, always in cache) rather than kept in memory, so a
-/// command's savepoint rollback or a failed commit can never leave a stale head behind.
+thread_local! {
+    /// The audit chain's head (position, hash) as of the last row this thread wrote, or `None`
+    /// when unknown. Only the writer thread writes audit rows; it restores the head when a
+    /// command's savepoint rolls back and forgets it when a commit fails, so the cached head is
+    /// always the table's. Saves one query per audit row (five per event).
+    static CHAIN_HEAD: std::cell::RefCell<Option<(i64, String)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Appends one audit row, chained to the last one (head from `CHAIN_HEAD`, else the table).
 fn audit(c: &Connection, a: AuditRow<'_>) -> Result<(), JournalError> {
-    let prev: Option<(i64, String)> = c
-        .prepare_cached(
-            "SELECT chain_seq, hash FROM audit WHERE chain_seq > 0 ORDER BY chain_seq DESC LIMIT 1",
-        )?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
+    let cached = CHAIN_HEAD.with(|h| h.borrow().clone());
+    let prev: Option<(i64, String)> = match cached {
+        Some(head) => Some(head),
+        None => c
+            .prepare_cached(
+                "SELECT chain_seq, hash FROM audit WHERE chain_seq > 0 ORDER BY chain_seq DESC LIMIT 1",
+            )?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?,
+    };
     let (prev_seq, prev_hash) = prev.unwrap_or((0, GENESIS.to_string()));
     let seq = prev_seq + 1;
     let hash = row_hash(
@@ -155,6 +170,7 @@ fn audit(c: &Connection, a: AuditRow<'_>) -> Result<(), JournalError> {
         seq,
         hash
     ])?;
+    CHAIN_HEAD.with(|h| *h.borrow_mut() = Some((seq, hash)));
     Ok(())
 }
 
