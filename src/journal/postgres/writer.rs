@@ -6,7 +6,11 @@
 //!   upsert that locks the row, and advancing a lane sets the head to the smallest pending id in a
 //!   single statement; whichever order these run in, no pending delivery is left without a head;
 //! - `record` locks the lane row first (`FOR UPDATE`), so a concurrent append on another node has
-//!   either committed before the next head is computed or will find the lane's new state.
+//!   either committed before the next head is computed or will find the lane's new state;
+//! - every batch first locks all lane rows its appends and records touch, in one sorted pass
+//!   (`lock_lanes`), so writers of different nodes take lane locks in the same order and do not
+//!   deadlock. Without it, three nodes deadlocked constantly and each deadlock cost PostgreSQL's
+//!   1 s detection timeout (155 events/s instead of 1 767 in the bench).
 //!
 //! Any store error rolls the whole batch back and every caller gets `Unavailable`.
 
@@ -158,6 +162,40 @@ fn finish(cmd: Command, out: Out) -> Done {
     }
 }
 
+/// The lanes (destination, class, key) that appends and records of a batch will lock, sorted
+/// and without repeats, as three parallel arrays for `unnest`.
+fn lanes_touched(batch: &[Command]) -> (Vec<String>, Vec<i16>, Vec<String>) {
+    let mut lanes: Vec<(String, i16, String)> = Vec::new();
+    for cmd in batch {
+        match cmd {
+            Command::Append(ev, _) => {
+                let class = ev.envelope.category.lane_class().as_i64() as i16;
+                for d in &ev.destinations {
+                    lanes.push((d.clone(), class, ev.envelope.key.clone()));
+                }
+            }
+            Command::Record(rec, _) => {
+                let t = &rec.task;
+                lanes.push((t.dest.clone(), t.class.as_i64() as i16, t.lane_key.clone()));
+            }
+            _ => {}
+        }
+    }
+    lanes.sort();
+    lanes.dedup();
+    let mut out = (
+        Vec::with_capacity(lanes.len()),
+        Vec::with_capacity(lanes.len()),
+        Vec::with_capacity(lanes.len()),
+    );
+    for (d, c, k) in lanes {
+        out.0.push(d);
+        out.1.push(c);
+        out.2.push(k);
+    }
+    out
+}
+
 fn retryable(err: &str) -> bool {
     err.starts_with("40P01") || err.starts_with("40001")
 }
@@ -177,6 +215,18 @@ async fn run_batch(
                 break;
             }
         };
+        // Lock every lane row the batch's appends and records will touch, in one sorted pass,
+        // before anything else: all writers of all nodes then take lane locks in the same order
+        // and cannot deadlock (claims never wait, and the audit head is always locked last).
+        let (dests, classes, keys) = lanes_touched(&batch);
+        if let Err(e) = tx.execute(&s.lock_lanes, &[&dests, &classes, &keys]).await {
+            last_err = db_error_text(&e);
+            let _ = tx.rollback().await;
+            if retryable(&last_err) && attempt < BATCH_TRIES {
+                continue;
+            }
+            break;
+        }
         let outs: Vec<Out> = join_all(batch.iter().map(|cmd| apply(&tx, s, cmd, lease_ms))).await;
         // Report the root cause, not the "transaction is aborted" errors it caused in the others.
         let errors: Vec<&str> = outs.iter().filter_map(Out::store_error).collect();
@@ -624,6 +674,7 @@ struct Stmts {
     find_idem: Statement,
     insert_event: Statement,
     insert_delivery: Statement,
+    lock_lanes: Statement,
     upsert_lane: Statement,
     audit: Statement,
     claim: Statement,
@@ -657,6 +708,16 @@ impl Stmts {
                 .prepare(
                     "INSERT INTO deliveries (event_seq, event_id, dest, class, lane_key, state, created_at)
                      VALUES ($1, $2, $3, $4, $5, 'pending', $6) RETURNING id",
+                )
+                .await?,
+            lock_lanes: c
+                .prepare(
+                    // Creates missing lanes as empty (head_id = 0, which the appends fill in) and
+                    // locks all of them, in the caller's sorted order.
+                    "INSERT INTO lanes (dest, class, lane_key, head_id, next_attempt_at)
+                     SELECT d, c, k, 0, 0 FROM unnest($1::TEXT[], $2::SMALLINT[], $3::TEXT[])
+                         WITH ORDINALITY AS t(d, c, k, n) ORDER BY n
+                     ON CONFLICT (dest, class, lane_key) DO UPDATE SET head_id = lanes.head_id",
                 )
                 .await?,
             upsert_lane: c
@@ -744,7 +805,14 @@ impl Stmts {
                 )
                 .await?,
             mark_replayed: c.prepare("UPDATE deliveries SET state = 'replayed' WHERE id = $1").await?,
-            sweep: c.prepare("DELETE FROM lanes WHERE head_id = 0 AND leased = 0").await?,
+            sweep: c
+                .prepare(
+                    // Never waits for a lock: a lane row another batch holds is left for the next
+                    // sweep; blocking here would make every append to those lanes queue behind it.
+                    "DELETE FROM lanes WHERE ctid IN (SELECT ctid FROM lanes
+                        WHERE head_id = 0 AND leased = 0 LIMIT 1000 FOR UPDATE SKIP LOCKED)",
+                )
+                .await?,
         })
     }
 }
