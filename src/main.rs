@@ -228,13 +228,10 @@ fn map_command(a: MapArgs) -> ExitCode {
                 env.vendor,
                 env.mapping_version
             );
-            match serde_json::from_str::<serde_json::Value>(&env.fhir)
+            let text = serde_json::from_str::<serde_json::Value>(&env.fhir)
                 .and_then(|v| serde_json::to_string_pretty(&v))
-            {
-                Ok(p) => println!("{p}"),
-                Err(_) => println!("{}", env.fhir),
-            }
-            ExitCode::SUCCESS
+                .unwrap_or_else(|_| env.fhir.clone());
+            write_stdout(&text)
         }
         Ok(Outcome::Heartbeat(hb)) => {
             println!(
@@ -352,5 +349,20 @@ fn init_logging() {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// Prints `text` to stdout. A reader that stops early (`| head`) ends the output quietly; any
+/// other write error is reported and fails the command.
+fn write_stdout(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write the result: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
