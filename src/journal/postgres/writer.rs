@@ -352,7 +352,11 @@ async fn append(tx: &Transaction<'_>, s: &Stmts, ev: &NewEvent) -> Result<Append
     } else {
         (
             "routed",
-            format!("routes [{}] -> [{}]", ev.routes.join(","), ev.destinations.join(",")),
+            format!(
+                "routes [{}] -> [{}]",
+                ev.routes.join(","),
+                ev.destinations.join(",")
+            ),
         )
     };
     let audit_at: Vec<i64> = vec![ev.received_at_ms, now, now];
