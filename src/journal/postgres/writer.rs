@@ -478,97 +478,33 @@ async fn record(tx: &Transaction<'_>, s: &Stmts, rec: &AttemptRecord) -> Result<
             t.delivery_id
         )));
     }
-    let at = rec.at_ms;
     let attempt = rec.attempt as i32;
     let status = rec.status.map(i32::from);
-    audit(
-        tx,
-        s,
-        AuditRow {
-            at,
-            event_id: &t.event_id,
-            kind: "attempt",
-            dest: Some(&t.dest),
-            attempt: Some(rec.attempt),
-            status: rec.status,
-            latency_ms: Some(rec.latency_ms),
-            detail: rec.error.as_deref(),
-        },
-    )
-    .await?;
-    let lane: [&(dyn ToSql + Sync); 4] = [&t.dest, &class, &t.lane_key, &at];
-    match &rec.verdict {
-        Verdict::Delivered => {
-            tx.execute(&s.mark_delivered, &[&t.delivery_id, &attempt, &status, &at])
-                .await?;
-            audit(
-                tx,
-                s,
-                AuditRow {
-                    at,
-                    event_id: &t.event_id,
-                    kind: "delivered",
-                    dest: Some(&t.dest),
-                    attempt: Some(rec.attempt),
-                    status: rec.status,
-                    ..Default::default()
-                },
-            )
-            .await?;
-            tx.execute(&s.advance, &lane).await?;
-        }
-        Verdict::Retry { next_attempt_ms } => {
-            tx.execute(
-                &s.mark_retry,
-                &[&t.delivery_id, &attempt, &status, &rec.error],
-            )
-            .await?;
-            tx.execute(
-                &s.release_lane,
-                &[&t.dest, &class, &t.lane_key, next_attempt_ms],
-            )
-            .await?;
-            let detail = format!("next attempt in {} ms", next_attempt_ms - at);
-            audit(
-                tx,
-                s,
-                AuditRow {
-                    at,
-                    event_id: &t.event_id,
-                    kind: "retry_scheduled",
-                    dest: Some(&t.dest),
-                    attempt: Some(rec.attempt),
-                    status: rec.status,
-                    detail: Some(&detail),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        }
-        Verdict::DeadLetter { reason } => {
-            tx.execute(
-                &s.mark_dead,
-                &[&t.delivery_id, &attempt, &status, reason, &at],
-            )
-            .await?;
-            audit(
-                tx,
-                s,
-                AuditRow {
-                    at,
-                    event_id: &t.event_id,
-                    kind: "dead_lettered",
-                    dest: Some(&t.dest),
-                    attempt: Some(rec.attempt),
-                    status: rec.status,
-                    detail: Some(reason),
-                    ..Default::default()
-                },
-            )
-            .await?;
-            tx.execute(&s.advance, &lane).await?;
-        }
-    }
+    // One statement per verdict: the delivery row, the attempt's audit rows and the lane.
+    let (stmt, detail, next): (&Statement, String, i64) = match &rec.verdict {
+        Verdict::Delivered => (&s.record_delivered, String::new(), rec.at_ms),
+        Verdict::Retry { next_attempt_ms } => (
+            &s.record_retry,
+            format!("next attempt in {} ms", next_attempt_ms - rec.at_ms),
+            *next_attempt_ms,
+        ),
+        Verdict::DeadLetter { reason } => (&s.record_dead, reason.clone(), rec.at_ms),
+    };
+    let params: [&(dyn ToSql + Sync); 12] = [
+        &t.dest,
+        &class,
+        &t.lane_key,
+        &t.delivery_id,
+        &attempt,
+        &status,
+        &rec.at_ms,
+        &t.event_id,
+        &rec.latency_ms,
+        &rec.error,
+        &detail,
+        &next,
+    ];
+    tx.execute(stmt, &params).await?;
     Ok(())
 }
 
@@ -635,6 +571,9 @@ struct Stmts {
     find_idem: Statement,
     insert_event: Statement,
     append_event: Statement,
+    record_delivered: Statement,
+    record_retry: Statement,
+    record_dead: Statement,
     insert_delivery: Statement,
     lock_lanes: Statement,
     upsert_lane: Statement,
@@ -643,11 +582,6 @@ struct Stmts {
     load_heads: Statement,
     next_due: Statement,
     lock_lane: Statement,
-    mark_delivered: Statement,
-    mark_retry: Statement,
-    mark_dead: Statement,
-    release_lane: Statement,
-    advance: Statement,
     find_dead: Statement,
     mark_replayed: Statement,
     sweep: Statement,
@@ -698,6 +632,56 @@ impl Stmts {
                         ORDER BY a.n
                      )
                      SELECT seq FROM ev",
+                )
+                .await?,
+            record_delivered: c
+                .prepare(
+                    // CTE parts share one snapshot, so the advance must skip this delivery
+                    // explicitly: it still reads as pending there.
+                    "WITH d AS (
+                        UPDATE deliveries SET state = 'delivered', attempts = $5, last_status = $6,
+                            last_error = NULL, delivered_at = $7 WHERE id = $4
+                     ), a AS (
+                        INSERT INTO audit (at, event_id, kind, dest, attempt, status, latency_ms, detail)
+                        VALUES ($7, $8, 'attempt', $1, $5, $6, $9, $10),
+                               ($7, $8, 'delivered', $1, $5, $6, NULL, NULLIF($11, ''))
+                     )
+                     UPDATE lanes SET
+                       head_id = COALESCE((SELECT min(id) FROM deliveries WHERE dest = $1 AND class = $2
+                                           AND lane_key = $3 AND state = 'pending' AND id <> $4), 0),
+                       leased = 0, lease_until = 0, next_attempt_at = $12
+                     WHERE dest = $1 AND class = $2 AND lane_key = $3",
+                )
+                .await?,
+            record_retry: c
+                .prepare(
+                    "WITH d AS (
+                        UPDATE deliveries SET attempts = $5, last_status = $6, last_error = $10
+                        WHERE id = $4
+                     ), a AS (
+                        INSERT INTO audit (at, event_id, kind, dest, attempt, status, latency_ms, detail)
+                        VALUES ($7, $8, 'attempt', $1, $5, $6, $9, $10),
+                               ($7, $8, 'retry_scheduled', $1, $5, $6, NULL, $11)
+                     )
+                     UPDATE lanes SET leased = 0, lease_until = 0, next_attempt_at = $12
+                     WHERE dest = $1 AND class = $2 AND lane_key = $3",
+                )
+                .await?,
+            record_dead: c
+                .prepare(
+                    "WITH d AS (
+                        UPDATE deliveries SET state = 'dead', attempts = $5, last_status = $6,
+                            last_error = $11, dead_at = $7 WHERE id = $4
+                     ), a AS (
+                        INSERT INTO audit (at, event_id, kind, dest, attempt, status, latency_ms, detail)
+                        VALUES ($7, $8, 'attempt', $1, $5, $6, $9, $10),
+                               ($7, $8, 'dead_lettered', $1, $5, $6, NULL, $11)
+                     )
+                     UPDATE lanes SET
+                       head_id = COALESCE((SELECT min(id) FROM deliveries WHERE dest = $1 AND class = $2
+                                           AND lane_key = $3 AND state = 'pending' AND id <> $4), 0),
+                       leased = 0, lease_until = 0, next_attempt_at = $12
+                     WHERE dest = $1 AND class = $2 AND lane_key = $3",
                 )
                 .await?,
             insert_delivery: c
@@ -758,36 +742,6 @@ impl Stmts {
                 .await?,
             lock_lane: c
                 .prepare("SELECT leased FROM lanes WHERE dest = $1 AND class = $2 AND lane_key = $3 FOR UPDATE")
-                .await?,
-            mark_delivered: c
-                .prepare(
-                    "UPDATE deliveries SET state = 'delivered', attempts = $2, last_status = $3,
-                        last_error = NULL, delivered_at = $4 WHERE id = $1",
-                )
-                .await?,
-            mark_retry: c
-                .prepare("UPDATE deliveries SET attempts = $2, last_status = $3, last_error = $4 WHERE id = $1")
-                .await?,
-            mark_dead: c
-                .prepare(
-                    "UPDATE deliveries SET state = 'dead', attempts = $2, last_status = $3, last_error = $4,
-                        dead_at = $5 WHERE id = $1",
-                )
-                .await?,
-            release_lane: c
-                .prepare(
-                    "UPDATE lanes SET leased = 0, lease_until = 0, next_attempt_at = $4
-                     WHERE dest = $1 AND class = $2 AND lane_key = $3",
-                )
-                .await?,
-            advance: c
-                .prepare(
-                    "UPDATE lanes SET
-                       head_id = COALESCE((SELECT min(id) FROM deliveries WHERE dest = $1 AND class = $2
-                                           AND lane_key = $3 AND state = 'pending'), 0),
-                       leased = 0, lease_until = 0, next_attempt_at = $4
-                     WHERE dest = $1 AND class = $2 AND lane_key = $3",
-                )
                 .await?,
             find_dead: c
                 .prepare(
