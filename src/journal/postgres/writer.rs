@@ -337,14 +337,60 @@ async fn find_existing(
     Ok(None)
 }
 
+/// The `events` columns of a stored event, bound as $1–$16 in the order both `insert_event` and
+/// `append_event` list them, so the two ways of storing an event cannot drift apart.
+pub(super) struct EventRow<'a> {
+    ev: &'a NewEvent,
+    category: &'static str,
+    priority: &'static str,
+    class: i16,
+    routed: i32,
+    now: i64,
+}
+
+impl<'a> EventRow<'a> {
+    /// `routed`: how many destinations the event goes to; `now`: its stored-at time.
+    pub(super) fn new(ev: &'a NewEvent, routed: usize, now: i64) -> Self {
+        let env = &ev.envelope;
+        Self {
+            ev,
+            category: env.category.as_str(),
+            priority: env.priority.as_str(),
+            class: env.category.lane_class().as_i64() as i16,
+            routed: routed as i32,
+            now,
+        }
+    }
+
+    pub(super) fn params(&self) -> [&(dyn ToSql + Sync); 16] {
+        let env = &self.ev.envelope;
+        [
+            &env.id,
+            &env.vendor,
+            &env.vendor_event_id,
+            &self.ev.idempotency_key,
+            &self.category,
+            &self.priority,
+            &env.tenant,
+            &env.key,
+            &self.class,
+            &env.mapping_version,
+            &self.ev.content_type,
+            &self.ev.raw,
+            &env.fhir,
+            &self.routed,
+            &self.ev.received_at_ms,
+            &self.now,
+        ]
+    }
+}
+
 async fn append(tx: &Transaction<'_>, s: &Stmts, ev: &NewEvent) -> Result<Appended, JournalError> {
     if let Some(id) = find_existing(tx, s, ev).await? {
         return Ok(Appended::Duplicate { id });
     }
     let env = &ev.envelope;
     let now = crate::clock::now_ms();
-    let class = env.category.lane_class().as_i64() as i16;
-    let routed = ev.destinations.len() as i32;
     // The audit rows of this step, in order: received, stored, routed (or unrouted).
     let stored = format!("mapping {}", env.mapping_version);
     let routing = if ev.destinations.is_empty() {
@@ -362,28 +408,14 @@ async fn append(tx: &Transaction<'_>, s: &Stmts, ev: &NewEvent) -> Result<Append
     let audit_at: Vec<i64> = vec![ev.received_at_ms, now, now];
     let audit_kind: Vec<&str> = vec!["received", "stored", routing.0];
     let audit_detail: Vec<&str> = vec![&env.vendor, &stored, &routing.1];
-    let params: [&(dyn ToSql + Sync); 20] = [
-        &env.id,
-        &env.vendor,
-        &env.vendor_event_id,
-        &ev.idempotency_key,
-        &env.category.as_str(),
-        &env.priority.as_str(),
-        &env.tenant,
-        &env.key,
-        &class,
-        &env.mapping_version,
-        &ev.content_type,
-        &ev.raw,
-        &env.fhir,
-        &routed,
-        &ev.received_at_ms,
-        &now,
-        &ev.destinations,
+    let row = EventRow::new(ev, ev.destinations.len(), now);
+    let mut params: Vec<&(dyn ToSql + Sync)> = row.params().to_vec();
+    params.extend([
+        &ev.destinations as &(dyn ToSql + Sync),
         &audit_at,
         &audit_kind,
         &audit_detail,
-    ];
+    ]);
     // One statement stores the event, its deliveries, their lanes and the audit rows.
     if tx.query_opt(&s.append_event, &params).await?.is_some() {
         return Ok(Appended::Stored { id: env.id.clone() });

@@ -12,7 +12,7 @@
 use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 
-use super::{Stmts, audit, enqueue, find_existing};
+use super::{EventRow, Stmts, audit, enqueue, find_existing};
 use crate::journal::command::{AuditRow, RegistryOp, RegistryOut};
 use crate::journal::registry_text::{check_end, instant, overlap_message};
 use crate::journal::{
@@ -211,26 +211,8 @@ async fn quarantine(
     }
     let env = &ev.envelope;
     let now = crate::clock::now_ms();
-    let class = env.category.lane_class().as_i64() as i16;
-    let routed = 0i32;
-    let params: [&(dyn ToSql + Sync); 16] = [
-        &env.id,
-        &env.vendor,
-        &env.vendor_event_id,
-        &ev.idempotency_key,
-        &env.category.as_str(),
-        &env.priority.as_str(),
-        &env.tenant,
-        &env.key,
-        &class,
-        &env.mapping_version,
-        &ev.content_type,
-        &ev.raw,
-        &env.fhir,
-        &routed,
-        &ev.received_at_ms,
-        &now,
-    ];
+    let row = EventRow::new(ev, 0, now);
+    let params = row.params();
     let Some(row) = tx.query_opt(&s.insert_event, &params).await? else {
         let id = find_existing(tx, s, ev).await?.ok_or_else(|| {
             JournalError::Conflict("event conflicts with a stored event but none matches".into())
