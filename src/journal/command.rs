@@ -4,7 +4,7 @@
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Appended, Assignment, AttemptRecord, Claimed, DeviceBeat, JournalError, LaneClass,
+    Appended, Assignment, AttemptRecord, AuditNote, Claimed, DeviceBeat, JournalError, LaneClass,
     NewAssignment, NewEvent, QuarantineInfo, Release, ReplayFilter, Replayed,
 };
 
@@ -44,6 +44,8 @@ pub enum RegistryOp {
     Quarantine(Box<NewEvent>, QuarantineInfo),
     /// Replaces a held event's mapping, routes it and closes its quarantine.
     Release(Box<Release>),
+    /// Appends one audit record that is not part of a delivery step.
+    Note(AuditNote),
 }
 
 pub enum RegistryOut {
@@ -230,6 +232,13 @@ impl Queue {
             RegistryOut::Appended(a) => Ok(a),
             _ => Err(mismatch()),
         }
+    }
+
+    /// Sheds like ingest: a refusal note must not queue behind an overload it is part of.
+    pub async fn note(&self, note: AuditNote) -> Result<(), JournalError> {
+        self.registry(RegistryOp::Note(note), true)
+            .await
+            .map(|_| ())
     }
 
     pub async fn release(&self, r: Release) -> Result<(), JournalError> {

@@ -123,4 +123,8 @@ pub trait Journal: Send + Sync + 'static {
     /// Releases a held event with its new mapping and routes; `Conflict` when it is not (any
     /// longer) in quarantine.
     async fn release(&self, r: Release) -> Result<(), JournalError>;
+
+    /// Appends one audit record outside a delivery step (durable before it answers; sheds load
+    /// with `Overloaded` like `append`).
+    async fn audit_note(&self, note: AuditNote) -> Result<(), JournalError>;
 }

@@ -272,6 +272,17 @@ pub struct LivenessQuery {
     pub limit: usize,
 }
 
+/// An audit record that is not a step of one delivery: a refused request, an audit query or
+/// export, an escalation. `subject` is the event id it concerns, or a short reference such as
+/// `vendor:acme` when there is no event (it fills the audit trail's `event_id` column).
+#[derive(Debug, Clone)]
+pub struct AuditNote {
+    pub kind: String,
+    pub subject: String,
+    pub dest: Option<String>,
+    pub detail: String,
+}
+
 /// Why an event is held back instead of routed.
 #[derive(Debug, Clone)]
 pub struct QuarantineInfo {

@@ -15,10 +15,10 @@ use rusqlite::Connection;
 
 use super::command::Queue;
 use super::{
-    Appended, Assignment, AssignmentQuery, AttemptRecord, Claimed, DeadLetter, DeadLetterQuery,
-    DestinationStats, DeviceBeat, EventDetail, Journal, JournalError, JournalStats, LaneClass,
-    LaneInfo, LaneQuery, Liveness, LivenessQuery, NewAssignment, NewEvent, QuarantineInfo,
-    QuarantineQuery, QuarantinedEvent, Release, ReplayFilter, Replayed,
+    Appended, Assignment, AssignmentQuery, AttemptRecord, AuditNote, Claimed, DeadLetter,
+    DeadLetterQuery, DestinationStats, DeviceBeat, EventDetail, Journal, JournalError,
+    JournalStats, LaneClass, LaneInfo, LaneQuery, Liveness, LivenessQuery, NewAssignment, NewEvent,
+    QuarantineInfo, QuarantineQuery, QuarantinedEvent, Release, ReplayFilter, Replayed,
 };
 
 /// 1: events, deliveries, lanes, audit. 2: device registry, device liveness, quarantine.
@@ -215,6 +215,10 @@ impl Journal for SqliteJournal {
 
     async fn device_beat(&self, beat: DeviceBeat) -> Result<(), JournalError> {
         self.queue.beat(beat).await
+    }
+
+    async fn audit_note(&self, note: AuditNote) -> Result<(), JournalError> {
+        self.queue.note(note).await
     }
 
     async fn liveness(&self, q: LivenessQuery) -> Result<Vec<Liveness>, JournalError> {

@@ -43,6 +43,20 @@ pub async fn apply(
             quarantine(tx, s, ev, info).await.map(RegistryOut::Appended)
         }
         RegistryOp::Release(r) => release(tx, s, r).await.map(|()| RegistryOut::Unit),
+        RegistryOp::Note(n) => audit(
+            tx,
+            s,
+            AuditRow {
+                at: crate::clock::now_ms(),
+                event_id: &n.subject,
+                kind: &n.kind,
+                dest: n.dest.as_deref(),
+                detail: Some(&n.detail),
+                ..Default::default()
+            },
+        )
+        .await
+        .map(|()| RegistryOut::Unit),
     }
 }
 

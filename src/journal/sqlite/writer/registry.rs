@@ -23,6 +23,18 @@ pub fn apply(c: &Connection, op: RegistryOp) -> Result<RegistryOut, JournalError
         RegistryOp::Beat(b) => beat(c, &b).map(|()| RegistryOut::Unit),
         RegistryOp::Quarantine(ev, info) => quarantine(c, &ev, &info).map(RegistryOut::Appended),
         RegistryOp::Release(r) => release(c, &r).map(|()| RegistryOut::Unit),
+        RegistryOp::Note(n) => audit(
+            c,
+            AuditRow {
+                at: crate::clock::now_ms(),
+                event_id: &n.subject,
+                kind: &n.kind,
+                dest: n.dest.as_deref(),
+                detail: Some(&n.detail),
+                ..Default::default()
+            },
+        )
+        .map(|()| RegistryOut::Unit),
     }
 }
 
