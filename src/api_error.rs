@@ -33,6 +33,10 @@ pub enum ApiError {
     Conflict(String),
     #[error("request timed out before the event was stored")]
     Timeout { retry_after_s: u64 },
+    #[error(
+        "vendor {vendor:?} is over its request rate limit; nothing was stored; retry after {retry_after_s} s"
+    )]
+    RateLimited { vendor: String, retry_after_s: u64 },
 }
 
 impl ApiError {
@@ -98,6 +102,12 @@ impl ApiError {
                 Some(*retry_after_s),
             ),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", None, None),
+            ApiError::RateLimited { retry_after_s, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                None,
+                Some(*retry_after_s),
+            ),
         }
     }
 }

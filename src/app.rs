@@ -67,6 +67,11 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
             request_timeout: config.request_timeout,
             max_json_depth: config.max_json_depth,
             in_flight: Semaphore::new(config.max_in_flight),
+            max_xml_depth: config.max_xml_depth,
+            per_vendor: crate::ingest::limits::build(
+                &config.vendor_limits,
+                std::time::Instant::now(),
+            ),
         },
     });
     let listener = TcpListener::bind(config.listen)

@@ -195,6 +195,7 @@ fn map_command(a: MapArgs) -> ExitCode {
         body: &body,
         tenant: a.tenant,
         max_json_depth: 64,
+        max_xml_depth: knutepunkt::normalise::xml::MAX_DEPTH,
     };
     if let Some(n) = a.bench {
         let n = n.max(1);
@@ -319,11 +320,21 @@ fn load_all(
     let (raw, source) = config::parse(path)?;
     let cfg = config::validate(&raw, &source);
     let vendors = load_vendors(&raw.mappings.dir);
+    // Config and mappings meet here: per-vendor limits must name a vendor with a mapping file.
+    let unknown = match &vendors {
+        Ok(v) => config::ingest_vendor::check_known_vendors(
+            &source.file,
+            raw.ingest.vendor.keys(),
+            &v.names(),
+        ),
+        Err(_) => Vec::new(),
+    };
     match (cfg, vendors) {
-        (Ok(c), Ok(v)) => Ok((c, v)),
+        (Ok(c), Ok(v)) if unknown.is_empty() => Ok((c, v)),
         (c, v) => {
             let mut all = c.err().unwrap_or_default();
             all.extend(v.err().unwrap_or_default());
+            all.extend(unknown);
             Err(all)
         }
     }

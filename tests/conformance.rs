@@ -103,6 +103,7 @@ fn run_case(reg: &VendorRegistry, c: &Case) -> Value {
         body: &body,
         tenant: c.meta.tenant.clone(),
         max_json_depth: 64,
+        max_xml_depth: knutepunkt::normalise::xml::MAX_DEPTH,
     };
     match normalise::normalise_outcome(spec, &raw) {
         Ok(Outcome::Event(e)) => {

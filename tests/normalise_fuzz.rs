@@ -46,6 +46,7 @@ fn check(reg: &VendorRegistry, vendor: &str, body: &[u8], tenant: Option<&str>) 
         body,
         tenant: tenant.map(str::to_string),
         max_json_depth: 64,
+        max_xml_depth: knutepunkt::normalise::xml::MAX_DEPTH,
     };
     match normalise::normalise_outcome(spec, &raw) {
         Ok(Outcome::Event(e)) => {

@@ -347,6 +347,7 @@ async fn replay(
         body: &held.raw,
         tenant: held.requested_tenant.clone(),
         max_json_depth: state.ingest.max_json_depth,
+        max_xml_depth: state.ingest.max_xml_depth,
     };
     let (outcome, lookup) = normalise_resolved(&state, spec, &raw).await?;
     let Outcome::Event(envelope) = outcome else {

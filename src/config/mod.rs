@@ -3,6 +3,7 @@
 //! Every key is documented in `docs/configuration.md`; `deploy/knutepunkt.example.toml` is the
 //! commented example that `knutepunkt check` must accept (a test enforces it).
 
+pub mod ingest_vendor;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
@@ -102,6 +103,10 @@ pub struct IngestConfig {
     pub request_timeout_s: u64,
     /// Largest JSON nesting depth accepted in a vendor body.
     pub max_json_depth: usize,
+    /// Largest XML element nesting depth accepted in a vendor body.
+    pub max_xml_depth: usize,
+    /// Per-vendor limits (`[ingest.vendor.<name>]`), keyed by the mapping file's vendor name.
+    pub vendor: std::collections::BTreeMap<String, ingest_vendor::VendorIngestConfig>,
 }
 
 impl Default for IngestConfig {
@@ -112,6 +117,8 @@ impl Default for IngestConfig {
             retry_after_s: 1,
             request_timeout_s: 30,
             max_json_depth: 64,
+            max_xml_depth: crate::normalise::xml::MAX_DEPTH,
+            vendor: Default::default(),
         }
     }
 }

@@ -70,6 +70,10 @@ pub struct ValidConfig {
     pub retry_after_s: u64,
     pub request_timeout: Duration,
     pub max_json_depth: usize,
+    pub max_xml_depth: usize,
+    /// Per-vendor limits by vendor name (names checked against the mappings by
+    /// `ingest_vendor::check_known_vendors`).
+    pub vendor_limits: std::collections::BTreeMap<String, super::ingest_vendor::ValidVendorLimits>,
     pub mappings_dir: PathBuf,
     pub destinations: Vec<ValidDestination>,
     pub routes: Vec<ValidRoute>,
@@ -238,6 +242,13 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
         "ingest.max_json_depth",
         raw.ingest.max_json_depth as u64,
     );
+    positive(
+        &mut errs,
+        "ingest.max_xml_depth",
+        raw.ingest.max_xml_depth as u64,
+    );
+    let vendor_limits =
+        super::ingest_vendor::validate(errs.file, &raw.ingest.vendor, &mut errs.list);
 
     let destinations = validate_destinations(raw, &mut errs);
     let routes = validate_routes(raw, &destinations, &mut errs);
@@ -256,6 +267,8 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
         retry_after_s: raw.ingest.retry_after_s.max(1),
         request_timeout: Duration::from_secs(raw.ingest.request_timeout_s),
         max_json_depth: raw.ingest.max_json_depth,
+        max_xml_depth: raw.ingest.max_xml_depth,
+        vendor_limits,
         mappings_dir: raw.mappings.dir.clone(),
         destinations,
         routes,

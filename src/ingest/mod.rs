@@ -8,6 +8,9 @@
 //! `POST /v1/admin/quarantine/{id}/replay`). Heartbeats update device liveness (durably) and
 //! answer 200.
 
+pub mod limits;
+
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::{Body, to_bytes};
@@ -29,7 +32,7 @@ use crate::normalise::mapping::MissingPatient;
 use crate::normalise::{
     self, Answer, DeviceQuery, Format, Outcome, Probe, RawEvent, Registered, VendorSpec,
 };
-use crate::telemetry::events::{EventStored, IngestAnswered, IngestOutcome};
+use crate::telemetry::events::{EventStored, IngestAnswered, IngestOutcome, IngestRejected};
 
 /// Ingest limits, resolved from config.
 pub struct IngestLimits {
@@ -37,7 +40,10 @@ pub struct IngestLimits {
     pub retry_after_s: u64,
     pub request_timeout: std::time::Duration,
     pub max_json_depth: usize,
+    pub max_xml_depth: usize,
     pub in_flight: Semaphore,
+    /// `[ingest.vendor.<name>]` limits; vendors not listed have none beyond the global ones.
+    pub per_vendor: HashMap<String, limits::VendorLimit>,
 }
 
 pub fn router() -> Router<Arc<AppState>> {
@@ -55,7 +61,12 @@ async fn ingest(
     let known = state.vendors.get(&vendor).map(|s| s.name.clone());
     let response = ingest_inner(State(Arc::clone(&state)), Path(vendor), headers, body)
         .await
-        .unwrap_or_else(IntoResponse::into_response);
+        .unwrap_or_else(|e| {
+            let reason = limits::reject_reason(&e);
+            let mut r = e.into_response();
+            r.extensions_mut().insert(limits::Rejected(reason));
+            r
+        });
     let outcome = response
         .extensions()
         .get::<IngestOutcome>()
@@ -68,6 +79,13 @@ async fn ingest(
         duration: started.elapsed(),
     }
     .emit(&state.telemetry);
+    if let Some(limits::Rejected(reason)) = response.extensions().get::<limits::Rejected>() {
+        IngestRejected {
+            vendor: known.as_deref().unwrap_or("unknown"),
+            reason,
+        }
+        .emit(&state.telemetry);
+    }
     response
 }
 
@@ -95,21 +113,46 @@ async fn ingest_inner(
         .vendors
         .get(&vendor)
         .ok_or_else(|| ApiError::UnknownVendor(vendor.clone()))?;
+    // Per-vendor rate before anything else is read: an over-rate vendor costs one lock.
+    let vendor_limit = limits.per_vendor.get(&spec.name);
+    if let Some(l) = vendor_limit {
+        l.admit(std::time::Instant::now())
+            .map_err(|retry_after_s| ApiError::RateLimited {
+                vendor: spec.name.clone(),
+                retry_after_s,
+            })?;
+    }
+    let max_body_bytes = vendor_limit
+        .and_then(|l| l.max_body_bytes)
+        .unwrap_or(limits.max_body_bytes);
     let content_type = check_content_type(spec, &headers)?;
     let tenant = requested_tenant(spec, &headers)?;
     let idempotency_key = idempotency_key(&headers)?;
 
+    // A declared length over the limit is refused before a byte of the body is read.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body_bytes as u64) {
+        return Err(ApiError::TooLarge {
+            limit: max_body_bytes,
+        });
+    }
+
     let work = async {
-        let body = to_bytes(body, limits.max_body_bytes)
+        // `to_bytes` stops reading once the limit is passed: at most `max_body_bytes` are held.
+        let body = to_bytes(body, max_body_bytes)
             .await
             .map_err(|_| ApiError::TooLarge {
-                limit: limits.max_body_bytes,
+                limit: max_body_bytes,
             })?;
         let raw = RawEvent {
             id: uuid::Uuid::now_v7().to_string(),
             body: &body,
             tenant,
             max_json_depth: limits.max_json_depth,
+            max_xml_depth: limits.max_xml_depth,
         };
         let (outcome, lookup) = normalise_resolved(&state, spec, &raw).await?;
         let envelope = match outcome {
@@ -366,3 +409,6 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         }),
     }
 }
+
+#[cfg(test)]
+mod header_fuzz;

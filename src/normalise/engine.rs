@@ -391,7 +391,7 @@ pub fn run(
 ) -> Result<Outcome, MapError> {
     let doc: Value = match spec.format {
         Format::Xml => {
-            let (root, v) = xml::parse(raw.body)?;
+            let (root, v) = xml::parse_with_depth(raw.body, raw.max_xml_depth)?;
             if let Some(want) = &m.xml_root
                 && &root != want
             {

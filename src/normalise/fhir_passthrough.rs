@@ -258,6 +258,7 @@ mod tests {
             body: body.as_bytes(),
             tenant: None,
             max_json_depth: 16,
+            max_xml_depth: crate::normalise::xml::MAX_DEPTH,
         };
         normalise(&spec(), &raw)
     }

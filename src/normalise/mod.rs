@@ -53,6 +53,8 @@ pub struct RawEvent<'a> {
     /// Tenant asked for in the request (header), if any.
     pub tenant: Option<String>,
     pub max_json_depth: usize,
+    /// Deepest XML element nesting accepted (`ingest.max_xml_depth`).
+    pub max_xml_depth: usize,
 }
 
 /// A device said it is alive. Not a clinical event: it updates liveness, it is never journaled
@@ -201,6 +203,7 @@ mod registry_tests {
             body,
             tenant: tenant.map(str::to_string),
             max_json_depth: 64,
+            max_xml_depth: crate::normalise::xml::MAX_DEPTH,
         }
     }
 

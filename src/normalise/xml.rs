@@ -14,7 +14,6 @@ use serde_json::{Map, Value};
 
 use super::MapError;
 
-pub const MAX_DEPTH: usize = 32;
 pub const MAX_ELEMENTS: usize = 10_000;
 
 struct Frame {
@@ -68,8 +67,17 @@ fn predefined(name: &str) -> Option<char> {
     })
 }
 
-/// Parses a document; returns the root element name and its value.
+/// Default for `ingest.max_xml_depth`.
+pub const MAX_DEPTH: usize = 32;
+
+/// Parses a document with the default depth limit; returns the root element name and its value.
 pub fn parse(body: &[u8]) -> Result<(String, Value), MapError> {
+    parse_with_depth(body, MAX_DEPTH)
+}
+
+/// Parses a document, refusing element nesting deeper than `max_depth`. The reader is
+/// streaming and the open elements live on a heap stack, so depth never recurses.
+pub fn parse_with_depth(body: &[u8], max_depth: usize) -> Result<(String, Value), MapError> {
     let text = std::str::from_utf8(body)
         .map_err(|_| MapError::Malformed("XML body is not UTF-8".into()))?;
     let mut reader = Reader::from_str(text);
@@ -96,9 +104,9 @@ pub fn parse(body: &[u8]) -> Result<(String, Value), MapError> {
                         "more than {MAX_ELEMENTS} XML elements"
                     )));
                 }
-                if stack.len() >= MAX_DEPTH {
+                if stack.len() >= max_depth {
                     return Err(MapError::Malformed(format!(
-                        "XML nesting deeper than {MAX_DEPTH} levels"
+                        "XML nesting deeper than {max_depth} levels (ingest.max_xml_depth)"
                     )));
                 }
                 let name = local(s.local_name().as_ref());

@@ -181,3 +181,23 @@ fn status_class(status: u16) -> &'static str {
         _ => "5xx",
     }
 }
+
+/// An ingest request was refused; nothing was stored.
+pub struct IngestRejected<'a> {
+    /// A configured vendor name, or `"unknown"`.
+    pub vendor: &'a str,
+    /// A closed set, see `ingest::limits::reject_reason`.
+    pub reason: &'static str,
+}
+
+impl IngestRejected<'_> {
+    pub fn emit(&self, t: &Telemetry) {
+        t.ingest_rejected.add(
+            1,
+            &[
+                kv("vendor", self.vendor.to_string()),
+                kv("reason", self.reason),
+            ],
+        );
+    }
+}

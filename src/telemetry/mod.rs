@@ -38,6 +38,7 @@ pub struct Telemetry {
     pub(crate) ingest_duration: Histogram<f64>,
     pub(crate) delivery_duration: Histogram<f64>,
     pub(crate) alarm_latency: Histogram<f64>,
+    pub(crate) ingest_rejected: Counter<u64>,
     /// Queue figures behind the observable gauges.
     pub snapshot: Arc<Snapshot>,
     /// Unix seconds of each vendor's last accepted request.
@@ -75,6 +76,7 @@ impl Telemetry {
             ingest_duration: histogram(&meter, names::INGEST_DURATION, names::FAST_BUCKETS),
             delivery_duration: histogram(&meter, names::DELIVERY_DURATION, names::FAST_BUCKETS),
             alarm_latency: histogram(&meter, names::ALARM_LATENCY, names::ALARM_BUCKETS),
+            ingest_rejected: counter(&meter, names::INGEST_REJECTED),
             snapshot,
             vendor_seen,
             provider,

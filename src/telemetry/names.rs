@@ -163,6 +163,15 @@ metric!(
     ["vendor"],
     "Unix time (seconds) of the vendor's last accepted request (stored, duplicate, quarantined or heartbeat) since this process started"
 );
+metric!(
+    INGEST_REJECTED,
+    "knutepunkt.ingest.rejected",
+    "{request}",
+    "knutepunkt_ingest_rejected_total",
+    Counter,
+    ["vendor", "reason"],
+    "Ingest requests refused (nothing stored), by vendor (\"unknown\" for names not configured) and reason (rate_limited, too_large, malformed, unmappable, unsupported_media_type, invalid_header, forbidden, unknown_vendor, overloaded, unavailable, timeout, other)"
+);
 
 /// Every exported metric (the `/metrics` names are checked against this list in tests).
 pub const ALL: &[MetricDef] = &[
@@ -180,6 +189,7 @@ pub const ALL: &[MetricDef] = &[
     QUARANTINED,
     SNAPSHOT_AGE,
     VENDOR_LAST_ACCEPTED,
+    INGEST_REJECTED,
 ];
 
 /// Bucket bounds (seconds) for ingest and attempt durations: 1 ms to 30 s.
