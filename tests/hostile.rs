@@ -103,9 +103,10 @@ async fn entity_declarations_and_external_entities_are_refused_unexpanded() {
     assert_outcome(&a, 400, "DTD");
     assert_eq!(a.body["issue"][0]["code"], "structure");
 
-    let xxe = b"<?xml version=\"1.0\"?><!DOCTYPE mrq [<!ENTITY xxe SYSTEM \"file:///etc/passwd\">]>\
+    let xxe =
+        b"<?xml version=\"1.0\"?><!DOCTYPE mrq [<!ENTITY xxe SYSTEM \"file:///etc/passwd\">]>\
                 <mrq><ref>&xxe;</ref></mrq>"
-        .to_vec();
+            .to_vec();
     let a = send(&gw, "scaip", "application/xml", xxe).await;
     assert_outcome(&a, 400, "DTD");
     assert!(!a.body.to_string().contains("root:"), "{}", a.body);
@@ -261,7 +262,12 @@ async fn body_limits_global_and_per_vendor() {
     assert_eq!(events(&gw).await, 1);
     let metrics = metrics_text(&gw).await;
     assert!(
-        metric_value(&metrics, "knutepunkt_ingest_rejected_total", "too_large", "scaip") >= 2.0,
+        metric_value(
+            &metrics,
+            "knutepunkt_ingest_rejected_total",
+            "too_large",
+            "scaip"
+        ) >= 2.0,
         "{metrics}"
     );
     assert_healthy(&gw).await;
@@ -300,7 +306,8 @@ fn metric_value(text: &str, name: &str, reason: &str, vendor: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name))
         .filter(|l| {
-            l.contains(&format!("reason=\"{reason}\"")) && l.contains(&format!("vendor=\"{vendor}\""))
+            l.contains(&format!("reason=\"{reason}\""))
+                && l.contains(&format!("vendor=\"{vendor}\""))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -347,7 +354,12 @@ async fn vendor_over_its_rate_gets_429_then_is_served_again() {
 
     let metrics = metrics_text(&gw).await;
     assert_eq!(
-        metric_value(&metrics, "knutepunkt_ingest_rejected_total", "rate_limited", "fhir"),
+        metric_value(
+            &metrics,
+            "knutepunkt_ingest_rejected_total",
+            "rate_limited",
+            "fhir"
+        ),
         1.0,
         "{metrics}"
     );
@@ -361,9 +373,17 @@ async fn well_behaved_client_is_served_during_a_hostile_flood() {
 
     let hostile: Vec<(&str, &str, Vec<u8>)> = vec![
         ("scaip", "application/xml", billion_laughs()),
-        ("scaip", "application/xml", "<a>".repeat(40_000).into_bytes()),
+        (
+            "scaip",
+            "application/xml",
+            "<a>".repeat(40_000).into_bytes(),
+        ),
         ("fhir", "application/json", "[".repeat(120_000).into_bytes()),
-        ("homemeasure", "application/json", "{\"a\":".repeat(20_000).into_bytes()),
+        (
+            "homemeasure",
+            "application/json",
+            "{\"a\":".repeat(20_000).into_bytes(),
+        ),
         ("fhir", "application/json", vec![b'x'; 200_000]),
         ("scaip", "application/xml", vec![0xff; 50_000]),
         ("nobody", "application/json", b"{}".to_vec()),

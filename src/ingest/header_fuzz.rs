@@ -48,7 +48,10 @@ fn headers_with(name: header::HeaderName, bytes: &[u8]) -> Option<HeaderMap> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn content_type_is_accepted_only_from_the_documented_set(b in header_bytes()) {
