@@ -447,3 +447,34 @@ async fn well_behaved_client_is_served_during_a_hostile_flood() {
     );
     assert_healthy(&gw).await;
 }
+
+/// `knutepunkt check` refuses per-vendor limits for a vendor without a mapping file together
+/// with every other error, each naming its field.
+#[test]
+fn check_reports_unknown_vendor_limits_with_the_other_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("k.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[mappings]\ndir = {:?}\n[ingest]\nmax_xml_depth = 0\n\
+             [ingest.vendor.scaipp]\nrate_per_s = 5\n[ingest.vendor.fhir]\nburst = 0\n",
+            common::repo_path("mappings").display().to_string()
+        ),
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_knutepunkt"))
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for field in [
+        "ingest.max_xml_depth",
+        "ingest.vendor.fhir.burst",
+        "ingest.vendor.scaipp: no mapping file defines vendor",
+    ] {
+        assert!(err.contains(field), "missing {field:?} in:\n{err}");
+    }
+}
