@@ -150,11 +150,19 @@ async fn absurd_nesting_is_refused_without_recursion() {
     let deep = "[".repeat(100_000).into_bytes();
     for vendor in ["fhir", "homemeasure"] {
         let a = send(&gw, vendor, "application/json", deep.clone()).await;
-        assert_outcome(&a, 400, "nesting deeper than 64");
+        assert_outcome(
+            &a,
+            400,
+            "nesting deeper than 64 levels (ingest.max_json_depth)",
+        );
     }
     let balanced = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let a = send(&gw, "fhir", "application/json", balanced.into_bytes()).await;
-    assert_outcome(&a, 400, "nesting deeper than 64");
+    assert_outcome(
+        &a,
+        400,
+        "nesting deeper than 64 levels (ingest.max_json_depth)",
+    );
 
     // XML: 100,000 open elements, and one level past the configured limit.
     let a = send(
@@ -368,7 +376,12 @@ async fn vendor_over_its_rate_gets_429_then_is_served_again() {
 
 #[tokio::test]
 async fn well_behaved_client_is_served_during_a_hostile_flood() {
-    let gw = Gateway::start(&[], "[ingest]\nmax_body_bytes = 131072\n").await;
+    // scaip is rate-limited too: its share of the flood is turned away before the body is read.
+    let gw = Gateway::start(
+        &[],
+        "[ingest]\nmax_body_bytes = 131072\n[ingest.vendor.scaip]\nrate_per_s = 5\nburst = 5\n",
+    )
+    .await;
     let base = gw.base.clone();
 
     let hostile: Vec<(&str, &str, Vec<u8>)> = vec![
@@ -439,6 +452,16 @@ async fn well_behaved_client_is_served_during_a_hostile_flood() {
         }
     }
     assert_eq!(served, 30);
+    let metrics = metrics_text(&gw).await;
+    assert!(
+        metric_value(
+            &metrics,
+            "knutepunkt_ingest_rejected_total",
+            "rate_limited",
+            "scaip"
+        ) > 0.0,
+        "{metrics}"
+    );
     assert!(refused > 50, "the flood ran ({refused} refusals)");
     assert_eq!(
         events(&gw).await,

@@ -21,7 +21,7 @@ pub fn normalise(spec: &VendorSpec, raw: &RawEvent<'_>) -> Result<Envelope, MapE
     let depth = json_depth::max_depth(raw.body, raw.max_json_depth);
     if depth > raw.max_json_depth {
         return Err(MapError::Malformed(format!(
-            "JSON nesting deeper than {} levels",
+            "JSON nesting deeper than {} levels (ingest.max_json_depth)",
             raw.max_json_depth
         )));
     }
