@@ -78,10 +78,16 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::warn!(
-        %addr,
-        "listening on plain HTTP (no TLS): for local development only; vendors should reach knutepunkt through TLS"
-    );
+    let tls = match &config.tls {
+        Some(t) => Some(crate::ingest::tls::TlsListeners::bind(t).await?),
+        None => {
+            tracing::warn!(
+                %addr,
+                "listening on plain HTTP (no TLS): for local development only; vendors should reach knutepunkt through TLS"
+            );
+            None
+        }
+    };
     tracing::info!(
         vendors = ?state.vendors.names(),
         destinations = config.destinations.len(),
@@ -91,10 +97,19 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
     );
     // The port line is machine-readable: tests and scripts that bind port 0 read it.
     println!("knutepunkt listening on {addr}");
-    axum::serve(listener, http_router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("HTTP server")?;
+    match tls {
+        Some(tls) => {
+            if let Some(v) = tls.vendor_addr() {
+                println!("knutepunkt vendor port listening on {v}");
+            }
+            tls.serve(listener, state, shutdown_signal(), config.shutdown_grace)
+                .await?
+        }
+        None => axum::serve(listener, http_router(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("HTTP server")?,
+    }
     tracing::info!("draining deliveries");
     let _ = stop_tx.send(true);
     for d in dispatchers {

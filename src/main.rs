@@ -330,7 +330,17 @@ fn load_all(
         Err(_) => Vec::new(),
     };
     match (cfg, vendors) {
-        (Ok(c), Ok(v)) if unknown.is_empty() => Ok((c, v)),
+        (Ok(c), Ok(v)) if unknown.is_empty() => {
+            // Certificate files are read here (IO), after the pure validation passed.
+            let errs = c.tls.as_ref().map_or_else(Vec::new, |t| {
+                knutepunkt::ingest::tls::check(t, &v.names(), &source.file)
+            });
+            if errs.is_empty() {
+                Ok((c, v))
+            } else {
+                Err(errs)
+            }
+        }
         (c, v) => {
             let mut all = c.err().unwrap_or_default();
             all.extend(v.err().unwrap_or_default());

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use validate::{
-    ConfigError, PgUrl, Storage, ValidConfig, ValidDestination, ValidRoute, load, parse, validate,
+    ConfigError, PgUrl, Storage, ValidConfig, ValidDestination, ValidRoute, ValidTls, load, parse,
+    validate,
 };
 
 /// Top-level config file. Every section has defaults, so an empty file (or none) is valid.
@@ -26,6 +27,8 @@ pub struct RawConfig {
     pub destinations: Vec<DestinationConfig>,
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// TLS on the inbound listeners; absent means plain HTTP (see `server.allow_plaintext`).
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -35,6 +38,8 @@ pub struct ServerConfig {
     pub listen: String,
     /// Seconds to let in-flight requests and deliveries finish on SIGTERM/SIGINT.
     pub shutdown_grace_s: u64,
+    /// Accept a non-loopback `listen` address without `[tls]` (TLS terminated by a proxy).
+    pub allow_plaintext: bool,
 }
 
 impl Default for ServerConfig {
@@ -42,6 +47,7 @@ impl Default for ServerConfig {
         Self {
             listen: "127.0.0.1:8080".into(),
             shutdown_grace_s: 10,
+            allow_plaintext: false,
         }
     }
 }
@@ -197,6 +203,63 @@ pub struct RouteConfig {
     #[serde(default)]
     pub priorities: Vec<String>,
     pub destinations: Vec<String>,
+}
+
+/// `[tls]`: server certificate for both listeners, client certificates on the vendor port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM server certificate chain (leaf first).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of the server certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// PEM CA bundle that signs vendor client certificates; required with `vendor_listen`.
+    pub client_ca_file: Option<PathBuf>,
+    /// Second listener that requires a client certificate and serves only ingest.
+    pub vendor_listen: Option<String>,
+    /// Revoked client certificate serial numbers (hex, colons allowed).
+    pub revoked_serials: Vec<String>,
+    /// Revoked client certificates by SHA-256 fingerprint of the DER (hex, colons allowed).
+    pub revoked_fingerprints: Vec<String>,
+    /// Seconds a client may take to complete the TLS handshake.
+    pub handshake_timeout_s: u64,
+    /// Seconds a client may take to send the request headers (slowloris guard).
+    pub header_read_timeout_s: u64,
+    /// Largest request head (request line and headers) in bytes; at least 8192.
+    pub max_header_bytes: usize,
+    /// Seconds between checks of the certificate files for changes; also reloaded on SIGHUP.
+    pub reload_interval_s: u64,
+    /// Client certificate subject CN → vendor name.
+    #[serde(rename = "client")]
+    pub clients: Vec<TlsClientConfig>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            vendor_listen: None,
+            revoked_serials: Vec::new(),
+            revoked_fingerprints: Vec::new(),
+            handshake_timeout_s: 10,
+            header_read_timeout_s: 10,
+            max_header_bytes: 16 * 1024,
+            reload_interval_s: 5,
+            clients: Vec::new(),
+        }
+    }
+}
+
+/// `[[tls.client]]`: which vendor a client certificate speaks for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsClientConfig {
+    /// The certificate's subject common name (CN), matched exactly.
+    pub subject_cn: String,
+    /// The vendor (mapping file `vendor`) this certificate may post for.
+    pub vendor: String,
 }
 
 mod defaults {

@@ -77,6 +77,26 @@ pub struct ValidConfig {
     pub mappings_dir: PathBuf,
     pub destinations: Vec<ValidDestination>,
     pub routes: Vec<ValidRoute>,
+    /// TLS on the listeners; `None` serves plain HTTP.
+    pub tls: Option<ValidTls>,
+}
+
+/// `[tls]` after validation: both server files set; the vendor port has a CA; revocation
+/// entries normalised to lowercase hex without colons (serials without leading zeros).
+#[derive(Debug, Clone)]
+pub struct ValidTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+    pub vendor_listen: Option<SocketAddr>,
+    pub revoked_serials: HashSet<String>,
+    pub revoked_fingerprints: HashSet<String>,
+    pub handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub reload_interval: Duration,
+    /// Subject CN → vendor name.
+    pub clients: std::collections::HashMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -252,6 +272,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
 
     let destinations = validate_destinations(raw, &mut errs);
     let routes = validate_routes(raw, &destinations, &mut errs);
+    let tls = validate_tls(raw, listen, &mut errs);
 
     if !errs.list.is_empty() {
         return Err(errs.list);
@@ -272,7 +293,155 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
         mappings_dir: raw.mappings.dir.clone(),
         destinations,
         routes,
+        tls,
     })
+}
+
+fn validate_tls(raw: &RawConfig, listen: SocketAddr, errs: &mut Errors<'_>) -> Option<ValidTls> {
+    let Some(t) = &raw.tls else {
+        // Plain HTTP is for development on loopback, or behind a proxy that terminates TLS.
+        if !listen.ip().is_loopback() && !raw.server.allow_plaintext {
+            errs.push(
+                "server.listen",
+                format!(
+                    "{listen} is reachable from the network but [tls] is not configured; \
+                     configure [tls] (cert_file, key_file), or set server.allow_plaintext = true \
+                     when a proxy in front terminates TLS"
+                ),
+            );
+        }
+        return None;
+    };
+    let mut file = |field: &str, v: &Option<PathBuf>, required: bool| match v {
+        Some(p) if !p.as_os_str().is_empty() => Some(p.clone()),
+        Some(_) => {
+            errs.push(field, "must not be empty");
+            None
+        }
+        None => {
+            if required {
+                errs.push(
+                    field,
+                    "is required in [tls], e.g. \"/etc/knutepunkt/tls/server.crt\"",
+                );
+            }
+            None
+        }
+    };
+    let cert_file = file("tls.cert_file", &t.cert_file, true);
+    let key_file = file("tls.key_file", &t.key_file, true);
+    let client_ca_file = file("tls.client_ca_file", &t.client_ca_file, false);
+    let vendor_listen = t
+        .vendor_listen
+        .as_ref()
+        .and_then(|v| match v.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                errs.push(
+                    "tls.vendor_listen",
+                    format!("{v:?} is not an address, e.g. \"0.0.0.0:8443\""),
+                );
+                None
+            }
+        });
+    if let Some(v) = vendor_listen
+        && v.port() != 0
+        && v == listen
+    {
+        errs.push("tls.vendor_listen", "must differ from server.listen");
+    }
+    match (t.vendor_listen.is_some(), client_ca_file.is_some()) {
+        (true, false) => errs.push(
+            "tls.client_ca_file",
+            "is required with tls.vendor_listen: the CA bundle that signs vendor client certificates",
+        ),
+        (false, true) => errs.push(
+            "tls.client_ca_file",
+            "is only used by the vendor port; set tls.vendor_listen too",
+        ),
+        _ => {}
+    }
+    let mut revoked_serials = HashSet::new();
+    for s in &t.revoked_serials {
+        match normal_hex(s) {
+            Some(h) if !h.is_empty() && h.len() <= 40 => {
+                let h = h.trim_start_matches('0');
+                revoked_serials.insert(if h.is_empty() { "0".into() } else { h.into() });
+            }
+            _ => errs.push(
+                "tls.revoked_serials",
+                format!("{s:?} is not a hex serial number, e.g. \"1f:a3:09\" or \"1FA309\""),
+            ),
+        }
+    }
+    let mut revoked_fingerprints = HashSet::new();
+    for s in &t.revoked_fingerprints {
+        match normal_hex(s) {
+            Some(h) if h.len() == 64 => {
+                revoked_fingerprints.insert(h);
+            }
+            _ => errs.push(
+                "tls.revoked_fingerprints",
+                format!("{s:?} is not a SHA-256 fingerprint (64 hex digits, colons allowed)"),
+            ),
+        }
+    }
+    positive(errs, "tls.handshake_timeout_s", t.handshake_timeout_s);
+    positive(errs, "tls.header_read_timeout_s", t.header_read_timeout_s);
+    positive(errs, "tls.reload_interval_s", t.reload_interval_s);
+    // hyper refuses read buffers below 8 KiB.
+    if !(8192..=1024 * 1024).contains(&t.max_header_bytes) {
+        errs.push("tls.max_header_bytes", "must be between 8192 and 1048576");
+    }
+    let mut clients = std::collections::HashMap::new();
+    for (i, c) in t.clients.iter().enumerate() {
+        let at = |field: &str| format!("tls.client[{i}] ({}).{field}", c.subject_cn);
+        if c.subject_cn.trim().is_empty() || c.subject_cn.trim() != c.subject_cn {
+            errs.push(
+                at("subject_cn"),
+                "must be non-empty without surrounding spaces",
+            );
+        }
+        if !valid_name(&c.vendor) {
+            errs.push(at("vendor"), "must be a vendor name (a-z, 0-9, '-', '_')");
+        }
+        if clients
+            .insert(c.subject_cn.clone(), c.vendor.clone())
+            .is_some()
+        {
+            errs.push(
+                at("subject_cn"),
+                "duplicate subject_cn: one certificate identity maps to one vendor",
+            );
+        }
+    }
+    if !t.clients.is_empty() && t.vendor_listen.is_none() {
+        errs.push(
+            "tls.client",
+            "client certificates are only used by the vendor port; set tls.vendor_listen",
+        );
+    }
+    Some(ValidTls {
+        cert_file: cert_file?,
+        key_file: key_file?,
+        client_ca_file,
+        vendor_listen,
+        revoked_serials,
+        revoked_fingerprints,
+        handshake_timeout: Duration::from_secs(t.handshake_timeout_s),
+        header_read_timeout: Duration::from_secs(t.header_read_timeout_s),
+        max_header_bytes: t.max_header_bytes,
+        reload_interval: Duration::from_secs(t.reload_interval_s),
+        clients,
+    })
+}
+
+/// Lowercase hex without `:` separators, or `None` if anything else is in it.
+pub(crate) fn normal_hex(s: &str) -> Option<String> {
+    let h: String = s.trim().chars().filter(|&c| c != ':').collect();
+    h.bytes()
+        .all(|b| b.is_ascii_hexdigit())
+        .then(|| h.to_ascii_lowercase())
 }
 
 fn validate_destinations(raw: &RawConfig, errs: &mut Errors<'_>) -> Vec<ValidDestination> {

@@ -9,6 +9,7 @@
 //! answer 200.
 
 pub mod limits;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
@@ -55,11 +56,13 @@ async fn ingest(
     State(state): State<Arc<AppState>>,
     Path(vendor): Path<String>,
     headers: HeaderMap,
+    peer: Option<Extension<tls::VendorPeer>>,
     body: Body,
 ) -> Response {
     let started = std::time::Instant::now();
     let known = state.vendors.get(&vendor).map(|s| s.name.clone());
-    let response = ingest_inner(State(Arc::clone(&state)), Path(vendor), headers, body)
+    let peer = peer.map(|Extension(p)| p);
+    let response = ingest_inner(State(Arc::clone(&state)), Path(vendor), headers, peer, body)
         .await
         .unwrap_or_else(|e| {
             let reason = limits::reject_reason(&e);
@@ -99,9 +102,12 @@ async fn ingest_inner(
     State(state): State<Arc<AppState>>,
     Path(vendor): Path<String>,
     headers: HeaderMap,
+    peer: Option<tls::VendorPeer>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let limits = &state.ingest;
+    // On the vendor port the client certificate decides which vendor may post.
+    tls::authorise(&state, peer.as_ref(), &vendor).await?;
     // Shed load before reading the body: a bounded number of requests is ever buffered.
     let Ok(_slot) = limits.in_flight.try_acquire() else {
         return Err(ApiError::Overloaded {
@@ -126,7 +132,13 @@ async fn ingest_inner(
         .and_then(|l| l.max_body_bytes)
         .unwrap_or(limits.max_body_bytes);
     let content_type = check_content_type(spec, &headers)?;
-    let tenant = requested_tenant(spec, &headers)?;
+    let tenant = match requested_tenant(spec, &headers) {
+        Err(e @ ApiError::Forbidden { .. }) => {
+            tls::refusal(&state, &spec.name, &e.to_string()).await;
+            return Err(e);
+        }
+        other => other?,
+    };
     let idempotency_key = idempotency_key(&headers)?;
 
     // A declared length over the limit is refused before a byte of the body is read.

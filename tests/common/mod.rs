@@ -331,6 +331,8 @@ pub struct Gateway {
     pub base: String,
     child: Option<Child>,
     http: reqwest::Client,
+    /// stdout lines after the "listening on" line (e.g. the vendor port line with `[tls]`).
+    pub stdout: Arc<Mutex<Vec<String>>>,
 }
 
 pub fn repo_path(rel: &str) -> PathBuf {
@@ -381,6 +383,7 @@ impl Gateway {
             base: String::new(),
             child: None,
             http,
+            stdout: Arc::default(),
         };
         gw.spawn();
         gw
@@ -388,6 +391,7 @@ impl Gateway {
 
     /// Starts the process and waits for its "listening on" line.
     pub fn spawn(&mut self) {
+        self.stdout.lock().expect("lock").clear();
         let mut child = Command::new(env!("CARGO_BIN_EXE_knutepunkt"))
             .arg("serve")
             .arg("--config")
@@ -408,8 +412,30 @@ impl Gateway {
             .unwrap_or_else(|| panic!("unexpected: {line}"));
         self.base = format!("http://{addr}");
         // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let keep = Arc::clone(&self.stdout);
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                keep.lock().expect("lock").push(l);
+            }
+        });
         self.child = Some(child);
+    }
+
+    /// Waits for a stdout line starting with `prefix` and returns the rest of it.
+    pub fn stdout_line(&self, prefix: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self
+                .stdout
+                .lock()
+                .expect("lock")
+                .iter()
+                .find_map(|l| l.strip_prefix(prefix).map(String::from));
+            if found.is_some() || Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn pid(&self) -> u32 {
