@@ -33,6 +33,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("request timed out before the event was stored")]
     Timeout { retry_after_s: u64 },
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
 }
 
 impl ApiError {
@@ -98,6 +100,18 @@ impl ApiError {
                 Some(*retry_after_s),
             ),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", None, None),
+            ApiError::Auth(crate::auth::AuthError::InsufficientScope { .. }) => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                Some("Authorization".into()),
+                None,
+            ),
+            ApiError::Auth(_) => (
+                StatusCode::UNAUTHORIZED,
+                "login",
+                Some("Authorization".into()),
+                None,
+            ),
         }
     }
 }
@@ -119,6 +133,13 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/fhir+json"),
         );
+        if let ApiError::Auth(e) = &self {
+            for c in e.challenges() {
+                if let Ok(v) = HeaderValue::from_str(&c) {
+                    resp.headers_mut().append(header::WWW_AUTHENTICATE, v);
+                }
+            }
+        }
         if let Some(s) = retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));

@@ -3,6 +3,7 @@
 //! Every key is documented in `docs/configuration.md`; `deploy/knutepunkt.example.toml` is the
 //! commented example that `knutepunkt check` must accept (a test enforces it).
 
+pub mod auth;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,8 @@ pub struct RawConfig {
     pub destinations: Vec<DestinationConfig>,
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// Inbound OAuth2 bearer tokens; absent = open API (loopback listener only).
+    pub auth: Option<auth::AuthConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,6 +150,15 @@ pub struct DestinationConfig {
     pub alarm_concurrency: usize,
     #[serde(default)]
     pub retry: RetryConfig,
+    /// PEM client certificate (chain) presented to the destination (mTLS).
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// OAuth2 client credentials (`private_key_jwt`) for the destination's access token.
+    #[serde(default)]
+    pub oauth: Option<auth::DestinationOAuth>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

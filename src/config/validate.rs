@@ -73,6 +73,8 @@ pub struct ValidConfig {
     pub mappings_dir: PathBuf,
     pub destinations: Vec<ValidDestination>,
     pub routes: Vec<ValidRoute>,
+    /// `None`: open API (only allowed on a loopback listener).
+    pub auth: Option<super::auth::ValidAuth>,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +85,9 @@ pub struct ValidDestination {
     pub concurrency: usize,
     pub alarm_concurrency: usize,
     pub retry: RetryConfig,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    pub oauth: Option<super::auth::DestinationOAuth>,
 }
 
 #[derive(Debug, Clone)]
@@ -241,6 +246,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
 
     let destinations = validate_destinations(raw, &mut errs);
     let routes = validate_routes(raw, &destinations, &mut errs);
+    let auth = super::auth::validate_auth(raw.auth.as_ref(), &listen, &mut |f, m| errs.push(f, m));
 
     if !errs.list.is_empty() {
         return Err(errs.list);
@@ -259,6 +265,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
         mappings_dir: raw.mappings.dir.clone(),
         destinations,
         routes,
+        auth,
     })
 }
 
@@ -306,6 +313,12 @@ fn validate_destinations(raw: &RawConfig, errs: &mut Errors<'_>) -> Vec<ValidDes
                 "must be at least retry.base_delay_ms",
             );
         }
+        super::auth::validate_outbound(
+            d.client_cert_file.as_ref(),
+            d.client_key_file.as_ref(),
+            d.oauth.as_ref(),
+            &mut |f, m| errs.push(at(f), m),
+        );
         out.push(ValidDestination {
             name: d.name.clone(),
             url: d.url.clone(),
@@ -313,6 +326,9 @@ fn validate_destinations(raw: &RawConfig, errs: &mut Errors<'_>) -> Vec<ValidDes
             concurrency: d.concurrency,
             alarm_concurrency: d.alarm_concurrency,
             retry: d.retry.clone(),
+            client_cert_file: d.client_cert_file.clone(),
+            client_key_file: d.client_key_file.clone(),
+            oauth: d.oauth.clone(),
         });
     }
     out
