@@ -99,7 +99,8 @@ pub fn verify(
     }
     let key = DecodingKey::from_jwk(jwk).map_err(|_| "DPoP proof jwk is not usable")?;
     let mut v = Validation::new(header.alg);
-    v.algorithms = ACCEPTED.to_vec();
+    // jsonwebtoken wants one family per validation; the header alg was checked above.
+    v.algorithms = vec![header.alg];
     v.required_spec_claims.clear();
     v.validate_exp = false;
     v.validate_aud = false;

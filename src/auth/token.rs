@@ -35,7 +35,8 @@ pub async fn validate(token: &str, cfg: &ValidAuth, keys: &KeyStore) -> Result<C
         return Err(format!("algorithm {:?} is not accepted", header.alg));
     }
     let mut v = Validation::new(header.alg);
-    v.algorithms = ACCEPTED.to_vec();
+    // jsonwebtoken wants one family per validation; the header alg was checked above.
+    v.algorithms = vec![header.alg];
     v.leeway = cfg.leeway.as_secs();
     v.validate_nbf = true;
     v.set_issuer(&[&cfg.issuer]);
@@ -64,7 +65,10 @@ pub async fn validate(token: &str, cfg: &ValidAuth, keys: &KeyStore) -> Result<C
                     _ => "invalid token".into(),
                 };
                 // Only a signature mismatch can depend on which key we tried.
-                if !matches!(e.kind(), K::InvalidSignature | K::InvalidKeyFormat) {
+                if !matches!(
+                    e.kind(),
+                    K::InvalidSignature | K::InvalidKeyFormat | K::InvalidAlgorithm
+                ) {
                     return Err(last);
                 }
             }
