@@ -37,6 +37,8 @@ pub enum ApiError {
         "vendor {vendor:?} is over its request rate limit; nothing was stored; retry after {retry_after_s} s"
     )]
     RateLimited { vendor: String, retry_after_s: u64 },
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
 }
 
 impl ApiError {
@@ -108,6 +110,18 @@ impl ApiError {
                 None,
                 Some(*retry_after_s),
             ),
+            ApiError::Auth(crate::auth::AuthError::InsufficientScope { .. }) => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                Some("Authorization".into()),
+                None,
+            ),
+            ApiError::Auth(_) => (
+                StatusCode::UNAUTHORIZED,
+                "login",
+                Some("Authorization".into()),
+                None,
+            ),
         }
     }
 }
@@ -129,6 +143,13 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/fhir+json"),
         );
+        if let ApiError::Auth(e) = &self {
+            for c in e.challenges() {
+                if let Ok(v) = HeaderValue::from_str(&c) {
+                    resp.headers_mut().append(header::WWW_AUTHENTICATE, v);
+                }
+            }
+        }
         if let Some(s) = retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));

@@ -25,12 +25,18 @@ pub struct AppState {
     pub destinations: Vec<String>,
     /// Metric instruments and the `/metrics` exporter.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// Token validation for `[auth]`; `None` = open API (loopback only).
+    pub auth: Option<Arc<crate::auth::Authenticator>>,
 }
 
 pub fn http_router(state: Arc<AppState>) -> Router {
     crate::ingest::router()
         .merge(crate::admin::router())
         .merge(crate::telemetry::router())
+        .layer(axum::middleware::from_fn_with_state(
+            state.auth.clone(),
+            crate::auth::require,
+        ))
         .with_state(state)
 }
 
@@ -54,7 +60,15 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
         config.destinations.iter().map(|d| d.name.clone()).collect(),
         stop_rx.clone(),
     ));
+    let auth = match config.auth.clone() {
+        Some(a) => Some(Arc::new(crate::auth::Authenticator::build(a).await?)),
+        None => {
+            tracing::warn!("admin/API open without authentication");
+            None
+        }
+    };
     let state = Arc::new(AppState {
+        auth,
         telemetry: Arc::clone(&telemetry),
         journal,
         vendors,

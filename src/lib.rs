@@ -16,6 +16,7 @@ pub mod route;
 pub mod admin;
 pub mod api_error;
 pub mod app;
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod telemetry;

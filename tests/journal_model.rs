@@ -765,6 +765,7 @@ impl Harness {
             .lanes(LaneQuery {
                 destination: None,
                 limit: 10_000,
+                ..Default::default()
             })
             .await
             .map_err(|e| TestCaseError::fail(format!("lanes: {e}")))?;

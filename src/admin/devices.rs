@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 use crate::api_error::ApiError;
 use crate::app::AppState;
+use crate::auth::TenantScope;
 use crate::clock::now_ms;
 use crate::config::validate::is_municipality_number;
 use crate::ingest::{normalise_resolved, uncovered};
@@ -224,6 +225,7 @@ struct ListFilter {
 
 async fn list(
     State(state): State<Arc<AppState>>,
+    scope: TenantScope,
     Query(f): Query<ListFilter>,
 ) -> Result<Json<Value>, ApiError> {
     let active_at = match f.active_at.as_deref() {
@@ -248,7 +250,8 @@ async fn list(
         active_at_ms: active_at,
         limit: limit(f.limit),
     };
-    let rows = state.journal.assignments(q).await.map_err(jerr(&state))?;
+    let mut rows = state.journal.assignments(q).await.map_err(jerr(&state))?;
+    rows.retain(|a| scope.allows(Some(&a.tenant)));
     Ok(Json(
         json!({ "assignments": rows.iter().map(assignment_json).collect::<Vec<_>>() }),
     ))
@@ -256,6 +259,7 @@ async fn list(
 
 async fn list_device(
     State(state): State<Arc<AppState>>,
+    scope: TenantScope,
     Path((vendor, device)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let spec = vendor_spec(&state, &vendor)?;
@@ -265,7 +269,8 @@ async fn list_device(
         limit: MAX_LIMIT,
         ..Default::default()
     };
-    let rows = state.journal.assignments(q).await.map_err(jerr(&state))?;
+    let mut rows = state.journal.assignments(q).await.map_err(jerr(&state))?;
+    rows.retain(|a| scope.allows(Some(&a.tenant)));
     Ok(Json(
         json!({ "assignments": rows.iter().map(assignment_json).collect::<Vec<_>>() }),
     ))
@@ -286,12 +291,14 @@ fn liveness_json(l: &Liveness) -> Value {
 
 async fn liveness(
     State(state): State<Arc<AppState>>,
+    scope: TenantScope,
     Query(f): Query<LivenessFilter>,
 ) -> Result<Json<Value>, ApiError> {
     let q = LivenessQuery {
         vendor: f.vendor,
         device_id: f.device.map(|d| d.trim().to_string()),
         limit: limit(f.limit),
+        tenants: scope.query_filter(),
     };
     let rows = state.journal.liveness(q).await.map_err(jerr(&state))?;
     Ok(Json(
@@ -308,6 +315,7 @@ struct QuarantineFilter {
 
 async fn quarantine(
     State(state): State<Arc<AppState>>,
+    scope: TenantScope,
     Query(f): Query<QuarantineFilter>,
 ) -> Result<Json<Value>, ApiError> {
     let q = QuarantineQuery {
@@ -315,12 +323,14 @@ async fn quarantine(
         all: f.all.unwrap_or(false),
         limit: limit(f.limit),
     };
-    let rows = state.journal.quarantined(q).await.map_err(jerr(&state))?;
+    let mut rows = state.journal.quarantined(q).await.map_err(jerr(&state))?;
+    rows.retain(|e| scope.allows(e.requested_tenant.as_deref()));
     Ok(Json(json!({ "quarantined": rows })))
 }
 
 async fn replay(
     State(state): State<Arc<AppState>>,
+    scope: TenantScope,
     Path(event_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let held = state
@@ -328,6 +338,7 @@ async fn replay(
         .quarantined_event(&event_id)
         .await
         .map_err(jerr(&state))?
+        .filter(|e| scope.allows(e.requested_tenant.as_deref()))
         .ok_or_else(|| ApiError::NotFound(format!("event {event_id:?} is not in quarantine")))?;
     if let Some(at) = held.released_at_ms {
         return Err(ApiError::Conflict(format!(

@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::api_error::ApiError;
 use crate::app::AppState;
+use crate::auth::TenantScope;
 use crate::journal::{DeadLetterQuery, LaneQuery, ReplayFilter};
 
 const DEFAULT_LIMIT: usize = 100;
@@ -122,11 +123,13 @@ fn with_configured(mut v: serde_json::Value, configured: bool) -> serde_json::Va
 
 async fn lanes(
     State(state): State<Arc<AppState>>,
+    scope: TenantScope,
     Query(f): Query<Filter>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let q = LaneQuery {
         destination: f.destination.clone(),
         limit: f.limit(),
+        tenants: scope.query_filter(),
     };
     let rows = state.journal.lanes(q).await.map_err(journal_err(&state))?;
     Ok(Json(json!({ "lanes": rows })))
@@ -134,12 +137,14 @@ async fn lanes(
 
 async fn dead_letters(
     State(state): State<Arc<AppState>>,
+    scope: TenantScope,
     Query(f): Query<Filter>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let q = DeadLetterQuery {
         destination: f.destination.clone(),
         vendor: f.vendor.clone(),
         limit: f.limit(),
+        tenants: scope.query_filter(),
     };
     let rows = state
         .journal
@@ -151,11 +156,14 @@ async fn dead_letters(
 
 async fn replay_one(
     State(state): State<Arc<AppState>>,
+    scope: TenantScope,
     Path(delivery_id): Path<i64>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    // Another tenant's dead letter is "not found", exactly like a missing one.
     let filter = ReplayFilter {
         delivery_id: Some(delivery_id),
         limit: 1,
+        tenants: scope.query_filter(),
         ..Default::default()
     };
     replay(&state, filter).await
@@ -163,6 +171,7 @@ async fn replay_one(
 
 async fn replay_filtered(
     State(state): State<Arc<AppState>>,
+    scope: TenantScope,
     Query(f): Query<Filter>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let filter = ReplayFilter {
@@ -170,6 +179,7 @@ async fn replay_filtered(
         destination: f.destination.clone(),
         vendor: f.vendor.clone(),
         limit: f.limit(),
+        tenants: scope.query_filter(),
     };
     replay(&state, filter).await
 }
@@ -191,6 +201,7 @@ async fn replay(
 
 async fn event(
     State(state): State<Arc<AppState>>,
+    scope: TenantScope,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let ev = state
@@ -198,6 +209,7 @@ async fn event(
         .event(&id)
         .await
         .map_err(journal_err(&state))?;
-    ev.map(|e| Json(json!(e)))
+    ev.filter(|e| scope.allows(e.tenant.as_deref()))
+        .map(|e| Json(json!(e)))
         .ok_or_else(|| ApiError::NotFound(format!("no event with id {id:?}")))
 }

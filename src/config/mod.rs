@@ -4,6 +4,7 @@
 //! commented example that `knutepunkt check` must accept (a test enforces it).
 
 pub mod ingest_vendor;
+pub mod auth;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +30,8 @@ pub struct RawConfig {
     pub routes: Vec<RouteConfig>,
     /// TLS on the inbound listeners; absent means plain HTTP (see `server.allow_plaintext`).
     pub tls: Option<TlsConfig>,
+    /// Inbound OAuth2 bearer tokens; absent = open API (loopback listener only).
+    pub auth: Option<auth::AuthConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -160,6 +163,15 @@ pub struct DestinationConfig {
     pub alarm_concurrency: usize,
     #[serde(default)]
     pub retry: RetryConfig,
+    /// PEM client certificate (chain) presented to the destination (mTLS).
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// OAuth2 client credentials (`private_key_jwt`) for the destination's access token.
+    #[serde(default)]
+    pub oauth: Option<auth::DestinationOAuth>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

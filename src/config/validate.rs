@@ -79,6 +79,8 @@ pub struct ValidConfig {
     pub routes: Vec<ValidRoute>,
     /// TLS on the listeners; `None` serves plain HTTP.
     pub tls: Option<ValidTls>,
+    /// `None`: open API (only allowed on a loopback listener).
+    pub auth: Option<super::auth::ValidAuth>,
 }
 
 /// `[tls]` after validation: both server files set; the vendor port has a CA; revocation
@@ -107,6 +109,9 @@ pub struct ValidDestination {
     pub concurrency: usize,
     pub alarm_concurrency: usize,
     pub retry: RetryConfig,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    pub oauth: Option<super::auth::DestinationOAuth>,
 }
 
 #[derive(Debug, Clone)]
@@ -273,6 +278,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
     let destinations = validate_destinations(raw, &mut errs);
     let routes = validate_routes(raw, &destinations, &mut errs);
     let tls = validate_tls(raw, listen, &mut errs);
+    let auth = super::auth::validate_auth(raw.auth.as_ref(), &listen, &mut |f, m| errs.push(f, m));
 
     if !errs.list.is_empty() {
         return Err(errs.list);
@@ -294,6 +300,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
         destinations,
         routes,
         tls,
+        auth,
     })
 }
 
@@ -488,6 +495,12 @@ fn validate_destinations(raw: &RawConfig, errs: &mut Errors<'_>) -> Vec<ValidDes
                 "must be at least retry.base_delay_ms",
             );
         }
+        super::auth::validate_outbound(
+            d.client_cert_file.as_ref(),
+            d.client_key_file.as_ref(),
+            d.oauth.as_ref(),
+            &mut |f, m| errs.push(at(f), m),
+        );
         out.push(ValidDestination {
             name: d.name.clone(),
             url: d.url.clone(),
@@ -495,6 +508,9 @@ fn validate_destinations(raw: &RawConfig, errs: &mut Errors<'_>) -> Vec<ValidDes
             concurrency: d.concurrency,
             alarm_concurrency: d.alarm_concurrency,
             retry: d.retry.clone(),
+            client_cert_file: d.client_cert_file.clone(),
+            client_key_file: d.client_key_file.clone(),
+            oauth: d.oauth.clone(),
         });
     }
     out

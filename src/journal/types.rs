@@ -84,6 +84,8 @@ pub struct ReplayFilter {
     pub destination: Option<String>,
     pub vendor: Option<String>,
     pub limit: usize,
+    /// Only events of these tenants (municipality numbers); `None` = every tenant.
+    pub tenants: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -98,6 +100,8 @@ pub struct Replayed {
 pub struct LaneQuery {
     pub destination: Option<String>,
     pub limit: usize,
+    /// Only events of these tenants (municipality numbers); `None` = every tenant.
+    pub tenants: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -130,6 +134,8 @@ pub struct DeadLetterQuery {
     pub destination: Option<String>,
     pub vendor: Option<String>,
     pub limit: usize,
+    /// Only events of these tenants (municipality numbers); `None` = every tenant.
+    pub tenants: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -270,6 +276,8 @@ pub struct LivenessQuery {
     pub vendor: Option<String>,
     pub device_id: Option<String>,
     pub limit: usize,
+    /// Only events of these tenants (municipality numbers); `None` = every tenant.
+    pub tenants: Option<Vec<String>>,
 }
 
 /// An audit record that is not a step of one delivery: a refused request, an audit query or

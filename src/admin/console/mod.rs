@@ -20,6 +20,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 
 use crate::app::AppState;
+use crate::auth::TenantScope;
 use crate::journal::registry_text::instant;
 use crate::journal::{
     DeadLetterQuery, EventDetail, JournalError, LaneQuery, QuarantineQuery, ReplayFilter,
@@ -190,36 +191,39 @@ fn status_is_bad(s: Option<i64>) -> bool {
 
 // ---- Overview --------------------------------------------------------------------------------
 
-async fn overview(State(state): State<Arc<AppState>>) -> Response {
-    match render_overview(&state).await {
+async fn overview(State(state): State<Arc<AppState>>, scope: TenantScope) -> Response {
+    match render_overview(&state, &scope).await {
         Ok(s) => html_response(StatusCode::OK, s),
         Err(e) => journal_error(e, Nav::Overview),
     }
 }
 
-async fn render_overview(state: &AppState) -> Result<String, JournalError> {
+async fn render_overview(state: &AppState, scope: &TenantScope) -> Result<String, JournalError> {
     let stats = state.journal.stats().await?;
     let rows = state.journal.destinations().await?;
     let dead = state
         .journal
         .dead_letters(DeadLetterQuery {
             limit: VENDOR_SCAN,
+            tenants: scope.query_filter(),
             ..Default::default()
         })
         .await?;
-    let held = state
+    let mut held = state
         .journal
         .quarantined(QuarantineQuery {
             limit: VENDOR_SCAN,
             ..Default::default()
         })
         .await?;
+    held.retain(|e| scope.allows(e.requested_tenant.as_deref()));
 
     let failing = state
         .journal
         .lanes(LaneQuery {
             destination: None,
             limit: PAGE_ROWS,
+            tenants: scope.query_filter(),
         })
         .await?;
 
@@ -406,13 +410,18 @@ fn vendor_select(b: &mut Html, state: &AppState, selected: Option<&str>) {
     b.raw("</select></label>");
 }
 
-async fn lanes(State(state): State<Arc<AppState>>, Query(f): Query<ListFilter>) -> Response {
+async fn lanes(
+    State(state): State<Arc<AppState>>,
+    scope: TenantScope,
+    Query(f): Query<ListFilter>,
+) -> Response {
     let dest = f.destination();
     let rows = match state
         .journal
         .lanes(LaneQuery {
             destination: dest.clone(),
             limit: PAGE_ROWS,
+            tenants: scope.query_filter(),
         })
         .await
     {
@@ -471,7 +480,11 @@ async fn lanes(State(state): State<Arc<AppState>>, Query(f): Query<ListFilter>) 
 
 // ---- Dead letters and replay -----------------------------------------------------------------
 
-async fn dead_letters(State(state): State<Arc<AppState>>, Query(f): Query<ListFilter>) -> Response {
+async fn dead_letters(
+    State(state): State<Arc<AppState>>,
+    scope: TenantScope,
+    Query(f): Query<ListFilter>,
+) -> Response {
     let (dest, vendor) = (f.destination(), f.vendor());
     let rows = match state
         .journal
@@ -479,6 +492,7 @@ async fn dead_letters(State(state): State<Arc<AppState>>, Query(f): Query<ListFi
             destination: dest.clone(),
             vendor: vendor.clone(),
             limit: PAGE_ROWS,
+            tenants: scope.query_filter(),
         })
         .await
     {
@@ -591,6 +605,7 @@ async fn do_replay(state: &AppState, filter: ReplayFilter, back: String) -> Resp
 
 async fn replay_one(
     State(state): State<Arc<AppState>>,
+    scope: TenantScope,
     headers: HeaderMap,
     Path(delivery_id): Path<i64>,
 ) -> Response {
@@ -605,6 +620,7 @@ async fn replay_one(
     let filter = ReplayFilter {
         delivery_id: Some(delivery_id),
         limit: 1,
+        tenants: scope.query_filter(),
         ..Default::default()
     };
     do_replay(&state, filter, "/console/dead-letters".into()).await
@@ -612,6 +628,7 @@ async fn replay_one(
 
 async fn replay_filtered(
     State(state): State<Arc<AppState>>,
+    scope: TenantScope,
     headers: HeaderMap,
     body: String,
 ) -> Response {
@@ -625,6 +642,7 @@ async fn replay_filtered(
     }
     let mut filter = ReplayFilter {
         limit: 100,
+        tenants: scope.query_filter(),
         ..Default::default()
     };
     for (k, v) in html::parse_form(&body) {
@@ -681,10 +699,16 @@ async fn event_search(Query(q): Query<EventSearch>) -> Response {
     }
 }
 
-async fn event(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+async fn event(
+    State(state): State<Arc<AppState>>,
+    scope: TenantScope,
+    Path(id): Path<String>,
+) -> Response {
     match state.journal.event(&id).await {
-        Ok(Some(ev)) => html_response(StatusCode::OK, render_event(&ev)),
-        Ok(None) => error_page(
+        Ok(Some(ev)) if scope.allows(ev.tenant.as_deref()) => {
+            html_response(StatusCode::OK, render_event(&ev))
+        }
+        Ok(_) => error_page(
             StatusCode::NOT_FOUND,
             "Event not found",
             Nav::Events,
@@ -806,9 +830,13 @@ fn render_event(ev: &EventDetail) -> String {
 
 // ---- Quarantine ------------------------------------------------------------------------------
 
-async fn quarantine(State(state): State<Arc<AppState>>, Query(f): Query<ListFilter>) -> Response {
+async fn quarantine(
+    State(state): State<Arc<AppState>>,
+    scope: TenantScope,
+    Query(f): Query<ListFilter>,
+) -> Response {
     let all = f.all.unwrap_or(false);
-    let rows = match state
+    let mut rows = match state
         .journal
         .quarantined(QuarantineQuery {
             vendor: f.vendor(),
@@ -820,6 +848,7 @@ async fn quarantine(State(state): State<Arc<AppState>>, Query(f): Query<ListFilt
         Ok(r) => r,
         Err(e) => return journal_error(e, Nav::Quarantine),
     };
+    rows.retain(|e| scope.allows(e.requested_tenant.as_deref()));
     let mut b = Html::new();
     b.raw("<p class=\"hint\">Events held because no device assignment covered their device at the event's time, oldest first. ");
     if all {

@@ -21,10 +21,11 @@ pub async fn lanes(c: &impl GenericClient, q: &LaneQuery) -> Result<Vec<LaneInfo
                     d.event_id, d.attempts, d.created_at, d.last_status, d.last_error,
                     (SELECT count(*) FROM deliveries p WHERE p.dest = l.dest AND p.class = l.class
                        AND p.lane_key = l.lane_key AND p.state = 'pending')
-             FROM lanes l JOIN deliveries d ON d.id = l.head_id
+             FROM lanes l JOIN deliveries d ON d.id = l.head_id JOIN events e ON e.seq = d.event_seq
              WHERE l.head_id <> 0 AND ($1::TEXT IS NULL OR l.dest = $1)
+               AND ($3::TEXT[] IS NULL OR e.tenant = ANY($3))
              ORDER BY l.class, d.created_at LIMIT $2",
-            &[&q.destination, &limit],
+            &[&q.destination, &limit, &q.tenants],
         )
         .await?;
     Ok(rows
@@ -93,8 +94,9 @@ pub async fn dead_letters(
                     d.dead_at
              FROM deliveries d JOIN events e ON e.seq = d.event_seq
              WHERE d.state = 'dead' AND ($1::TEXT IS NULL OR d.dest = $1) AND ($2::TEXT IS NULL OR e.vendor = $2)
+               AND ($4::TEXT[] IS NULL OR e.tenant = ANY($4))
              ORDER BY d.id DESC LIMIT $3",
-            &[&q.destination, &q.vendor, &limit],
+            &[&q.destination, &q.vendor, &limit, &q.tenants],
         )
         .await?;
     Ok(rows

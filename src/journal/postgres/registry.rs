@@ -67,8 +67,9 @@ pub async fn liveness(
             "SELECT vendor, device_id, tenant, last_seen_at, last_kind, reported_at, beats
              FROM device_liveness
              WHERE ($1::TEXT IS NULL OR vendor = $1) AND ($2::TEXT IS NULL OR device_id = $2)
+               AND ($4::TEXT[] IS NULL OR tenant = ANY($4))
              ORDER BY last_seen_at LIMIT $3",
-            &[&q.vendor, &q.device_id, &limit],
+            &[&q.vendor, &q.device_id, &limit, &q.tenants],
         )
         .await?;
     Ok(rows

@@ -549,7 +549,13 @@ async fn replay(
     let rows = tx
         .query(
             &s.find_dead,
-            &[&f.delivery_id, &f.destination, &f.vendor, &limit],
+            &[
+                &f.delivery_id,
+                &f.destination,
+                &f.vendor,
+                &limit,
+                &f.tenants,
+            ],
         )
         .await?;
     if rows.is_empty()
@@ -783,6 +789,7 @@ impl Stmts {
                        AND ($1::BIGINT IS NULL OR d.id = $1)
                        AND ($2::TEXT IS NULL OR d.dest = $2)
                        AND ($3::TEXT IS NULL OR e.vendor = $3)
+                       AND ($5::TEXT[] IS NULL OR e.tenant = ANY($5))
                      ORDER BY d.id LIMIT $4 FOR UPDATE OF d SKIP LOCKED",
                 )
                 .await?,

@@ -15,26 +15,31 @@ pub fn lanes(c: &Connection, q: &LaneQuery) -> Result<Vec<LaneInfo>, rusqlite::E
                 d.event_id, d.attempts, d.created_at, d.last_status, d.last_error,
                 (SELECT count(*) FROM deliveries p WHERE p.dest = l.dest AND p.class = l.class
                    AND p.lane_key = l.lane_key AND p.state = 'pending')
-         FROM lanes l JOIN deliveries d ON d.id = l.head_id
+         FROM lanes l JOIN deliveries d ON d.id = l.head_id JOIN events e ON e.seq = d.event_seq
          WHERE (?1 IS NULL OR l.dest = ?1)
+           AND (?3 IS NULL OR e.tenant IN (SELECT value FROM json_each(?3)))
          ORDER BY l.class, d.created_at LIMIT ?2",
     )?;
-    let rows = stmt.query_map(params![q.destination, q.limit.max(1) as i64], |r| {
-        let created: i64 = r.get(7)?;
-        Ok(LaneInfo {
-            destination: r.get(0)?,
-            class: LaneClass::from_i64(r.get(1)?),
-            key: r.get(2)?,
-            next_attempt_at_ms: r.get(3)?,
-            in_flight: r.get::<_, i64>(4)? != 0,
-            head_event_id: r.get(5)?,
-            head_attempts: r.get(6)?,
-            oldest_age_ms: (now - created).max(0),
-            last_status: r.get(8)?,
-            last_error: r.get(9)?,
-            depth: r.get(10)?,
-        })
-    })?;
+    let tenants = tenants_json(q.tenants.as_deref());
+    let rows = stmt.query_map(
+        params![q.destination, q.limit.max(1) as i64, tenants],
+        |r| {
+            let created: i64 = r.get(7)?;
+            Ok(LaneInfo {
+                destination: r.get(0)?,
+                class: LaneClass::from_i64(r.get(1)?),
+                key: r.get(2)?,
+                next_attempt_at_ms: r.get(3)?,
+                in_flight: r.get::<_, i64>(4)? != 0,
+                head_event_id: r.get(5)?,
+                head_attempts: r.get(6)?,
+                oldest_age_ms: (now - created).max(0),
+                last_status: r.get(8)?,
+                last_error: r.get(9)?,
+                depth: r.get(10)?,
+            })
+        },
+    )?;
     rows.collect()
 }
 
@@ -69,10 +74,16 @@ pub fn dead_letters(
         "SELECT d.id, d.event_id, d.dest, e.vendor, e.category, d.attempts, d.last_status, d.last_error, d.dead_at
          FROM deliveries d JOIN events e ON e.seq = d.event_seq
          WHERE d.state = 'dead' AND (?1 IS NULL OR d.dest = ?1) AND (?2 IS NULL OR e.vendor = ?2)
+           AND (?4 IS NULL OR e.tenant IN (SELECT value FROM json_each(?4)))
          ORDER BY d.id DESC LIMIT ?3",
     )?;
     let rows = stmt.query_map(
-        params![q.destination, q.vendor, q.limit.max(1) as i64],
+        params![
+            q.destination,
+            q.vendor,
+            q.limit.max(1) as i64,
+            tenants_json(q.tenants.as_deref())
+        ],
         |r| {
             Ok(DeadLetter {
                 delivery_id: r.get(0)?,
@@ -88,6 +99,11 @@ pub fn dead_letters(
         },
     )?;
     rows.collect()
+}
+
+/// A tenant filter as a JSON array for `json_each` (`None`: no filter).
+pub fn tenants_json(tenants: Option<&[String]>) -> Option<String> {
+    tenants.map(|t| serde_json::Value::from(t.to_vec()).to_string())
 }
 
 pub fn event(c: &Connection, id: &str) -> Result<Option<EventDetail>, rusqlite::Error> {

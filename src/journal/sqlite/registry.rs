@@ -55,21 +55,30 @@ pub fn liveness(c: &Connection, q: &LivenessQuery) -> rusqlite::Result<Vec<Liven
         "SELECT vendor, device_id, tenant, last_seen_at, last_kind, reported_at, beats
          FROM device_liveness
          WHERE (?1 IS NULL OR vendor = ?1) AND (?2 IS NULL OR device_id = ?2)
+           AND (?4 IS NULL OR tenant IN (SELECT value FROM json_each(?4)))
          ORDER BY last_seen_at LIMIT ?3",
     )?
-    .query_map(params![q.vendor, q.device_id, q.limit.max(1) as i64], |r| {
-        let seen: i64 = r.get(3)?;
-        Ok(Liveness {
-            vendor: r.get(0)?,
-            device_id: r.get(1)?,
-            tenant: r.get(2)?,
-            last_seen_at_ms: seen,
-            last_seen_age_ms: (now - seen).max(0),
-            last_kind: r.get(4)?,
-            reported_at_ms: r.get(5)?,
-            beats: r.get(6)?,
-        })
-    })?
+    .query_map(
+        params![
+            q.vendor,
+            q.device_id,
+            q.limit.max(1) as i64,
+            super::read::tenants_json(q.tenants.as_deref())
+        ],
+        |r| {
+            let seen: i64 = r.get(3)?;
+            Ok(Liveness {
+                vendor: r.get(0)?,
+                device_id: r.get(1)?,
+                tenant: r.get(2)?,
+                last_seen_at_ms: seen,
+                last_seen_age_ms: (now - seen).max(0),
+                last_kind: r.get(4)?,
+                reported_at_ms: r.get(5)?,
+                beats: r.get(6)?,
+            })
+        },
+    )?
     .collect()
 }
 

@@ -527,6 +527,7 @@ fn replay(c: &Connection, f: &ReplayFilter) -> Result<Vec<Replayed>, JournalErro
                AND (?1 IS NULL OR d.id = ?1)
                AND (?2 IS NULL OR d.dest = ?2)
                AND (?3 IS NULL OR e.vendor = ?3)
+               AND (?5 IS NULL OR e.tenant IN (SELECT value FROM json_each(?5)))
              ORDER BY d.id LIMIT ?4",
         )?
         .query_map(
@@ -534,7 +535,8 @@ fn replay(c: &Connection, f: &ReplayFilter) -> Result<Vec<Replayed>, JournalErro
                 f.delivery_id,
                 f.destination,
                 f.vendor,
-                f.limit.max(1) as i64
+                f.limit.max(1) as i64,
+                super::read::tenants_json(f.tenants.as_deref())
             ],
             |r| {
                 Ok((

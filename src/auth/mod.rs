@@ -1,0 +1,246 @@
+//! Inbound API authentication (OAuth2 access tokens, optionally DPoP-bound) and tenant isolation.
+//!
+//! One middleware (`require`, applied once in `app::http_router`) classifies every request into
+//! an endpoint `Family`, validates the access token against the issuer's JWKS and the family's
+//! scope, and stores the `Caller` in the request extensions. Handlers never look at tokens: they
+//! take a `TenantScope` (from the `Caller`) and pass it to their journal queries, so a caller
+//! only ever sees its own municipalities' events. Without `[auth]` (loopback only) nothing is
+//! checked and every scope is `TenantScope::All`.
+
+mod dpop;
+mod error;
+mod jwks;
+mod tenant;
+mod token;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::Method;
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::api_error::ApiError;
+use crate::config::auth::ValidAuth;
+pub use error::{AuthBuildError, AuthError};
+pub use tenant::TenantScope;
+
+/// Who made the request, as proven by the access token.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// `sub` of the token (or `client_id` for client-credentials tokens without `sub`).
+    pub sub: String,
+    /// Municipality numbers from the tenant claim; `"*"` means every tenant.
+    pub tenants: Vec<String>,
+    pub scopes: Vec<String>,
+}
+
+/// Set by the mTLS listener when the vendor presented a verified client certificate; vendor
+/// ingest then needs no bearer token.
+#[derive(Debug, Clone)]
+pub struct VerifiedClientCert;
+
+/// Endpoint families, each guarded by one scope (`[auth.scopes]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `/healthz`, `/readyz`: probes, never authenticated.
+    Open,
+    Ingest,
+    Subscribe,
+    Read,
+    Audit,
+    Replay,
+    Configure,
+}
+
+/// The one table of which path belongs to which family. Unknown paths are `Read`, so a new
+/// route is never open by accident.
+pub fn classify(method: &Method, path: &str) -> Family {
+    let path = path.trim_end_matches('/');
+    if path == "/healthz" || path == "/readyz" {
+        return Family::Open;
+    }
+    if path.starts_with("/v1/vendors/") {
+        return Family::Ingest;
+    }
+    if path.starts_with("/v1/subscriptions") || path.starts_with("/fhir/Subscription") {
+        return Family::Subscribe;
+    }
+    if path.starts_with("/v1/admin/audit") || path.starts_with("/console/audit") {
+        return Family::Audit;
+    }
+    let safe = method == Method::GET || method == Method::HEAD;
+    if !safe && path.ends_with("/replay") {
+        return Family::Replay;
+    }
+    if !safe {
+        return Family::Configure;
+    }
+    Family::Read
+}
+
+/// Validates tokens for one `[auth]` section.
+pub struct Authenticator {
+    config: ValidAuth,
+    keys: jwks::KeyStore,
+    replay: dpop::ReplayCache,
+}
+
+impl Authenticator {
+    /// Reads `jwks_file` and fetches `jwks_url` once (a failing fetch is retried on demand).
+    pub async fn build(config: ValidAuth) -> Result<Self, AuthBuildError> {
+        let keys =
+            jwks::KeyStore::load(config.jwks_file.as_deref(), config.jwks_url.clone()).await?;
+        Ok(Self {
+            config,
+            keys,
+            replay: dpop::ReplayCache::new(dpop::REPLAY_CAPACITY),
+        })
+    }
+
+    fn scope_for(&self, family: Family) -> &str {
+        let s = &self.config.scopes;
+        match family {
+            Family::Open => "",
+            Family::Ingest => &s.ingest,
+            Family::Subscribe => &s.subscribe,
+            Family::Read => &s.read,
+            Family::Audit => &s.audit,
+            Family::Replay => &s.replay,
+            Family::Configure => &s.configure,
+        }
+    }
+
+    /// Authenticates one request for `family`.
+    pub async fn check(&self, req: &Parts, family: Family) -> Result<Caller, AuthError> {
+        let dpop_only = self.config.require_dpop;
+        let header = req
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(AuthError::Missing { dpop_only })?;
+        let (scheme, token) = header.split_once(' ').ok_or_else(|| {
+            AuthError::invalid(
+                "Authorization must be \"Bearer <token>\" or \"DPoP <token>\"",
+                dpop_only,
+            )
+        })?;
+        let token = token.trim();
+        let is_dpop = if scheme.eq_ignore_ascii_case("dpop") {
+            true
+        } else if scheme.eq_ignore_ascii_case("bearer") {
+            false
+        } else {
+            return Err(AuthError::Missing { dpop_only });
+        };
+        if dpop_only && !is_dpop {
+            return Err(AuthError::invalid(
+                "this API requires DPoP-bound tokens",
+                dpop_only,
+            ));
+        }
+        let claims = token::validate(token, &self.config, &self.keys)
+            .await
+            .map_err(|r| AuthError::invalid(r, dpop_only))?;
+        let bound_jkt = claims.cnf_jkt.clone();
+        match (is_dpop, bound_jkt) {
+            (false, Some(_)) => {
+                return Err(AuthError::invalid(
+                    "the token is DPoP-bound (cnf); present it with the DPoP scheme and a proof",
+                    dpop_only,
+                ));
+            }
+            (true, None) => {
+                return Err(AuthError::invalid(
+                    "a DPoP token must carry cnf.jkt",
+                    dpop_only,
+                ));
+            }
+            (true, Some(jkt)) => {
+                dpop::verify(req, token, &jkt, self.config.leeway, &self.replay)
+                    .map_err(|r| AuthError::invalid(r, dpop_only))?;
+            }
+            (false, None) => {}
+        }
+        let need = self.scope_for(family);
+        if !claims.scopes.iter().any(|s| s == need) {
+            return Err(AuthError::InsufficientScope {
+                scope: need.to_string(),
+                dpop_only,
+            });
+        }
+        Ok(Caller {
+            sub: claims.sub,
+            tenants: claims.tenants,
+            scopes: claims.scopes,
+        })
+    }
+}
+
+/// The middleware: `None` (no `[auth]`) lets everything through.
+pub async fn require(
+    State(auth): State<Option<Arc<Authenticator>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(auth) = auth else {
+        return next.run(req).await;
+    };
+    let mut family = classify(req.method(), req.uri().path());
+    if auth.config.metrics_open && req.uri().path() == "/metrics" {
+        family = Family::Open;
+    }
+    if family == Family::Open
+        || (family == Family::Ingest && req.extensions().get::<VerifiedClientCert>().is_some())
+    {
+        return next.run(req).await;
+    }
+    // Check on the parts: the body is not `Sync`, so a `&Request` cannot be held across await.
+    let (mut parts, body) = req.into_parts();
+    match auth.check(&parts, family).await {
+        Ok(caller) => {
+            parts.extensions.insert(caller);
+            next.run(Request::from_parts(parts, body)).await
+        }
+        Err(e) => {
+            tracing::info!(family = ?family, error = %e, "request refused");
+            ApiError::Auth(e).into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families() {
+        let get = Method::GET;
+        let post = Method::POST;
+        assert_eq!(classify(&get, "/healthz"), Family::Open);
+        assert_eq!(classify(&get, "/readyz"), Family::Open);
+        assert_eq!(classify(&get, "/metrics"), Family::Read);
+        assert_eq!(classify(&post, "/v1/vendors/acme/events"), Family::Ingest);
+        assert_eq!(classify(&get, "/v1/admin/dead-letters"), Family::Read);
+        assert_eq!(
+            classify(&post, "/v1/admin/dead-letters/7/replay"),
+            Family::Replay
+        );
+        assert_eq!(
+            classify(&post, "/v1/admin/dead-letters/replay"),
+            Family::Replay
+        );
+        assert_eq!(
+            classify(&post, "/console/dead-letters/replay"),
+            Family::Replay
+        );
+        assert_eq!(
+            classify(&post, "/v1/admin/devices/acme/d1/assignments"),
+            Family::Configure
+        );
+        assert_eq!(classify(&get, "/v1/admin/audit"), Family::Audit);
+        assert_eq!(classify(&post, "/v1/subscriptions"), Family::Subscribe);
+        assert_eq!(classify(&get, "/anything-new"), Family::Read);
+    }
+}

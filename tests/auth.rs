@@ -1,0 +1,393 @@
+//! API authentication and tenant isolation over real sockets: the real binary with `[auth]`,
+//! tokens signed at run time by keys generated in the test (no committed private keys).
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::{Dest, Gateway, Mode, Sink, observation};
+use jsonwebtoken::jwk::{Jwk, JwkSet, ThumbprintHash};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const ISS: &str = "https://idp.test";
+const AUD: &str = "knutepunkt";
+const ALL_SCOPES: &str =
+    "knutepunkt:ingest knutepunkt:read knutepunkt:replay knutepunkt:audit knutepunkt:configure";
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+/// A signing key generated now, with its public JWK.
+struct Key {
+    enc: EncodingKey,
+    jwk: Jwk,
+    alg: Algorithm,
+}
+
+impl Key {
+    fn ec(kid: &str) -> Key {
+        let kp = rcgen::KeyPair::generate().expect("P-256 key");
+        let enc = EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).expect("pem");
+        let mut jwk = Jwk::from_encoding_key(&enc, Algorithm::ES256).expect("jwk");
+        jwk.common.key_id = Some(kid.into());
+        Key {
+            enc,
+            jwk,
+            alg: Algorithm::ES256,
+        }
+    }
+
+    /// rcgen cannot generate RSA keys; the openssl CLI can.
+    fn rsa(kid: &str) -> Key {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+            ])
+            .output()
+            .expect("openssl genpkey");
+        assert!(out.status.success(), "openssl failed");
+        let enc = EncodingKey::from_rsa_pem(&out.stdout).expect("pem");
+        let mut jwk = Jwk::from_encoding_key(&enc, Algorithm::RS256).expect("jwk");
+        jwk.common.key_id = Some(kid.into());
+        Key {
+            enc,
+            jwk,
+            alg: Algorithm::RS256,
+        }
+    }
+
+    fn sign(&self, claims: &Value) -> String {
+        let mut h = Header::new(self.alg);
+        h.kid = self.jwk.common.key_id.clone();
+        jsonwebtoken::encode(&h, claims, &self.enc).expect("sign")
+    }
+
+    /// A DPoP proof for `method url` bound to `token`.
+    fn proof(&self, method: &str, url: &str, token: &str, jti: &str) -> String {
+        let mut h = Header::new(self.alg);
+        h.typ = Some("dpop+jwt".into());
+        let mut public = self.jwk.clone();
+        public.common.key_id = None;
+        h.jwk = Some(public);
+        let ath = URL_SAFE_NO_PAD.encode(Sha256::digest(token.as_bytes()));
+        let claims = json!({ "jti": jti, "htm": method, "htu": url, "iat": now(), "ath": ath });
+        jsonwebtoken::encode(&h, &claims, &self.enc).expect("sign proof")
+    }
+
+    fn thumbprint(&self) -> String {
+        self.jwk.thumbprint(ThumbprintHash::SHA256)
+    }
+}
+
+fn claims(scope: &str, tenants: &[&str]) -> Value {
+    json!({
+        "iss": ISS, "aud": AUD, "sub": "tester", "exp": now() + 300, "nbf": now() - 10,
+        "scope": scope, "tenants": tenants,
+    })
+}
+
+/// Starts the gateway with `[auth]` trusting `keys`.
+async fn gateway(keys: &[&Key], dests: &[Dest]) -> Gateway {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let jwks = dir.path().join("jwks.json");
+    let set = JwkSet {
+        keys: keys.iter().map(|k| k.jwk.clone()).collect(),
+    };
+    std::fs::write(&jwks, serde_json::to_string(&set).expect("jwks")).expect("write jwks");
+    let auth = format!(
+        "[auth]\nissuer = {ISS:?}\naudience = {AUD:?}\njwks_file = {:?}\nleeway_s = 5\n\
+         tenant_claim = \"tenants\"\n",
+        jwks.display().to_string()
+    );
+    let storage = common::storage_section(dir.path()).await;
+    let cfg = format!("{}\n{storage}", common::config_text(dests, &auth));
+    Gateway::start_with_config(dir, &cfg).await
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+/// GET with an `Authorization` value (and optional DPoP proof); status, body, challenges.
+async fn get(
+    gw: &Gateway,
+    path: &str,
+    auth: Option<&str>,
+    proof: Option<&str>,
+) -> (u16, Value, String) {
+    let mut req = http().get(format!("{}{path}", gw.base));
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    if let Some(p) = proof {
+        req = req.header("dpop", p);
+    }
+    let resp = req.send().await.expect("get");
+    let status = resp.status().as_u16();
+    let challenge = resp
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    (status, resp.json().await.unwrap_or(Value::Null), challenge)
+}
+
+async fn post(gw: &Gateway, path: &str, token: &str) -> (u16, Value) {
+    let resp = http()
+        .post(format!("{}{path}", gw.base))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .expect("post");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn tokens_are_checked_for_signature_issuer_audience_time_scope_and_dpop() {
+    let key = Key::ec("k1");
+    let rsa = Key::rsa("r1");
+    let gw = gateway(&[&key, &rsa], &[]).await;
+    let path = "/v1/admin/dead-letters";
+    let bearer = |t: &str| format!("Bearer {t}");
+
+    // Probes stay open; everything else needs a token.
+    assert_eq!(get(&gw, "/healthz", None, None).await.0, 200);
+    assert_eq!(get(&gw, "/readyz", None, None).await.0, 200);
+    let (s, body, challenge) = get(&gw, path, None, None).await;
+    assert_eq!(s, 401, "{body}");
+    assert_eq!(body["resourceType"], "OperationOutcome");
+    assert!(
+        challenge.contains("Bearer realm=\"knutepunkt\""),
+        "{challenge}"
+    );
+    assert!(challenge.contains("DPoP"), "{challenge}");
+    assert_eq!(get(&gw, "/metrics", None, None).await.0, 401);
+
+    // Valid tokens (ES256 and RS256) pass.
+    let good = key.sign(&claims(ALL_SCOPES, &["0301"]));
+    assert_eq!(get(&gw, path, Some(&bearer(&good)), None).await.0, 200);
+    let good_rsa = rsa.sign(&claims(ALL_SCOPES, &["0301"]));
+    assert_eq!(get(&gw, path, Some(&bearer(&good_rsa)), None).await.0, 200);
+    assert_eq!(
+        get(&gw, "/metrics", Some(&bearer(&good)), None).await.0,
+        200
+    );
+
+    // Same kid, different key: the signature does not verify.
+    let forged = Key::ec("k1").sign(&claims(ALL_SCOPES, &["0301"]));
+    let (s, _, challenge) = get(&gw, path, Some(&bearer(&forged)), None).await;
+    assert_eq!(s, 401);
+    assert!(challenge.contains("invalid_token"), "{challenge}");
+    assert!(challenge.contains("signature"), "{challenge}");
+
+    let mut c = claims(ALL_SCOPES, &["0301"]);
+    c["iss"] = json!("https://other.test");
+    let (s, _, challenge) = get(&gw, path, Some(&bearer(&key.sign(&c))), None).await;
+    assert_eq!(s, 401);
+    assert!(challenge.contains("issuer"), "{challenge}");
+
+    let mut c = claims(ALL_SCOPES, &["0301"]);
+    c["aud"] = json!("someone-else");
+    let (s, _, challenge) = get(&gw, path, Some(&bearer(&key.sign(&c))), None).await;
+    assert_eq!(s, 401);
+    assert!(challenge.contains("audience"), "{challenge}");
+
+    let mut c = claims(ALL_SCOPES, &["0301"]);
+    c["exp"] = json!(now() - 60);
+    let (s, _, challenge) = get(&gw, path, Some(&bearer(&key.sign(&c))), None).await;
+    assert_eq!(s, 401);
+    assert!(challenge.contains("expired"), "{challenge}");
+
+    // A token without the read scope: 403 naming the scope.
+    let ingest_only = key.sign(&claims("knutepunkt:ingest", &["0301"]));
+    let (s, body, challenge) = get(&gw, path, Some(&bearer(&ingest_only)), None).await;
+    assert_eq!(s, 403, "{body}");
+    assert!(challenge.contains("insufficient_scope"), "{challenge}");
+    assert!(challenge.contains("knutepunkt:read"), "{challenge}");
+
+    // Vendor ingest on the API port needs the ingest scope.
+    let (s, _) = gw.post_as("fhir", &observation("1", "a"), &[]).await;
+    assert_eq!(s, 401);
+    let read_only = key.sign(&claims("knutepunkt:read", &["0301"]));
+    let (s, _) = gw
+        .post_as(
+            "fhir",
+            &observation("1", "a"),
+            &[("authorization", &bearer(&read_only))],
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, body) = gw
+        .post_as(
+            "fhir",
+            &observation("1", "a"),
+            &[("authorization", &bearer(&ingest_only))],
+        )
+        .await;
+    assert_eq!(s, 202, "{body}");
+
+    // DPoP: a bound token needs the DPoP scheme and a matching proof.
+    let client = Key::ec("client");
+    let mut c = claims(ALL_SCOPES, &["0301"]);
+    c["cnf"] = json!({ "jkt": client.thumbprint() });
+    let bound = key.sign(&c);
+    let dpop = format!("DPoP {bound}");
+    let url = format!("{}{path}", gw.base);
+    let (s, _, challenge) = get(&gw, path, Some(&bearer(&bound)), None).await;
+    assert_eq!(s, 401, "a bound token used as Bearer");
+    assert!(challenge.contains("cnf"), "{challenge}");
+    let (s, _, challenge) = get(&gw, path, Some(&dpop), None).await;
+    assert_eq!(s, 401, "DPoP token without proof");
+    assert!(challenge.contains("proof"), "{challenge}");
+    let wrong_htu = client.proof("GET", &format!("{}/v1/admin/lanes", gw.base), &bound, "j1");
+    let (s, _, challenge) = get(&gw, path, Some(&dpop), Some(&wrong_htu)).await;
+    assert_eq!(s, 401, "proof for another URL");
+    assert!(challenge.contains("htu"), "{challenge}");
+    let wrong_key = Key::ec("x").proof("GET", &url, &bound, "j2");
+    assert_eq!(get(&gw, path, Some(&dpop), Some(&wrong_key)).await.0, 401);
+    let proof = client.proof("GET", &url, &bound, "j3");
+    let (s, body, _) = get(&gw, path, Some(&dpop), Some(&proof)).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _, challenge) = get(&gw, path, Some(&dpop), Some(&proof)).await;
+    assert_eq!(s, 401, "replayed proof");
+    assert!(challenge.contains("jti"), "{challenge}");
+}
+
+#[tokio::test]
+async fn a_caller_sees_and_replays_only_its_own_tenants() {
+    // The destination refuses everything permanently, so every event dead-letters.
+    let sink = Sink::start(Mode::status(400)).await;
+    let key = Key::ec("k1");
+    let gw = gateway(&[&key], &[Dest::new("epj", &sink.url)]).await;
+    let a = key.sign(&claims(ALL_SCOPES, &["0301"]));
+    let b = key.sign(&claims(ALL_SCOPES, &["4601"]));
+    let all = key.sign(&claims(ALL_SCOPES, &["*"]));
+    let auth = |t: &str| format!("Bearer {t}");
+
+    let mut ids = Vec::new();
+    for (tenant, token, vid) in [("0301", &a, "a1"), ("4601", &b, "b1"), ("0301", &a, "a2")] {
+        let (s, body) = gw
+            .post_as(
+                "fhir",
+                &observation("1", vid),
+                &[("x-tenant", tenant), ("authorization", &auth(token))],
+            )
+            .await;
+        assert_eq!(s, 202, "{body}");
+        ids.push(body["id"].as_str().expect("id").to_string());
+    }
+    let (a1, b1, a2) = (&ids[0], &ids[1], &ids[2]);
+
+    // Wait until all three are dead letters (seen by an all-tenant operator).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body, _) = get(&gw, "/v1/admin/dead-letters", Some(&auth(&all)), None).await;
+        if body["dead_letters"]
+            .as_array()
+            .is_some_and(|d| d.len() == 3)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dead letters: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let listed = |body: &Value| -> Vec<String> {
+        let mut v: Vec<String> = body["dead_letters"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|d| d["event_id"].as_str().expect("event id").to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let (s, body, _) = get(&gw, "/v1/admin/dead-letters", Some(&auth(&a)), None).await;
+    assert_eq!(s, 200);
+    let mut want = vec![a1.clone(), a2.clone()];
+    want.sort();
+    assert_eq!(listed(&body), want, "tenant A sees only its dead letters");
+    let (_, body, _) = get(&gw, "/v1/admin/dead-letters", Some(&auth(&b)), None).await;
+    assert_eq!(listed(&body), vec![b1.clone()]);
+
+    // Single records of another tenant are "not found", not "forbidden".
+    let (s, _, _) = get(
+        &gw,
+        &format!("/v1/admin/events/{b1}"),
+        Some(&auth(&a)),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+    let (s, body, _) = get(
+        &gw,
+        &format!("/v1/admin/events/{b1}"),
+        Some(&auth(&b)),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(body["tenant"], "4601");
+    let (s, _, _) = get(&gw, &format!("/console/events/{b1}"), Some(&auth(&a)), None).await;
+    assert_eq!(s, 404);
+
+    // Lanes of a tenant-less caller are empty.
+    let nobody = key.sign(&claims(ALL_SCOPES, &[]));
+    let (_, body, _) = get(&gw, "/v1/admin/dead-letters", Some(&auth(&nobody)), None).await;
+    assert_eq!(body["dead_letters"], json!([]));
+
+    // Replay of B's dead letter with A's token: 404, and it stays dead; B may replay it.
+    let (_, body, _) = get(&gw, "/v1/admin/dead-letters", Some(&auth(&b)), None).await;
+    let delivery = body["dead_letters"][0]["delivery_id"]
+        .as_i64()
+        .expect("delivery id");
+    let (s, body) = post(
+        &gw,
+        &format!("/v1/admin/dead-letters/{delivery}/replay"),
+        &a,
+    )
+    .await;
+    assert_eq!(s, 404, "{body}");
+    let (s, body) = post(&gw, "/v1/admin/dead-letters/replay", &a).await;
+    assert_eq!(s, 200, "{body}");
+    let replayed: Vec<&str> = body["replayed"]
+        .as_array()
+        .expect("replayed")
+        .iter()
+        .filter_map(|r| r["event_id"].as_str())
+        .collect();
+    assert!(
+        !replayed.contains(&b1.as_str()),
+        "A replayed B's event: {body}"
+    );
+    assert_eq!(replayed.len(), 2, "{body}");
+    let (s, body) = post(
+        &gw,
+        &format!("/v1/admin/dead-letters/{delivery}/replay"),
+        &b,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["replayed"][0]["event_id"], json!(b1));
+}
