@@ -25,11 +25,14 @@ pub struct AppState {
     pub destinations: Vec<String>,
     /// Metric instruments and the `/metrics` exporter.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// Escalation and deactivation settings and metrics (`alarm`).
+    pub alarm: Arc<crate::alarm::AlarmState>,
 }
 
 pub fn http_router(state: Arc<AppState>) -> Router {
     crate::ingest::router()
         .merge(crate::admin::router())
+        .merge(crate::alarm::admin::router())
         .merge(crate::telemetry::router())
         .with_state(state)
 }
@@ -54,7 +57,21 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
         config.destinations.iter().map(|d| d.name.clone()).collect(),
         stop_rx.clone(),
     ));
+    let dest_names: Vec<String> = config.destinations.iter().map(|d| d.name.clone()).collect();
+    let alarm = Arc::new(crate::alarm::AlarmState {
+        config: config.alarm.clone(),
+        metrics: crate::alarm::metrics::AlarmMetrics::new(&telemetry.meter(), &dest_names),
+    });
+    let watcher = crate::alarm::Watcher::new(
+        &config,
+        Arc::clone(&journal),
+        wakers.clone(),
+        Arc::clone(&alarm),
+    )
+    .context("building the escalation HTTP client")?;
+    let watcher = tokio::spawn(watcher.run(stop_rx.clone()));
     let state = Arc::new(AppState {
+        alarm,
         telemetry: Arc::clone(&telemetry),
         journal,
         vendors,
@@ -96,6 +113,7 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
         let _ = d.await;
     }
     let _ = snapshot.await;
+    let _ = watcher.await;
     telemetry.shutdown();
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! Every key is documented in `docs/configuration.md`; `deploy/knutepunkt.example.toml` is the
 //! commented example that `knutepunkt check` must accept (a test enforces it).
 
+pub mod alarm;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,8 @@ pub struct RawConfig {
     pub destinations: Vec<DestinationConfig>,
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
+    pub escalation: alarm::EscalationConfig,
+    pub deactivation: alarm::DeactivationConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,6 +150,12 @@ pub struct DestinationConfig {
     pub alarm_concurrency: usize,
     #[serde(default)]
     pub retry: RetryConfig,
+    /// Seconds within which an alarm must be delivered (2xx) before it escalates; unset: never.
+    #[serde(default)]
+    pub deadline_s: Option<u64>,
+    /// Destination that also receives an alarm that escalated here.
+    #[serde(default)]
+    pub fallback: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

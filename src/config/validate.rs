@@ -73,6 +73,8 @@ pub struct ValidConfig {
     pub mappings_dir: PathBuf,
     pub destinations: Vec<ValidDestination>,
     pub routes: Vec<ValidRoute>,
+    /// `[escalation]` and `[deactivation]`.
+    pub alarm: super::alarm::ValidAlarm,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +85,10 @@ pub struct ValidDestination {
     pub concurrency: usize,
     pub alarm_concurrency: usize,
     pub retry: RetryConfig,
+    /// Alarm deliveries not delivered this long after they were stored escalate.
+    pub deadline: Option<Duration>,
+    /// Destination that also gets an escalated alarm.
+    pub fallback: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -241,6 +247,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
 
     let destinations = validate_destinations(raw, &mut errs);
     let routes = validate_routes(raw, &destinations, &mut errs);
+    let alarm = super::alarm::validate(raw, &destinations, &mut errs);
 
     if !errs.list.is_empty() {
         return Err(errs.list);
@@ -259,6 +266,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
         mappings_dir: raw.mappings.dir.clone(),
         destinations,
         routes,
+        alarm,
     })
 }
 
@@ -313,6 +321,8 @@ fn validate_destinations(raw: &RawConfig, errs: &mut Errors<'_>) -> Vec<ValidDes
             concurrency: d.concurrency,
             alarm_concurrency: d.alarm_concurrency,
             retry: d.retry.clone(),
+            deadline: d.deadline_s.map(Duration::from_secs),
+            fallback: d.fallback.clone(),
         });
     }
     out
@@ -395,13 +405,13 @@ fn positive(errs: &mut Errors<'_>, field: &str, v: u64) {
     }
 }
 
-struct Errors<'a> {
+pub(super) struct Errors<'a> {
     file: &'a str,
     list: Vec<ConfigError>,
 }
 
 impl Errors<'_> {
-    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.list.push(ConfigError {
             file: self.file.to_string(),
             field: field.into(),
