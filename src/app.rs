@@ -61,6 +61,7 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
     let alarm = Arc::new(crate::alarm::AlarmState {
         config: config.alarm.clone(),
         metrics: crate::alarm::metrics::AlarmMetrics::new(&telemetry.meter(), &dest_names),
+        active: Default::default(),
     });
     let watcher = crate::alarm::Watcher::new(
         &config,

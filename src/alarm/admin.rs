@@ -238,6 +238,7 @@ async fn deactivate(
         AlarmOut::Deactivation(d) => {
             tracing::warn!(vendor = %d.vendor, device = %d.device_id, until_ms = d.until_ms,
                 "device deactivated");
+            state.alarm.active.upsert(d.clone());
             Ok((StatusCode::CREATED, Json(deactivation_json(&d))).into_response())
         }
         _ => Err(ApiError::from_journal(
@@ -265,7 +266,10 @@ async fn reactivate(
         at_ms: now_ms(),
     };
     match state.journal.alarm_op(op).await.map_err(jerr(&state))? {
-        AlarmOut::Deactivation(d) => Ok(Json(deactivation_json(&d))),
+        AlarmOut::Deactivation(d) => {
+            state.alarm.active.upsert(d.clone());
+            Ok(Json(deactivation_json(&d)))
+        }
         _ => Err(ApiError::from_journal(
             JournalError::Unavailable("unexpected journal answer".into()),
             state.ingest.retry_after_s,

@@ -16,6 +16,7 @@
 //! escalated: the alarm reached its destination and a second copy would only add noise.
 
 pub mod admin;
+pub mod deactivation;
 pub mod metrics;
 
 use std::sync::Arc;
@@ -42,6 +43,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 pub struct AlarmState {
     pub config: ValidAlarm,
     pub metrics: AlarmMetrics,
+    /// Deactivations in force, for marking events at ingest.
+    pub active: deactivation::ActiveSet,
 }
 
 pub struct Watcher {
@@ -253,6 +256,7 @@ impl Watcher {
                 .metrics
                 .active_deactivations
                 .store(list.len() as i64, std::sync::atomic::Ordering::Relaxed);
+            self.state.active.replace(list);
         }
     }
 }
