@@ -27,11 +27,14 @@ pub struct AppState {
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// Token validation for `[auth]`; `None` = open API (loopback only).
     pub auth: Option<Arc<crate::auth::Authenticator>>,
+    /// Escalation and deactivation settings and metrics (`alarm`).
+    pub alarm: Arc<crate::alarm::AlarmState>,
 }
 
 pub fn http_router(state: Arc<AppState>) -> Router {
     crate::ingest::router()
         .merge(crate::admin::router())
+        .merge(crate::alarm::admin::router())
         .merge(crate::telemetry::router())
         .layer(axum::middleware::from_fn_with_state(
             state.auth.clone(),
@@ -67,8 +70,23 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
             None
         }
     };
+    let dest_names: Vec<String> = config.destinations.iter().map(|d| d.name.clone()).collect();
+    let alarm = Arc::new(crate::alarm::AlarmState {
+        config: config.alarm.clone(),
+        metrics: crate::alarm::metrics::AlarmMetrics::new(&telemetry.meter(), &dest_names),
+        active: Default::default(),
+    });
+    let watcher = crate::alarm::Watcher::new(
+        &config,
+        Arc::clone(&journal),
+        wakers.clone(),
+        Arc::clone(&alarm),
+    )
+    .context("building the escalation HTTP client")?;
+    let watcher = tokio::spawn(watcher.run(stop_rx.clone()));
     let state = Arc::new(AppState {
         auth,
+        alarm,
         telemetry: Arc::clone(&telemetry),
         journal,
         vendors,
@@ -130,6 +148,7 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
         let _ = d.await;
     }
     let _ = snapshot.await;
+    let _ = watcher.await;
     telemetry.shutdown();
     Ok(())
 }

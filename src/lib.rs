@@ -14,6 +14,7 @@ pub mod normalise;
 pub mod route;
 
 pub mod admin;
+pub mod alarm;
 pub mod api_error;
 pub mod app;
 pub mod auth;

@@ -5,6 +5,7 @@
 
 pub mod ingest_vendor;
 pub mod auth;
+pub mod alarm;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,8 @@ pub struct RawConfig {
     pub tls: Option<TlsConfig>,
     /// Inbound OAuth2 bearer tokens; absent = open API (loopback listener only).
     pub auth: Option<auth::AuthConfig>,
+    pub escalation: alarm::EscalationConfig,
+    pub deactivation: alarm::DeactivationConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -172,6 +175,12 @@ pub struct DestinationConfig {
     /// OAuth2 client credentials (`private_key_jwt`) for the destination's access token.
     #[serde(default)]
     pub oauth: Option<auth::DestinationOAuth>,
+    /// Seconds within which an alarm must be delivered (2xx) before it escalates; unset: never.
+    #[serde(default)]
+    pub deadline_s: Option<u64>,
+    /// Destination that also receives an alarm that escalated here.
+    #[serde(default)]
+    pub fallback: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -81,6 +81,8 @@ pub struct ValidConfig {
     pub tls: Option<ValidTls>,
     /// `None`: open API (only allowed on a loopback listener).
     pub auth: Option<super::auth::ValidAuth>,
+    /// `[escalation]` and `[deactivation]`.
+    pub alarm: super::alarm::ValidAlarm,
 }
 
 /// `[tls]` after validation: both server files set; the vendor port has a CA; revocation
@@ -112,6 +114,10 @@ pub struct ValidDestination {
     pub client_cert_file: Option<PathBuf>,
     pub client_key_file: Option<PathBuf>,
     pub oauth: Option<super::auth::DestinationOAuth>,
+    /// Alarm deliveries not delivered this long after they were stored escalate.
+    pub deadline: Option<Duration>,
+    /// Destination that also gets an escalated alarm.
+    pub fallback: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -279,6 +285,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
     let routes = validate_routes(raw, &destinations, &mut errs);
     let tls = validate_tls(raw, listen, &mut errs);
     let auth = super::auth::validate_auth(raw.auth.as_ref(), &listen, &mut |f, m| errs.push(f, m));
+    let alarm = super::alarm::validate(raw, &destinations, &mut errs);
 
     if !errs.list.is_empty() {
         return Err(errs.list);
@@ -301,6 +308,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
         routes,
         tls,
         auth,
+        alarm,
     })
 }
 
@@ -511,6 +519,8 @@ fn validate_destinations(raw: &RawConfig, errs: &mut Errors<'_>) -> Vec<ValidDes
             client_cert_file: d.client_cert_file.clone(),
             client_key_file: d.client_key_file.clone(),
             oauth: d.oauth.clone(),
+            deadline: d.deadline_s.map(Duration::from_secs),
+            fallback: d.fallback.clone(),
         });
     }
     out
@@ -593,13 +603,13 @@ fn positive(errs: &mut Errors<'_>, field: &str, v: u64) {
     }
 }
 
-struct Errors<'a> {
+pub(super) struct Errors<'a> {
     file: &'a str,
     list: Vec<ConfigError>,
 }
 
 impl Errors<'_> {
-    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.list.push(ConfigError {
             file: self.file.to_string(),
             field: field.into(),

@@ -167,7 +167,7 @@ async fn ingest_inner(
             max_xml_depth: limits.max_xml_depth,
         };
         let (outcome, lookup) = normalise_resolved(&state, spec, &raw).await?;
-        let envelope = match outcome {
+        let mut envelope = match outcome {
             Outcome::Event(e) => e,
             // Liveness only: recorded durably, never journaled as a clinical event.
             Outcome::Heartbeat(hb) => {
@@ -204,6 +204,12 @@ async fn ingest_inner(
             Some(_) => Default::default(),
             None => state.router.route(&envelope),
         };
+        // Marked, never held back: see alarm/deactivation.rs.
+        let device = lookup.as_ref().map(|l| l.query.device_id.as_str());
+        let deactivated = crate::alarm::deactivation::find(&state, &envelope, device).await;
+        if let Some(d) = &deactivated {
+            crate::alarm::deactivation::tag(&mut envelope, d);
+        }
         let event = NewEvent {
             envelope,
             raw: body.to_vec(),
@@ -236,6 +242,9 @@ async fn ingest_inner(
                 category,
             }
             .emit(&state.telemetry);
+        }
+        if let ((Appended::Stored { id }, _), Some(d)) = (&appended, &deactivated) {
+            crate::alarm::deactivation::note(&state, id, d).await;
         }
         Ok::<_, ApiError>(Stored::Event(appended, dests))
     };

@@ -3,6 +3,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::alarm::{AlarmOp, AlarmOut};
 use super::{
     Appended, Assignment, AttemptRecord, AuditNote, Claimed, DeviceBeat, JournalError, LaneClass,
     NewAssignment, NewEvent, QuarantineInfo, Release, ReplayFilter, Replayed,
@@ -46,12 +47,15 @@ pub enum RegistryOp {
     Release(Box<Release>),
     /// Appends one audit record that is not part of a delivery step.
     Note(AuditNote),
+    /// Escalations and device deactivations (`journal/alarm.rs`).
+    Alarm(AlarmOp),
 }
 
 pub enum RegistryOut {
     Assignment(Assignment),
     Appended(Appended),
     Unit,
+    Alarm(AlarmOut),
 }
 
 /// A command's result, held until its batch commits.
@@ -245,6 +249,15 @@ impl Queue {
         self.registry(RegistryOp::Release(Box::new(r)), false)
             .await
             .map(|_| ())
+    }
+}
+
+impl Queue {
+    pub async fn alarm(&self, op: AlarmOp) -> Result<AlarmOut, JournalError> {
+        match self.registry(RegistryOp::Alarm(op), false).await? {
+            RegistryOut::Alarm(a) => Ok(a),
+            _ => Err(mismatch()),
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 //! A backend commits many commands in one transaction (group commit) and answers none before
 //! that commit is durable.
 
+pub mod alarm;
 pub mod audit_chain;
 mod command;
 mod postgres;
@@ -127,4 +128,19 @@ pub trait Journal: Send + Sync + 'static {
     /// Appends one audit record outside a delivery step (durable before it answers; sheds load
     /// with `Overloaded` like `append`).
     async fn audit_note(&self, note: AuditNote) -> Result<(), JournalError>;
+
+    // ---- Alarm path: escalations and device deactivations (`alarm.rs`).
+
+    /// Escalation and deactivation writes (durable before they answer).
+    async fn alarm_op(&self, op: alarm::AlarmOp) -> Result<alarm::AlarmOut, JournalError>;
+    async fn escalations(
+        &self,
+        q: alarm::EscalationQuery,
+    ) -> Result<Vec<alarm::Escalation>, JournalError>;
+    /// How many escalations no operator has acknowledged yet.
+    async fn open_escalations(&self) -> Result<i64, JournalError>;
+    async fn deactivations(
+        &self,
+        q: alarm::DeactivationQuery,
+    ) -> Result<Vec<alarm::Deactivation>, JournalError>;
 }

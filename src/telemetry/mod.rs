@@ -93,6 +93,11 @@ impl Telemetry {
         prometheus::TextEncoder::new().encode_to_string(&families)
     }
 
+    /// The meter, for modules that own their instruments (e.g. `alarm::metrics`).
+    pub fn meter(&self) -> Meter {
+        self.provider.meter("knutepunkt")
+    }
+
     /// Flushes and stops the provider (call once on shutdown).
     pub fn shutdown(&self) {
         if let Err(e) = self.provider.shutdown() {

@@ -173,6 +173,52 @@ metric!(
     "Ingest requests refused (nothing stored), by vendor (\"unknown\" for names not configured) and reason (rate_limited, too_large, malformed, unmappable, unsupported_media_type, invalid_header, forbidden, unknown_vendor, overloaded, unavailable, timeout, other)"
 );
 
+metric!(
+    ALARM_ESCALATIONS,
+    "knutepunkt.alarm.escalations",
+    "{escalation}",
+    "knutepunkt_alarm_escalations_total",
+    Counter,
+    ["destination"],
+    "Alarm deliveries that missed their destination's deadline_s and escalated, by destination"
+);
+metric!(
+    ALARM_ESCALATIONS_OPEN,
+    "knutepunkt.alarm.escalations_open",
+    "{escalation}",
+    "knutepunkt_alarm_escalations_open",
+    Gauge,
+    [],
+    "Escalations no operator has acknowledged yet, from the journal"
+);
+metric!(
+    ALARM_ESCALATION_NOTIFICATIONS,
+    "knutepunkt.alarm.escalation_notifications",
+    "{notification}",
+    "knutepunkt_alarm_escalation_notifications_total",
+    Counter,
+    ["outcome"],
+    "Escalation notifications to escalation.url, by outcome (sent, failed after all attempts)"
+);
+metric!(
+    DEVICE_DEACTIVATIONS_ACTIVE,
+    "knutepunkt.device.deactivations_active",
+    "{deactivation}",
+    "knutepunkt_device_deactivations_active",
+    Gauge,
+    [],
+    "Device deactivations in force now, from the journal"
+);
+metric!(
+    DEVICE_DEACTIVATION_REMINDERS,
+    "knutepunkt.device.deactivation_reminders",
+    "{reminder}",
+    "knutepunkt_device_deactivation_reminders_total",
+    Counter,
+    ["kind"],
+    "Deactivation reminders raised, by kind (expiring: within deactivation.reminder_lead_s of its end; expired)"
+);
+
 /// Every exported metric (the `/metrics` names are checked against this list in tests).
 pub const ALL: &[MetricDef] = &[
     INGEST_REQUESTS,
@@ -190,6 +236,11 @@ pub const ALL: &[MetricDef] = &[
     SNAPSHOT_AGE,
     VENDOR_LAST_ACCEPTED,
     INGEST_REJECTED,
+    ALARM_ESCALATIONS,
+    ALARM_ESCALATIONS_OPEN,
+    ALARM_ESCALATION_NOTIFICATIONS,
+    DEVICE_DEACTIVATIONS_ACTIVE,
+    DEVICE_DEACTIVATION_REMINDERS,
 ];
 
 /// Bucket bounds (seconds) for ingest and attempt durations: 1 ms to 30 s.

@@ -8,6 +8,7 @@
 //! `*****`), since the console has no roles yet. Assets are embedded in the binary; the pages need
 //! no network access beyond the gateway itself.
 
+mod alarm;
 pub mod html;
 
 use std::sync::Arc;
@@ -248,6 +249,7 @@ async fn render_overview(state: &AppState, scope: &TenantScope) -> Result<String
         .raw("</span></div>");
     }
     b.raw("</section>");
+    b.append(alarm::overview_section(state).await?);
 
     b.raw("<h2>Destinations</h2><table id=\"destinations\"><thead><tr><th>Destination</th>")
         .raw("<th class=\"num\">Pending</th><th class=\"num\">Lanes</th><th>Oldest undelivered</th>")

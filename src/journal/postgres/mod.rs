@@ -9,6 +9,7 @@
 //! Each node has one writer connection that commits batches of commands (group commit); the
 //! commands of a batch run pipelined on that connection inside one transaction.
 
+mod alarm;
 pub mod audit;
 mod read;
 mod registry;
@@ -23,6 +24,9 @@ use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
+use super::alarm::{
+    AlarmOp, AlarmOut, Deactivation, DeactivationQuery, Escalation, EscalationQuery,
+};
 use super::command::Queue;
 use super::{
     Appended, Assignment, AssignmentQuery, AttemptRecord, AuditNote, Claimed, DeadLetter,
@@ -47,7 +51,8 @@ pub struct PgOptions {
     pub writers: usize,
 }
 
-const SCHEMA_VERSION: i32 = 3;
+/// 4: escalations, device deactivations (`schema_v4.sql`).
+const SCHEMA_VERSION: i32 = 4;
 /// Arbitrary constant naming the migration advisory lock.
 const MIGRATION_LOCK: i64 = 0x6b6e_7574_6570_756e;
 
@@ -222,10 +227,11 @@ async fn migrate(client: &tokio_postgres::Client) -> Result<(), JournalError> {
     }
     // One step per version, each applied once, in order; a database at version 1 gets only the
     // later steps.
-    let steps: [(i32, &str); 3] = [
+    let steps: [(i32, &str); 4] = [
         (1, include_str!("schema.sql")),
         (2, include_str!("schema_v2.sql")),
         (3, include_str!("schema_v3.sql")),
+        (4, include_str!("schema_v4.sql")),
     ];
     for (version, sql) in steps {
         if current < version {
@@ -349,5 +355,21 @@ impl Journal for PostgresJournal {
 
     async fn release(&self, r: Release) -> Result<(), JournalError> {
         self.queue.release(r).await
+    }
+
+    async fn alarm_op(&self, op: AlarmOp) -> Result<AlarmOut, JournalError> {
+        self.queue.alarm(op).await
+    }
+
+    async fn escalations(&self, q: EscalationQuery) -> Result<Vec<Escalation>, JournalError> {
+        alarm::escalations(&**self.client().await?, &q).await
+    }
+
+    async fn open_escalations(&self) -> Result<i64, JournalError> {
+        alarm::open_escalations(&**self.client().await?).await
+    }
+
+    async fn deactivations(&self, q: DeactivationQuery) -> Result<Vec<Deactivation>, JournalError> {
+        alarm::deactivations(&**self.client().await?, &q).await
     }
 }

@@ -14,6 +14,7 @@
 //!
 //! Any store error rolls the whole batch back and every caller gets `Unavailable`.
 
+mod alarm;
 mod registry;
 
 pub use registry::{COLUMNS as ASSIGNMENT_COLUMNS, assignment as assignment_row};

@@ -1,6 +1,7 @@
 //! Embedded journal on SQLite (bundled): WAL, `synchronous=FULL`, one writer thread that commits
 //! many commands per transaction (group commit), plus a read connection for admin queries.
 
+mod alarm;
 pub mod audit;
 mod read;
 mod registry;
@@ -13,6 +14,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::Connection;
 
+use super::alarm::{
+    AlarmOp, AlarmOut, Deactivation, DeactivationQuery, Escalation, EscalationQuery,
+};
 use super::command::Queue;
 use super::{
     Appended, Assignment, AssignmentQuery, AttemptRecord, AuditNote, Claimed, DeadLetter,
@@ -22,8 +26,8 @@ use super::{
 };
 
 /// 1: events, deliveries, lanes, audit. 2: device registry, device liveness, quarantine.
-/// 3: audit hash chain (`chain_seq`, `hash`).
-const SCHEMA_VERSION: i64 = 3;
+/// 3: audit hash chain (`chain_seq`, `hash`). 4: escalations, device deactivations (`alarm.rs`).
+const SCHEMA_VERSION: i64 = 4;
 
 /// Version 3: the audit hash chain. Rows written before it get a negative position (outside the
 /// chain, reported by `audit verify` as not covered).
@@ -120,6 +124,9 @@ fn migrate(conn: &Connection) -> Result<(), JournalError> {
     tx.execute_batch(include_str!("../schema.sql"))?;
     if version < 3 {
         tx.execute_batch(SCHEMA_V3)?;
+    }
+    if version < 4 {
+        tx.execute_batch(alarm::SCHEMA_V4)?;
     }
     tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
     tx.commit()?;
@@ -245,6 +252,22 @@ impl Journal for SqliteJournal {
 
     async fn release(&self, r: Release) -> Result<(), JournalError> {
         self.queue.release(r).await
+    }
+
+    async fn alarm_op(&self, op: AlarmOp) -> Result<AlarmOut, JournalError> {
+        self.queue.alarm(op).await
+    }
+
+    async fn escalations(&self, q: EscalationQuery) -> Result<Vec<Escalation>, JournalError> {
+        self.read(move |c| alarm::escalations(c, &q)).await
+    }
+
+    async fn open_escalations(&self) -> Result<i64, JournalError> {
+        self.read(alarm::open_escalations).await
+    }
+
+    async fn deactivations(&self, q: DeactivationQuery) -> Result<Vec<Deactivation>, JournalError> {
+        self.read(move |c| alarm::deactivations(c, &q)).await
     }
 }
 

@@ -2,6 +2,7 @@
 //! then answers each caller. Each command runs in its own savepoint so one failing command never
 //! leaves partial rows nor spoils the others in its batch.
 
+mod alarm;
 mod registry;
 
 pub use registry::assignment_row;

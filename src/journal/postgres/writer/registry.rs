@@ -43,6 +43,7 @@ pub async fn apply(
             quarantine(tx, s, ev, info).await.map(RegistryOut::Appended)
         }
         RegistryOp::Release(r) => release(tx, s, r).await.map(|()| RegistryOut::Unit),
+        RegistryOp::Alarm(op) => super::alarm::apply(tx, s, op).await.map(RegistryOut::Alarm),
         RegistryOp::Note(n) => audit(
             tx,
             s,

@@ -23,6 +23,7 @@ pub fn apply(c: &Connection, op: RegistryOp) -> Result<RegistryOut, JournalError
         RegistryOp::Beat(b) => beat(c, &b).map(|()| RegistryOut::Unit),
         RegistryOp::Quarantine(ev, info) => quarantine(c, &ev, &info).map(RegistryOut::Appended),
         RegistryOp::Release(r) => release(c, &r).map(|()| RegistryOut::Unit),
+        RegistryOp::Alarm(op) => super::alarm::apply(c, op).map(RegistryOut::Alarm),
         RegistryOp::Note(n) => audit(
             c,
             AuditRow {
