@@ -31,6 +31,7 @@ pub fn http_router(state: Arc<AppState>) -> Router {
     crate::ingest::router()
         .merge(crate::admin::router())
         .merge(crate::telemetry::router())
+        .merge(crate::fhir::router())
         .with_state(state)
 }
 
@@ -52,6 +53,10 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
     let snapshot = tokio::spawn(Arc::clone(&telemetry.snapshot).run(
         Arc::clone(&journal),
         config.destinations.iter().map(|d| d.name.clone()).collect(),
+        stop_rx.clone(),
+    ));
+    let notifier = tokio::spawn(crate::fhir::notify::run(
+        Arc::clone(&journal),
         stop_rx.clone(),
     ));
     let state = Arc::new(AppState {
@@ -96,6 +101,7 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
         let _ = d.await;
     }
     let _ = snapshot.await;
+    let _ = notifier.await;
     telemetry.shutdown();
     Ok(())
 }

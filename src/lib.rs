@@ -18,4 +18,5 @@ pub mod api_error;
 pub mod app;
 pub mod clock;
 pub mod config;
+pub mod fhir;
 pub mod telemetry;

@@ -18,6 +18,7 @@ mod command;
 mod postgres;
 pub mod registry_text;
 mod sqlite;
+pub mod subs;
 pub mod types;
 
 pub use postgres::audit::verify as verify_postgres_audit;
@@ -127,4 +128,9 @@ pub trait Journal: Send + Sync + 'static {
     /// Appends one audit record outside a delivery step (durable before it answers; sheds load
     /// with `Overloaded` like `append`).
     async fn audit_note(&self, note: AuditNote) -> Result<(), JournalError>;
+
+    /// FHIR subscription and pull-feed writes (see `subs`), durable before they answer.
+    async fn subs(&self, op: subs::SubsOp) -> Result<subs::SubsOut, JournalError>;
+    /// FHIR subscription and pull-feed reads.
+    async fn subs_read(&self, q: subs::SubsRead) -> Result<subs::SubsOut, JournalError>;
 }

@@ -12,6 +12,7 @@
 pub mod audit;
 mod read;
 mod registry;
+mod subs;
 mod tls;
 mod writer;
 
@@ -47,7 +48,8 @@ pub struct PgOptions {
     pub writers: usize,
 }
 
-const SCHEMA_VERSION: i32 = 3;
+/// 4: FHIR subscriptions and pull feed (`schema_v4.sql`).
+const SCHEMA_VERSION: i32 = 4;
 /// Arbitrary constant naming the migration advisory lock.
 const MIGRATION_LOCK: i64 = 0x6b6e_7574_6570_756e;
 
@@ -222,10 +224,11 @@ async fn migrate(client: &tokio_postgres::Client) -> Result<(), JournalError> {
     }
     // One step per version, each applied once, in order; a database at version 1 gets only the
     // later steps.
-    let steps: [(i32, &str); 3] = [
+    let steps: [(i32, &str); 4] = [
         (1, include_str!("schema.sql")),
         (2, include_str!("schema_v2.sql")),
         (3, include_str!("schema_v3.sql")),
+        (4, include_str!("schema_v4.sql")),
     ];
     for (version, sql) in steps {
         if current < version {
@@ -349,5 +352,19 @@ impl Journal for PostgresJournal {
 
     async fn release(&self, r: Release) -> Result<(), JournalError> {
         self.queue.release(r).await
+    }
+
+    async fn subs(
+        &self,
+        op: crate::journal::subs::SubsOp,
+    ) -> Result<crate::journal::subs::SubsOut, JournalError> {
+        self.queue.subs(op).await
+    }
+
+    async fn subs_read(
+        &self,
+        q: crate::journal::subs::SubsRead,
+    ) -> Result<crate::journal::subs::SubsOut, JournalError> {
+        subs::read(&**self.client().await?, q).await
     }
 }

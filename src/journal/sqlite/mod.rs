@@ -4,6 +4,7 @@
 pub mod audit;
 mod read;
 mod registry;
+pub(super) mod subs;
 mod writer;
 
 use std::fs::File;
@@ -22,8 +23,8 @@ use super::{
 };
 
 /// 1: events, deliveries, lanes, audit. 2: device registry, device liveness, quarantine.
-/// 3: audit hash chain (`chain_seq`, `hash`).
-const SCHEMA_VERSION: i64 = 3;
+/// 3: audit hash chain (`chain_seq`, `hash`). 4: FHIR subscriptions and pull feed (`subs.rs`).
+const SCHEMA_VERSION: i64 = 4;
 
 /// Version 3: the audit hash chain. Rows written before it get a negative position (outside the
 /// chain, reported by `audit verify` as not covered).
@@ -59,6 +60,10 @@ impl SqliteJournal {
         migrate(&conn)?;
         // Leases die with the process that held them; their heads become claimable again.
         conn.execute("UPDATE lanes SET leased = 0 WHERE leased != 0", [])?;
+        conn.execute(
+            "UPDATE subscriptions SET lease_until = 0 WHERE lease_until != 0",
+            [],
+        )?;
         let reader = open_conn(&path)?;
         // Admin and metrics queries scan whole tables; a small page cache keeps that from costing
         // memory (each connection's cache is the journal's only memory that grows with its size).
@@ -121,6 +126,7 @@ fn migrate(conn: &Connection) -> Result<(), JournalError> {
     if version < 3 {
         tx.execute_batch(SCHEMA_V3)?;
     }
+    tx.execute_batch(subs::SCHEMA_V4)?;
     tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
     tx.commit()?;
     if version != SCHEMA_VERSION {
@@ -245,6 +251,20 @@ impl Journal for SqliteJournal {
 
     async fn release(&self, r: Release) -> Result<(), JournalError> {
         self.queue.release(r).await
+    }
+
+    async fn subs(
+        &self,
+        op: crate::journal::subs::SubsOp,
+    ) -> Result<crate::journal::subs::SubsOut, JournalError> {
+        self.queue.subs(op).await
+    }
+
+    async fn subs_read(
+        &self,
+        q: crate::journal::subs::SubsRead,
+    ) -> Result<crate::journal::subs::SubsOut, JournalError> {
+        self.read(move |c| subs::read(c, q)).await
     }
 }
 
