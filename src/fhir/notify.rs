@@ -24,8 +24,9 @@ pub const STATUS_PROFILE: &str = "http://hl7.org/fhir/uv/subscriptions-backport/
 pub const ERROR_AFTER_FAILURES: i64 = 3;
 /// How often the notifier looks for work when nothing wakes it.
 const POLL: Duration = Duration::from_millis(200);
-/// A lease outlives the longest attempt (`timeout` is at most 120 s).
-const LEASE_MS: i64 = 130_000;
+/// Margin of a lease over the subscription's own timeout (the journal adds the timeout): an
+/// attempt outlives neither, and a crashed node's subscriptions are taken over soon after.
+const LEASE_MS: i64 = 5_000;
 const CLAIM_LIMIT: usize = 32;
 
 /// Woken when a subscription is created (so the handshake goes out at once).

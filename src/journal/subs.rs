@@ -126,7 +126,8 @@ pub enum SubsOp {
     Create(Box<NewSubscription>),
     /// `NotFound` when there is no such subscription.
     Delete(String),
-    /// Leases up to `limit` subscriptions with work due (handshake, events, heartbeat).
+    /// Leases up to `limit` subscriptions with work due (handshake, events, heartbeat), each
+    /// for `lease_ms` plus its own timeout.
     Claim {
         now_ms: i64,
         lease_ms: i64,

@@ -72,11 +72,10 @@ pub async fn apply(tx: &Transaction<'_>, s: &Stmts, op: &SubsOp) -> Result<SubsO
             lease_ms,
             limit,
         } => {
-            let until = now_ms + lease_ms;
             let rows = tx
                 .query(
                     &format!(
-                        "UPDATE subscriptions SET lease_until = $2
+                        "UPDATE subscriptions SET lease_until = $1 + $2 + timeout_s * 1000
                          WHERE id IN (SELECT id FROM subscriptions
                              WHERE lease_until < $1 AND next_attempt_at <= $1
                                AND (NOT handshake_done OR events > delivered
@@ -85,7 +84,7 @@ pub async fn apply(tx: &Transaction<'_>, s: &Stmts, op: &SubsOp) -> Result<SubsO
                              FOR UPDATE SKIP LOCKED)
                          RETURNING {SUB_COLS}"
                     ),
-                    &[now_ms, &until, &(*limit as i64)],
+                    &[now_ms, lease_ms, &(*limit as i64)],
                 )
                 .await?;
             Ok(SubsOut::Subs(rows.iter().map(sub_row).collect()))

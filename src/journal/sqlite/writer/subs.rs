@@ -54,7 +54,7 @@ pub fn apply(c: &Connection, op: SubsOp) -> Result<SubsOut, JournalError> {
             limit,
         } => {
             let mut stmt = c.prepare_cached(&format!(
-                "UPDATE subscriptions SET lease_until = ?1 + ?2
+                "UPDATE subscriptions SET lease_until = ?1 + ?2 + timeout_s * 1000
                  WHERE id IN (SELECT id FROM subscriptions
                      WHERE lease_until < ?1 AND next_attempt_at <= ?1
                        AND (handshake_done = 0 OR events > delivered
