@@ -27,9 +27,12 @@ fn subscription(
     content: &str,
     heartbeat_s: Option<u32>,
 ) -> Value {
-    let mut channel_ext = vec![json!({ "url": format!("{EXT}backport-max-count"), "valuePositiveInt": 3 })];
+    let mut channel_ext =
+        vec![json!({ "url": format!("{EXT}backport-max-count"), "valuePositiveInt": 3 })];
     if let Some(h) = heartbeat_s {
-        channel_ext.push(json!({ "url": format!("{EXT}backport-heartbeat-period"), "valueUnsignedInt": h }));
+        channel_ext.push(
+            json!({ "url": format!("{EXT}backport-heartbeat-period"), "valueUnsignedInt": h }),
+        );
     }
     let filters: Vec<Value> = filters
         .iter()
@@ -184,13 +187,21 @@ async fn handshake_then_numbered_notifications_in_order_with_filters() {
     )
     .await;
 
-    sink.wait_for(Duration::from_secs(10), "handshake", |r| of_kind(r, "handshake") == 1)
-        .await;
+    sink.wait_for(Duration::from_secs(10), "handshake", |r| {
+        of_kind(r, "handshake") == 1
+    })
+    .await;
     let hs = &sink.received()[0];
     let st = status_of(&hs.body);
     assert_eq!(param(st, "status")["valueCode"], "requested");
-    assert_eq!(param(st, "subscription")["valueReference"]["reference"], format!("Subscription/{id}"));
-    assert_eq!(param(st, "events-since-subscription-start")["valueString"], "0");
+    assert_eq!(
+        param(st, "subscription")["valueReference"]["reference"],
+        format!("Subscription/{id}")
+    );
+    assert_eq!(
+        param(st, "events-since-subscription-start")["valueString"],
+        "0"
+    );
     assert!(hs.content_type.starts_with("application/fhir+json"));
     wait_status(&gw, &id, "active").await;
 
@@ -200,16 +211,26 @@ async fn handshake_then_numbered_notifications_in_order_with_filters() {
         mine.push(measure(&gw, PATIENT, &format!("m-{i}"), None).await);
         measure(&gw, OTHER, &format!("o-{i}"), None).await;
     }
-    sink.wait_for(Duration::from_secs(15), "seven events", |_| delivered_events(&sink).len() >= 7)
-        .await;
+    sink.wait_for(Duration::from_secs(15), "seven events", |_| {
+        delivered_events(&sink).len() >= 7
+    })
+    .await;
     let got = delivered_events(&sink);
     let numbers: Vec<i64> = got.iter().map(|(n, _)| *n).collect();
-    assert_eq!(numbers, (1..=7).collect::<Vec<_>>(), "continuous, in order, once");
+    assert_eq!(
+        numbers,
+        (1..=7).collect::<Vec<_>>(),
+        "continuous, in order, once"
+    );
     let focus: Vec<String> = got.iter().map(|(_, f)| f.clone()).collect();
     assert_eq!(focus, mine, "the patient's events in journal order");
 
     // full-resource: each focus is followed by the event Bundle itself; maxCount 3 per bundle.
-    for r in sink.delivered().iter().filter(|r| kind(&r.body) == "event-notification") {
+    for r in sink
+        .delivered()
+        .iter()
+        .filter(|r| kind(&r.body) == "event-notification")
+    {
         let evs = events_in(&r.body);
         assert!(evs.len() <= 3, "maxCount honoured");
         let entries = r.body["entry"].as_array().expect("entries");
@@ -226,7 +247,10 @@ async fn handshake_then_numbered_notifications_in_order_with_filters() {
     let (s, b) = gw.get(&format!("/fhir/Subscription/{id}/$status")).await;
     assert_eq!(s, 200, "{b}");
     let st = &b["entry"][0]["resource"];
-    assert_eq!(param(st, "events-since-subscription-start")["valueString"], "7");
+    assert_eq!(
+        param(st, "events-since-subscription-start")["valueString"],
+        "7"
+    );
     assert_eq!(param(st, "type")["valueCode"], "query-status");
 }
 
@@ -236,12 +260,22 @@ async fn payload_content_levels_and_heartbeat() {
     let id_only = Sink::start(Mode::Ok).await;
     let full = Sink::start(Mode::Ok).await;
     let gw = Gateway::start(&[], "").await;
-    for (sink, content) in [(&empty, "empty"), (&id_only, "id-only"), (&full, "full-resource")] {
-        created(&gw, &subscription("measurement", &[], &sink.url, content, Some(1))).await;
+    for (sink, content) in [
+        (&empty, "empty"),
+        (&id_only, "id-only"),
+        (&full, "full-resource"),
+    ] {
+        created(
+            &gw,
+            &subscription("measurement", &[], &sink.url, content, Some(1)),
+        )
+        .await;
     }
     for sink in [&empty, &id_only, &full] {
-        sink.wait_for(Duration::from_secs(10), "handshake", |r| of_kind(r, "handshake") == 1)
-            .await;
+        sink.wait_for(Duration::from_secs(10), "handshake", |r| {
+            of_kind(r, "handshake") == 1
+        })
+        .await;
     }
     let ev = measure(&gw, PATIENT, "p-1", Some("0301")).await;
     for sink in [&empty, &id_only, &full] {
@@ -272,15 +306,20 @@ async fn payload_content_levels_and_heartbeat() {
     assert_eq!(b["entry"][1]["resource"]["resourceType"], "Bundle");
     // The custom header reaches the endpoint is checked implicitly by a 2xx; heartbeats follow
     // when idle (period 1 s).
-    full.wait_for(Duration::from_secs(10), "two heartbeats", |r| of_kind(r, "heartbeat") >= 2)
-        .await;
+    full.wait_for(Duration::from_secs(10), "two heartbeats", |r| {
+        of_kind(r, "heartbeat") >= 2
+    })
+    .await;
     let hb = full
         .received()
         .into_iter()
         .find(|r| kind(&r.body) == "heartbeat")
         .expect("heartbeat")
         .body;
-    assert_eq!(param(status_of(&hb), "events-since-subscription-start")["valueString"], "1");
+    assert_eq!(
+        param(status_of(&hb), "events-since-subscription-start")["valueString"],
+        "1"
+    );
     assert!(events_in(&hb).is_empty());
 }
 
@@ -290,15 +329,25 @@ async fn subscriber_down_then_catches_up_via_events_across_a_restart() {
     let mut gw = Gateway::start(&[], "").await;
     let id = created(
         &gw,
-        &subscription("measurement", &["municipality=0301"], &sink.url, "id-only", None),
+        &subscription(
+            "measurement",
+            &["municipality=0301"],
+            &sink.url,
+            "id-only",
+            None,
+        ),
     )
     .await;
-    sink.wait_for(Duration::from_secs(10), "handshake", |r| of_kind(r, "handshake") == 1)
-        .await;
+    sink.wait_for(Duration::from_secs(10), "handshake", |r| {
+        of_kind(r, "handshake") == 1
+    })
+    .await;
     wait_status(&gw, &id, "active").await;
     let first = measure(&gw, PATIENT, "d-0", Some("0301")).await;
-    sink.wait_for(Duration::from_secs(10), "event 1", |_| delivered_events(&sink).len() == 1)
-        .await;
+    sink.wait_for(Duration::from_secs(10), "event 1", |_| {
+        delivered_events(&sink).len() == 1
+    })
+    .await;
 
     // The subscriber goes down: 503 to everything.
     sink.set_default(Mode::status(503));
@@ -311,12 +360,17 @@ async fn subscriber_down_then_catches_up_via_events_across_a_restart() {
     }
     wait_status(&gw, &id, "error").await;
     let (_, b) = gw.get(&format!("/fhir/Subscription/{id}")).await;
-    assert!(b["error"].as_str().unwrap_or_default().contains("503"), "{b}");
+    assert!(
+        b["error"].as_str().unwrap_or_default().contains("503"),
+        "{b}"
+    );
 
     // A restart loses nothing: numbers and state are in the journal.
     gw.restart();
     let (s, b) = gw
-        .get(&format!("/fhir/Subscription/{id}/$events?eventsSinceNumber=2"))
+        .get(&format!(
+            "/fhir/Subscription/{id}/$events?eventsSinceNumber=2"
+        ))
         .await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(param(status_of(&b), "type")["valueCode"], "query-event");
@@ -331,10 +385,15 @@ async fn subscriber_down_then_catches_up_via_events_across_a_restart() {
             "/fhir/Subscription/{id}/$events?eventsSinceNumber=3&eventsUntilNumber=4&content=full-resource"
         ))
         .await;
-    assert_eq!(events_in(&b).iter().map(|e| e.0).collect::<Vec<_>>(), vec![3, 4]);
+    assert_eq!(
+        events_in(&b).iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![3, 4]
+    );
     assert_eq!(b["entry"][1]["resource"]["id"], posted[2].as_str());
     let (s, b) = gw
-        .get(&format!("/fhir/Subscription/{id}/$events?eventsSinceNumber=zero"))
+        .get(&format!(
+            "/fhir/Subscription/{id}/$events?eventsSinceNumber=zero"
+        ))
         .await;
     assert_eq!(s, 400);
     assert_eq!(b["issue"][0]["expression"][0], "eventsSinceNumber");
@@ -347,7 +406,11 @@ async fn subscriber_down_then_catches_up_via_events_across_a_restart() {
     .await;
     wait_status(&gw, &id, "active").await;
     let numbers: Vec<i64> = delivered_events(&sink).iter().map(|e| e.0).collect();
-    assert_eq!(numbers, (1..=8).collect::<Vec<_>>(), "acknowledged pushes: each once, in order");
+    assert_eq!(
+        numbers,
+        (1..=8).collect::<Vec<_>>(),
+        "acknowledged pushes: each once, in order"
+    );
 }
 
 #[tokio::test]
@@ -394,10 +457,21 @@ async fn metadata_topics_validation_and_delete() {
     let good = subscription("alarm", &[], "http://127.0.0.1:9/hook", "id-only", None);
     let cases = [
         ("/channel/type", json!("email"), "Subscription.channel.type"),
-        ("/criteria", json!("https://knutepunkt.no/fhir/SubscriptionTopic/x"), "Subscription.criteria"),
-        ("/channel/endpoint", json!("not a url"), "Subscription.channel.endpoint"),
-        ("/_criteria/extension", json!([{ "url": format!("{EXT}backport-filter-criteria"), "valueString": "municipality=oslo" }]),
-         "Subscription._criteria.extension.valueString"),
+        (
+            "/criteria",
+            json!("https://knutepunkt.no/fhir/SubscriptionTopic/x"),
+            "Subscription.criteria",
+        ),
+        (
+            "/channel/endpoint",
+            json!("not a url"),
+            "Subscription.channel.endpoint",
+        ),
+        (
+            "/_criteria/extension",
+            json!([{ "url": format!("{EXT}backport-filter-criteria"), "valueString": "municipality=oslo" }]),
+            "Subscription._criteria.extension.valueString",
+        ),
     ];
     for (ptr, value, field) in cases {
         let mut body = good.clone();
@@ -439,7 +513,10 @@ async fn ack(gw: &Gateway, id: &str, body: &Value) -> (u16, Value) {
 }
 
 fn state_of(p: &Value) -> String {
-    param(p, "status")["valueCode"].as_str().unwrap_or_default().to_string()
+    param(p, "status")["valueCode"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[tokio::test]
@@ -457,7 +534,11 @@ async fn pull_feed_pages_with_cursor_and_tracks_journaling() {
     let ids = |p: &Value| -> Vec<String> {
         p["entry"]
             .as_array()
-            .map(|e| e.iter().map(|x| x["resource"]["id"].as_str().unwrap_or_default().to_string()).collect())
+            .map(|e| {
+                e.iter()
+                    .map(|x| x["resource"]["id"].as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
             .unwrap_or_default()
     };
     assert_eq!(ids(&page), oslo[..2].to_vec());
@@ -474,7 +555,10 @@ async fn pull_feed_pages_with_cursor_and_tracks_journaling() {
     let (_, page4) = gw.get(&format!("/fhir/{next2}")).await;
     assert_eq!(ids(&page4), vec![late]);
     let (s, b) = gw.get("/fhir/Bundle?_cursor=bogus").await;
-    assert_eq!((s, b["issue"][0]["expression"][0].clone()), (400, json!("_cursor")));
+    assert_eq!(
+        (s, b["issue"][0]["expression"][0].clone()),
+        (400, json!("_cursor"))
+    );
 
     // registered → read → journaled | failed, and final states stay final.
     let (_, st) = gw.get(&format!("/fhir/Bundle/{bergen}/$status")).await;
@@ -490,16 +574,124 @@ async fn pull_feed_pages_with_cursor_and_tracks_journaling() {
         { "name": "status", "valueCode": "failed" }, { "name": "reason", "valueString": "patient unknown in EPJ" }] });
     let (s, st) = ack(&gw, &oslo[1], &failed).await;
     assert_eq!((s, state_of(&st)), (200, "failed".to_string()));
-    assert_eq!(param(&st, "reason")["valueString"], "patient unknown in EPJ");
+    assert_eq!(
+        param(&st, "reason")["valueString"],
+        "patient unknown in EPJ"
+    );
     let (s, b) = ack(&gw, &oslo[2], &json!({ "resourceType": "Parameters", "parameter": [{ "name": "status", "valueCode": "done" }] })).await;
-    assert_eq!((s, b["issue"][0]["expression"][0].clone()), (400, json!("Parameters.parameter(status).valueCode")));
+    assert_eq!(
+        (s, b["issue"][0]["expression"][0].clone()),
+        (400, json!("Parameters.parameter(status).valueCode"))
+    );
     let (s, _) = ack(&gw, "no-such-event", &journaled).await;
     assert_eq!(s, 404);
     // Each acknowledgement is in the event's audit trail.
     let (_, ev) = gw.get(&format!("/v1/admin/events/{}", oslo[1])).await;
     let audit = ev["audit"].to_string();
-    assert!(audit.contains("journaling-ack") && audit.contains("failed: patient unknown"), "{audit}");
+    assert!(
+        audit.contains("journaling-ack") && audit.contains("failed: patient unknown"),
+        "{audit}"
+    );
     // The feed shows the acknowledged state.
     let (_, page) = gw.get("/fhir/Bundle?_count=1&municipality=0301").await;
-    assert!(page["entry"][0]["resource"]["meta"]["tag"].to_string().contains("journaled"));
+    assert!(
+        page["entry"][0]["resource"]["meta"]["tag"]
+            .to_string()
+            .contains("journaled")
+    );
+}
+
+/// Every FHIR shape of this API passes the pinned R4 validator (`conformance-tests/`, set up by
+/// `npm ci` there; the test says so and fails when it is missing and `KNUTEPUNKT_REQUIRE_VALIDATOR`
+/// is set, as in CI).
+#[tokio::test]
+async fn fhir_outputs_validate_as_r4() {
+    let validator = common::repo_path("conformance-tests/node_modules/@medplum/core");
+    if !validator.exists() {
+        assert!(
+            std::env::var_os("KNUTEPUNKT_REQUIRE_VALIDATOR").is_none(),
+            "run `npm ci` in conformance-tests/"
+        );
+        eprintln!("skipped: run `npm ci` in conformance-tests/ to validate FHIR outputs");
+        return;
+    }
+    let sinks = [
+        Sink::start(Mode::Ok).await,
+        Sink::start(Mode::Ok).await,
+        Sink::start(Mode::Ok).await,
+    ];
+    let gw = Gateway::start(&[], "").await;
+    let mut subs = Vec::new();
+    for (sink, content) in sinks.iter().zip(["empty", "id-only", "full-resource"]) {
+        subs.push(
+            created(
+                &gw,
+                &subscription("measurement", &[], &sink.url, content, Some(1)),
+            )
+            .await,
+        );
+    }
+    let ev = measure(&gw, PATIENT, "v-1", Some("0301")).await;
+    for sink in &sinks {
+        sink.wait_for(
+            Duration::from_secs(15),
+            "handshake, event, heartbeat",
+            |r| {
+                of_kind(r, "handshake") >= 1
+                    && of_kind(r, "event-notification") >= 1
+                    && of_kind(r, "heartbeat") >= 1
+            },
+        )
+        .await;
+    }
+    let mut docs: Vec<(String, Value)> = Vec::new();
+    for (i, sink) in sinks.iter().enumerate() {
+        for k in ["handshake", "event-notification", "heartbeat"] {
+            let r = sink
+                .received()
+                .into_iter()
+                .find(|r| kind(&r.body) == k)
+                .expect("kind");
+            docs.push((format!("{i}-{k}"), r.body));
+        }
+    }
+    for path in [
+        "/fhir/metadata".to_string(),
+        "/fhir/SubscriptionTopic".into(),
+        format!("/fhir/Subscription/{}", subs[2]),
+        "/fhir/Subscription".into(),
+        format!("/fhir/Subscription/{}/$status", subs[2]),
+        format!("/fhir/Subscription/{}/$events?eventsSinceNumber=1", subs[2]),
+        "/fhir/Bundle?_count=5".into(),
+        format!("/fhir/Bundle/{ev}/$status"),
+    ] {
+        let (s, b) = gw.get(&path).await;
+        assert_eq!(s, 200, "{path}: {b}");
+        docs.push((path.replace(['/', '?', '$', '=', '&'], "_"), b));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut files = Vec::new();
+    for (name, doc) in &docs {
+        let p = dir.path().join(format!("{name}.json"));
+        std::fs::write(&p, doc.to_string()).expect("write");
+        files.push(p);
+    }
+    let out = std::process::Command::new("node")
+        .arg(common::repo_path(
+            "conformance-tests/validate-resources.mjs",
+        ))
+        .args(&files)
+        .current_dir(common::repo_path("conformance-tests"))
+        .output()
+        .expect("run node");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "R4 validation failed:\n{text}");
+    assert!(
+        text.contains(&format!("from {} files: 0 error(s)", docs.len())),
+        "{text}"
+    );
 }
