@@ -36,6 +36,7 @@ pub fn http_router(state: Arc<AppState>) -> Router {
         .merge(crate::admin::router())
         .merge(crate::alarm::admin::router())
         .merge(crate::telemetry::router())
+        .merge(crate::fhir::router())
         .layer(axum::middleware::from_fn_with_state(
             state.auth.clone(),
             crate::auth::require,
@@ -84,6 +85,10 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
     )
     .context("building the escalation HTTP client")?;
     let watcher = tokio::spawn(watcher.run(stop_rx.clone()));
+    let notifier = tokio::spawn(crate::fhir::notify::run(
+        Arc::clone(&journal),
+        stop_rx.clone(),
+    ));
     let state = Arc::new(AppState {
         auth,
         alarm,
@@ -149,6 +154,7 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
     }
     let _ = snapshot.await;
     let _ = watcher.await;
+    let _ = notifier.await;
     telemetry.shutdown();
     Ok(())
 }

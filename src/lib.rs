@@ -20,4 +20,5 @@ pub mod app;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod fhir;
 pub mod telemetry;

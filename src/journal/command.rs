@@ -25,6 +25,8 @@ pub enum Command {
     Ping(Reply<()>),
     /// Device registry, liveness and quarantine writes (see [`RegistryOp`]).
     Registry(RegistryOp, Reply<RegistryOut>),
+    /// FHIR subscription and pull-feed writes (`journal::subs`).
+    Subs(super::subs::SubsOp, Reply<super::subs::SubsOut>),
 }
 
 /// The writes of the device registry and the quarantine, behind one queue variant so that each
@@ -65,6 +67,10 @@ pub enum Done {
     Unit(Reply<()>, Result<(), JournalError>),
     Replay(Reply<Vec<Replayed>>, Result<Vec<Replayed>, JournalError>),
     Registry(Reply<RegistryOut>, Result<RegistryOut, JournalError>),
+    Subs(
+        Reply<super::subs::SubsOut>,
+        Result<super::subs::SubsOut, JournalError>,
+    ),
 }
 
 impl Done {
@@ -87,6 +93,7 @@ impl Done {
             Done::Unit(tx, r) => drop(tx.send(pick(r, commit))),
             Done::Replay(tx, r) => drop(tx.send(pick(r, commit))),
             Done::Registry(tx, r) => drop(tx.send(pick(r, commit))),
+            Done::Subs(tx, r) => drop(tx.send(pick(r, commit))),
         }
     }
 }
@@ -100,6 +107,7 @@ pub fn fail(cmd: Command, msg: &str) -> Done {
         Command::Record(_, r) | Command::Ping(r) => Done::Unit(r, Err(err())),
         Command::Replay(_, r) => Done::Replay(r, Err(err())),
         Command::Registry(_, r) => Done::Registry(r, Err(err())),
+        Command::Subs(_, r) => Done::Subs(r, Err(err())),
     }
 }
 
@@ -190,6 +198,15 @@ impl Queue {
     /// Registry writes; `shed` as for [`Queue::call`] (ingest-driven writes shed, admin waits).
     pub async fn registry(&self, op: RegistryOp, shed: bool) -> Result<RegistryOut, JournalError> {
         self.call(|reply| Command::Registry(op, reply), shed).await
+    }
+
+    /// Subscription writes wait rather than shed: they come from the API and the notifier, not
+    /// from vendors.
+    pub async fn subs(
+        &self,
+        op: super::subs::SubsOp,
+    ) -> Result<super::subs::SubsOut, JournalError> {
+        self.call(|reply| Command::Subs(op, reply), false).await
     }
 
     pub async fn assign(&self, a: NewAssignment) -> Result<Assignment, JournalError> {

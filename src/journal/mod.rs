@@ -19,6 +19,7 @@ mod command;
 mod postgres;
 pub mod registry_text;
 mod sqlite;
+pub mod subs;
 pub mod types;
 
 pub use postgres::audit::verify as verify_postgres_audit;
@@ -143,4 +144,8 @@ pub trait Journal: Send + Sync + 'static {
         &self,
         q: alarm::DeactivationQuery,
     ) -> Result<Vec<alarm::Deactivation>, JournalError>;
+    /// FHIR subscription and pull-feed writes (see `subs`), durable before they answer.
+    async fn subs(&self, op: subs::SubsOp) -> Result<subs::SubsOut, JournalError>;
+    /// FHIR subscription and pull-feed reads.
+    async fn subs_read(&self, q: subs::SubsRead) -> Result<subs::SubsOut, JournalError>;
 }

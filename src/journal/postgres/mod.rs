@@ -13,6 +13,7 @@ mod alarm;
 pub mod audit;
 mod read;
 mod registry;
+mod subs;
 mod tls;
 mod writer;
 
@@ -52,7 +53,8 @@ pub struct PgOptions {
 }
 
 /// 4: escalations, device deactivations (`schema_v4.sql`).
-const SCHEMA_VERSION: i32 = 4;
+/// 5: FHIR subscriptions and pull feed (`schema_v5.sql`).
+const SCHEMA_VERSION: i32 = 5;
 /// Arbitrary constant naming the migration advisory lock.
 const MIGRATION_LOCK: i64 = 0x6b6e_7574_6570_756e;
 
@@ -227,11 +229,12 @@ async fn migrate(client: &tokio_postgres::Client) -> Result<(), JournalError> {
     }
     // One step per version, each applied once, in order; a database at version 1 gets only the
     // later steps.
-    let steps: [(i32, &str); 4] = [
+    let steps: [(i32, &str); 5] = [
         (1, include_str!("schema.sql")),
         (2, include_str!("schema_v2.sql")),
         (3, include_str!("schema_v3.sql")),
         (4, include_str!("schema_v4.sql")),
+        (5, include_str!("schema_v5.sql")),
     ];
     for (version, sql) in steps {
         if current < version {
@@ -371,5 +374,17 @@ impl Journal for PostgresJournal {
 
     async fn deactivations(&self, q: DeactivationQuery) -> Result<Vec<Deactivation>, JournalError> {
         alarm::deactivations(&**self.client().await?, &q).await
+    async fn subs(
+        &self,
+        op: crate::journal::subs::SubsOp,
+    ) -> Result<crate::journal::subs::SubsOut, JournalError> {
+        self.queue.subs(op).await
+    }
+
+    async fn subs_read(
+        &self,
+        q: crate::journal::subs::SubsRead,
+    ) -> Result<crate::journal::subs::SubsOut, JournalError> {
+        subs::read(&**self.client().await?, q).await
     }
 }

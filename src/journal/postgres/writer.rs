@@ -16,6 +16,7 @@
 
 mod alarm;
 mod registry;
+mod subs;
 
 pub use registry::{COLUMNS as ASSIGNMENT_COLUMNS, assignment as assignment_row};
 
@@ -133,6 +134,7 @@ enum Out {
     Unit(Result<(), JournalError>),
     Replay(Result<Vec<Replayed>, JournalError>),
     Registry(Result<crate::journal::command::RegistryOut, JournalError>),
+    Subs(Result<crate::journal::subs::SubsOut, JournalError>),
 }
 
 impl Out {
@@ -143,6 +145,7 @@ impl Out {
             Out::Unit(r) => r.as_ref().err(),
             Out::Replay(r) => r.as_ref().err(),
             Out::Registry(r) => r.as_ref().err(),
+            Out::Subs(r) => r.as_ref().err(),
         };
         match err {
             Some(JournalError::Unavailable(m)) => Some(m),
@@ -159,6 +162,7 @@ fn finish(cmd: Command, out: Out) -> Done {
         (Command::Record(_, r) | Command::Ping(r), Out::Unit(o)) => Done::Unit(r, o),
         (Command::Replay(_, r), Out::Replay(o)) => Done::Replay(r, o),
         (Command::Registry(_, r), Out::Registry(o)) => Done::Registry(r, o),
+        (Command::Subs(_, r), Out::Subs(o)) => Done::Subs(r, o),
         (cmd, _) => fail(cmd, "internal error: result does not match command"),
     }
 }
@@ -290,6 +294,7 @@ async fn apply(tx: &Transaction<'_>, s: &Stmts, cmd: &Command, lease_ms: i64) ->
         Command::Record(rec, _) => Out::Unit(record(tx, s, rec).await),
         Command::Replay(f, _) => Out::Replay(replay(tx, s, f).await),
         Command::Registry(op, _) => Out::Registry(registry::apply(tx, s, op).await),
+        Command::Subs(op, _) => Out::Subs(subs::apply(tx, s, op).await),
         Command::Ping(_) => Out::Unit(
             tx.execute("SELECT 1", &[])
                 .await
@@ -419,6 +424,7 @@ async fn append(tx: &Transaction<'_>, s: &Stmts, ev: &NewEvent) -> Result<Append
     ]);
     // One statement stores the event, its deliveries, their lanes and the audit rows.
     if tx.query_opt(&s.append_event, &params).await?.is_some() {
+        subs::on_append(tx, s, ev, now).await?;
         return Ok(Appended::Stored { id: env.id.clone() });
     }
     // Another transaction stored the same vendor event first (ON CONFLICT DO NOTHING).
@@ -624,6 +630,8 @@ struct Stmts {
     find_dead: Statement,
     mark_replayed: Statement,
     sweep: Statement,
+    /// Numbers a stored event for its matching subscriptions (`subs::NUMBER_SQL`).
+    subs_number: Statement,
 }
 
 impl Stmts {
@@ -803,6 +811,7 @@ impl Stmts {
                         WHERE head_id = 0 AND leased = 0 LIMIT 1000 FOR UPDATE SKIP LOCKED)",
                 )
                 .await?,
+            subs_number: c.prepare(subs::NUMBER_SQL).await?,
         })
     }
 }

@@ -5,6 +5,7 @@ mod alarm;
 pub mod audit;
 mod read;
 mod registry;
+pub(super) mod subs;
 mod writer;
 
 use std::fs::File;
@@ -27,7 +28,8 @@ use super::{
 
 /// 1: events, deliveries, lanes, audit. 2: device registry, device liveness, quarantine.
 /// 3: audit hash chain (`chain_seq`, `hash`). 4: escalations, device deactivations (`alarm.rs`).
-const SCHEMA_VERSION: i64 = 4;
+/// 5: FHIR subscriptions and pull feed (`subs.rs`).
+const SCHEMA_VERSION: i64 = 5;
 
 /// Version 3: the audit hash chain. Rows written before it get a negative position (outside the
 /// chain, reported by `audit verify` as not covered).
@@ -63,6 +65,10 @@ impl SqliteJournal {
         migrate(&conn)?;
         // Leases die with the process that held them; their heads become claimable again.
         conn.execute("UPDATE lanes SET leased = 0 WHERE leased != 0", [])?;
+        conn.execute(
+            "UPDATE subscriptions SET lease_until = 0 WHERE lease_until != 0",
+            [],
+        )?;
         let reader = open_conn(&path)?;
         // Admin and metrics queries scan whole tables; a small page cache keeps that from costing
         // memory (each connection's cache is the journal's only memory that grows with its size).
@@ -127,6 +133,9 @@ fn migrate(conn: &Connection) -> Result<(), JournalError> {
     }
     if version < 4 {
         tx.execute_batch(alarm::SCHEMA_V4)?;
+    }
+    if version < 5 {
+        tx.execute_batch(subs::SCHEMA_V5)?;
     }
     tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
     tx.commit()?;
@@ -268,6 +277,18 @@ impl Journal for SqliteJournal {
 
     async fn deactivations(&self, q: DeactivationQuery) -> Result<Vec<Deactivation>, JournalError> {
         self.read(move |c| alarm::deactivations(c, &q)).await
+    async fn subs(
+        &self,
+        op: crate::journal::subs::SubsOp,
+    ) -> Result<crate::journal::subs::SubsOut, JournalError> {
+        self.queue.subs(op).await
+    }
+
+    async fn subs_read(
+        &self,
+        q: crate::journal::subs::SubsRead,
+    ) -> Result<crate::journal::subs::SubsOut, JournalError> {
+        self.read(move |c| subs::read(c, q)).await
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod alarm;
 mod registry;
+mod subs;
 
 pub use registry::assignment_row;
 
@@ -90,6 +91,7 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command, tokens: &AtomicI64) -> Done {
         Command::Replay(f, r) => Done::Replay(r, in_savepoint(tx, |t| replay(t, &f))),
         Command::Ping(r) => Done::Unit(r, Ok(())),
         Command::Registry(op, r) => Done::Registry(r, in_savepoint(tx, |t| registry::apply(t, op))),
+        Command::Subs(op, r) => Done::Subs(r, in_savepoint(tx, |t| subs::apply(t, op))),
     }
 }
 
@@ -187,6 +189,7 @@ fn append(c: &Connection, ev: &NewEvent) -> Result<Appended, JournalError> {
         Stored::Duplicate(id) => return Ok(Appended::Duplicate { id }),
     };
     route(c, seq, ev, now)?;
+    subs::on_append(c, ev, now)?;
     Ok(Appended::Stored {
         id: ev.envelope.id.clone(),
     })

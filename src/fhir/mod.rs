@@ -1,0 +1,242 @@
+//! The EPJ-facing FHIR R4 API under `/fhir` (documented in `docs/api.md`, "FHIR API"):
+//! CapabilityStatement, subscription topics, topic-based Subscriptions (R5 Backport IG) with
+//! `$status` and `$events`, and the pull feed with journaling acknowledgements.
+//!
+//! Storage and numbering live in `journal::subs`; delivery in `notify`.
+
+mod feed;
+pub mod notify;
+pub mod subscription;
+pub mod topics;
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::api_error::ApiError;
+use crate::app::AppState;
+use crate::journal::subs::{SubsOp, SubsOut, SubsRead, SubscriptionRow};
+use crate::normalise::Category;
+
+/// Most events one `$events` call returns (page with `eventsSinceNumber`).
+pub const MAX_EVENTS_PER_CALL: usize = 1000;
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/fhir/metadata", get(metadata))
+        .route("/fhir/SubscriptionTopic", get(topic_list))
+        .route("/fhir/SubscriptionTopic/{name}", get(topic_read))
+        .route("/fhir/Subscription", get(list).post(create))
+        .route("/fhir/Subscription/{id}", get(read).delete(delete))
+        .route("/fhir/Subscription/{id}/$status", get(status_op))
+        .route("/fhir/Subscription/{id}/$events", get(events_op))
+        .merge(feed::router())
+}
+
+/// A FHIR JSON response.
+pub(crate) fn fhir(status: StatusCode, body: Value) -> Response {
+    let mut resp = (status, Json(body)).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+json"),
+    );
+    resp
+}
+
+pub(crate) fn journal_error(state: &AppState, e: crate::journal::JournalError) -> ApiError {
+    ApiError::from_journal(e, state.ingest.retry_after_s)
+}
+
+/// Tenant hook: which municipalities the caller may subscribe to or read. Today every caller
+/// may use every tenant; the tenant-filtering change restricts it here (a subscription without
+/// a `municipality` filter must then be refused or narrowed to the caller's tenants).
+pub(crate) fn check_tenant_scope(
+    _headers: &HeaderMap,
+    _tenant: Option<&str>,
+) -> Result<(), ApiError> {
+    Ok(())
+}
+
+async fn metadata() -> Response {
+    let now = notify::instant(crate::clock::now_ms());
+    fhir(StatusCode::OK, topics::capability_statement(&now))
+}
+
+async fn topic_list() -> Response {
+    fhir(StatusCode::OK, topics::topics_bundle())
+}
+
+async fn topic_read(Path(name): Path<String>) -> Result<Response, ApiError> {
+    let c: Category = name
+        .parse()
+        .map_err(|_| ApiError::NotFound(format!("no SubscriptionTopic {name:?}")))?;
+    Ok(fhir(StatusCode::OK, topics::topic(c)))
+}
+
+async fn get_row(state: &AppState, id: &str) -> Result<SubscriptionRow, ApiError> {
+    match state
+        .journal
+        .subs_read(SubsRead::Get(id.to_string()))
+        .await
+        .map_err(|e| journal_error(state, e))?
+    {
+        SubsOut::Sub(Some(row)) => Ok(*row),
+        _ => Err(ApiError::NotFound(format!("no Subscription {id}"))),
+    }
+}
+
+async fn create(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
+        field: "body".into(),
+        message: format!("not JSON: {e}"),
+    })?;
+    let id = uuid::Uuid::now_v7().to_string();
+    let new = subscription::parse(&value, id.clone(), crate::clock::now_ms())?;
+    check_tenant_scope(&headers, new.tenant.as_deref())?;
+    state
+        .journal
+        .subs(SubsOp::Create(Box::new(new)))
+        .await
+        .map_err(|e| journal_error(&state, e))?;
+    notify::WAKE.notify_one();
+    let row = get_row(&state, &id).await?;
+    let mut resp = fhir(StatusCode::CREATED, subscription::render(&row));
+    if let Ok(v) = HeaderValue::from_str(&format!("Subscription/{id}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let SubsOut::Subs(rows) = state
+        .journal
+        .subs_read(SubsRead::List)
+        .await
+        .map_err(|e| journal_error(&state, e))?
+    else {
+        return Ok(fhir(StatusCode::OK, json!({})));
+    };
+    let entries: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "fullUrl": format!("urn:uuid:{}", r.id),
+                "resource": subscription::render(r),
+                "search": { "mode": "match" }
+            })
+        })
+        .collect();
+    Ok(fhir(
+        StatusCode::OK,
+        json!({ "resourceType": "Bundle", "type": "searchset", "total": entries.len(), "entry": entries }),
+    ))
+}
+
+async fn read(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let row = get_row(&state, &id).await?;
+    Ok(fhir(StatusCode::OK, subscription::render(&row)))
+}
+
+async fn delete(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state
+        .journal
+        .subs(SubsOp::Delete(id))
+        .await
+        .map_err(|e| journal_error(&state, e))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn status_op(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let row = get_row(&state, &id).await?;
+    let st = notify::status(&row, "query-status", &row.status, &[], &row.payload);
+    Ok(fhir(
+        StatusCode::OK,
+        json!({
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": 1,
+            "entry": [{ "fullUrl": format!("urn:uuid:{}", st["id"].as_str().unwrap_or_default()),
+                        "resource": st, "search": { "mode": "match" } }]
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    #[serde(rename = "eventsSinceNumber")]
+    since: Option<String>,
+    #[serde(rename = "eventsUntilNumber")]
+    until: Option<String>,
+    content: Option<String>,
+}
+
+fn number(field: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
+    v.map(|s| {
+        s.trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| ApiError::BadRequest {
+                field: field.into(),
+                message: format!("{field} must be a positive event number, got {s:?}"),
+            })
+    })
+    .transpose()
+}
+
+/// Replays numbered events straight from the journal: what a subscriber missed while down.
+async fn events_op(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let row = get_row(&state, &id).await?;
+    let from = number("eventsSinceNumber", q.since.as_deref())?.unwrap_or(1);
+    let to = number("eventsUntilNumber", q.until.as_deref())?.unwrap_or(row.events);
+    let content = match q.content.as_deref() {
+        None => row.payload.clone(),
+        Some(c @ ("empty" | "id-only" | "full-resource")) => c.to_string(),
+        Some(other) => {
+            return Err(ApiError::BadRequest {
+                field: "content".into(),
+                message: format!("content {other:?} is not empty, id-only or full-resource"),
+            });
+        }
+    };
+    let SubsOut::Events(events) = state
+        .journal
+        .subs_read(SubsRead::Events {
+            id: id.clone(),
+            from,
+            to,
+            limit: MAX_EVENTS_PER_CALL,
+        })
+        .await
+        .map_err(|e| journal_error(&state, e))?
+    else {
+        return Err(ApiError::NotFound(format!("no Subscription {id}")));
+    };
+    Ok(fhir(
+        StatusCode::OK,
+        notify::bundle(&row, "query-event", &row.status, &events, &content),
+    ))
+}
