@@ -3,6 +3,7 @@
 //! Every key is documented in `docs/configuration.md`; `deploy/knutepunkt.example.toml` is the
 //! commented example that `knutepunkt check` must accept (a test enforces it).
 
+pub mod ops;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,9 @@ pub struct RawConfig {
     pub destinations: Vec<DestinationConfig>,
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
+    pub telemetry: ops::TelemetryConfig,
+    pub log: ops::LogConfig,
+    pub audit: ops::AuditConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

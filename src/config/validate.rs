@@ -73,6 +73,8 @@ pub struct ValidConfig {
     pub mappings_dir: PathBuf,
     pub destinations: Vec<ValidDestination>,
     pub routes: Vec<ValidRoute>,
+    /// `[telemetry]`, `[log]`, `[audit]`.
+    pub ops: super::ops::ValidOps,
 }
 
 #[derive(Debug, Clone)]
@@ -241,6 +243,10 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
 
     let destinations = validate_destinations(raw, &mut errs);
     let routes = validate_routes(raw, &destinations, &mut errs);
+    let (ops, ops_errs) = super::ops::validate(&raw.telemetry, &raw.log, &raw.audit);
+    for (field, message) in ops_errs {
+        errs.push(field, message);
+    }
 
     if !errs.list.is_empty() {
         return Err(errs.list);
@@ -259,6 +265,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
         mappings_dir: raw.mappings.dir.clone(),
         destinations,
         routes,
+        ops,
     })
 }
 

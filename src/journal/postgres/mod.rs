@@ -32,7 +32,8 @@ use super::{
 };
 
 /// 1: events, deliveries, lanes, audit (`schema.sql`). 2: device registry, device liveness,
-/// quarantine (`schema_v2.sql`). 3: audit hash chain (`schema_v3.sql`).
+/// quarantine (`schema_v2.sql`). 3: audit hash chain (`schema_v3.sql`). 4: `events.traceparent`
+/// (`schema_v4.sql`).
 /// Writer connections per node unless configured (`storage.writers`).
 pub const DEFAULT_WRITERS: usize = 1;
 
@@ -47,7 +48,7 @@ pub struct PgOptions {
     pub writers: usize,
 }
 
-const SCHEMA_VERSION: i32 = 3;
+const SCHEMA_VERSION: i32 = 4;
 /// Arbitrary constant naming the migration advisory lock.
 const MIGRATION_LOCK: i64 = 0x6b6e_7574_6570_756e;
 
@@ -222,10 +223,11 @@ async fn migrate(client: &tokio_postgres::Client) -> Result<(), JournalError> {
     }
     // One step per version, each applied once, in order; a database at version 1 gets only the
     // later steps.
-    let steps: [(i32, &str); 3] = [
+    let steps: [(i32, &str); 4] = [
         (1, include_str!("schema.sql")),
         (2, include_str!("schema_v2.sql")),
         (3, include_str!("schema_v3.sql")),
+        (4, include_str!("schema_v4.sql")),
     ];
     for (version, sql) in steps {
         if current < version {

@@ -22,8 +22,8 @@ use super::{
 };
 
 /// 1: events, deliveries, lanes, audit. 2: device registry, device liveness, quarantine.
-/// 3: audit hash chain (`chain_seq`, `hash`).
-const SCHEMA_VERSION: i64 = 3;
+/// 3: audit hash chain (`chain_seq`, `hash`). 4: `events.traceparent`.
+const SCHEMA_VERSION: i64 = 4;
 
 /// Version 3: the audit hash chain. Rows written before it get a negative position (outside the
 /// chain, reported by `audit verify` as not covered).
@@ -33,6 +33,9 @@ const SCHEMA_V3: &str = "
     UPDATE audit SET chain_seq = -id;
     CREATE UNIQUE INDEX audit_chain ON audit(chain_seq);
 ";
+
+/// Version 4: the W3C trace context of the ingest span, so delivery spans join its trace.
+const SCHEMA_V4: &str = "ALTER TABLE events ADD COLUMN traceparent TEXT;";
 
 pub struct SqliteJournal {
     queue: Queue,
@@ -120,6 +123,9 @@ fn migrate(conn: &Connection) -> Result<(), JournalError> {
     tx.execute_batch(include_str!("../schema.sql"))?;
     if version < 3 {
         tx.execute_batch(SCHEMA_V3)?;
+    }
+    if version < 4 {
+        tx.execute_batch(SCHEMA_V4)?;
     }
     tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
     tx.commit()?;
