@@ -233,10 +233,12 @@ impl Dispatcher {
                 Verdict::DeadLetter { .. } => "dead_letter",
             },
         );
-        drop(span);
         if let Verdict::DeadLetter { reason } = &verdict {
-            tracing::warn!(dest = %self.dest.name, event_id = %task.event_id, attempt, %reason, "dead-lettered");
+            span.in_scope(|| {
+                tracing::warn!(dest = %self.dest.name, event_id = %task.event_id, attempt, %reason, "dead-lettered");
+            });
         }
+        drop(span);
         let record = AttemptRecord {
             task,
             attempt,

@@ -68,10 +68,17 @@ async fn ingest(
         &span,
         headers.get("traceparent").and_then(|v| v.to_str().ok()),
     );
-    let response = ingest_inner(State(Arc::clone(&state)), Path(vendor), headers, body)
+    let response = match ingest_inner(State(Arc::clone(&state)), Path(vendor), headers, body)
         .instrument(span.clone())
         .await
-        .unwrap_or_else(IntoResponse::into_response);
+    {
+        Ok(r) => r,
+        Err(e) => {
+            // The reason may quote the payload; the log formatter redacts identity numbers.
+            span.in_scope(|| tracing::info!(error = %e, "ingest refused"));
+            e.into_response()
+        }
+    };
     span.record("http.response.status_code", response.status().as_u16());
     let outcome = response
         .extensions()

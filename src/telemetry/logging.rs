@@ -31,7 +31,7 @@ impl Format {
 #[derive(Default)]
 struct Fields {
     message: String,
-    fields: Vec<(&'static str, String)>,
+    fields: Vec<(&'static str, serde_json::Value)>,
 }
 
 impl Visit for Fields {
@@ -42,6 +42,23 @@ impl Visit for Fields {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.push(field, redact(&format!("{value:?}")).into_owned());
     }
+
+    // Numbers pass through redaction too: an identity number may arrive as an integer.
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.number(field, value.to_string(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.number(field, value.to_string(), value.into());
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.number(field, value.to_string(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.fields.push((field.name(), value.into()));
+    }
 }
 
 impl Fields {
@@ -49,7 +66,14 @@ impl Fields {
         if field.name() == "message" {
             self.message = value;
         } else {
-            self.fields.push((field.name(), value));
+            self.fields.push((field.name(), value.into()));
+        }
+    }
+
+    fn number(&mut self, field: &Field, text: String, value: serde_json::Value) {
+        match redact(&text) {
+            std::borrow::Cow::Borrowed(_) => self.fields.push((field.name(), value)),
+            std::borrow::Cow::Owned(masked) => self.push(field, masked),
         }
     }
 }
@@ -108,7 +132,10 @@ where
                 }
                 write!(w, "{}: {}", meta.target(), fields.message)?;
                 for (k, v) in fields.fields {
-                    write!(w, " {k}={v}")?;
+                    match v {
+                        serde_json::Value::String(s) => write!(w, " {k}={s}")?,
+                        other => write!(w, " {k}={other}")?,
+                    }
                 }
                 if let Some((trace_id, _)) = ids {
                     write!(w, " trace_id={trace_id}")?;
@@ -116,5 +143,64 @@ where
                 writeln!(w)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn capture(format: LogFormat) -> String {
+        let buf = Buf::default();
+        let out = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .event_format(Format::new(format))
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            tracing::warn!(
+                nin = 13497248005u64,
+                body = r#"{"family":"Nordmann","nin":"134972 48005"}"#,
+                attempt = 2,
+                "refused 13497248005"
+            );
+        });
+        let text = String::from_utf8(buf.0.lock().expect("lock").clone()).expect("utf8");
+        text
+    }
+
+    #[test]
+    fn every_field_and_the_message_are_redacted_in_both_formats() {
+        let json = capture(LogFormat::Json);
+        let v: serde_json::Value = serde_json::from_str(json.trim()).expect("one JSON line");
+        assert_eq!(v["message"], "refused [fnr]");
+        assert_eq!(v["nin"], "[fnr]");
+        assert_eq!(v["body"], r#"{"family":"[name]","nin":"[fnr]"}"#);
+        assert_eq!(v["attempt"], 2);
+        assert_eq!(v["level"], "WARN");
+        let text = capture(LogFormat::Text);
+        assert!(
+            text.contains("refused [fnr]") && text.contains("nin=[fnr]"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("48005") && !text.contains("Nordmann"),
+            "{text}"
+        );
     }
 }
