@@ -113,7 +113,7 @@ where
                 obj.insert("target".into(), meta.target().into());
                 obj.insert("message".into(), fields.message.into());
                 for (k, v) in fields.fields {
-                    obj.insert(k.into(), v.into());
+                    obj.insert(k.into(), v);
                 }
                 if let Some(span) = scope.last() {
                     obj.insert("span".into(), (*span).into());
@@ -180,8 +180,7 @@ mod tests {
                 "refused 13497248005"
             );
         });
-        let text = String::from_utf8(buf.0.lock().expect("lock").clone()).expect("utf8");
-        text
+        String::from_utf8(buf.0.lock().expect("lock").clone()).expect("utf8")
     }
 
     #[test]
