@@ -164,6 +164,16 @@ metric!(
     "Unix time (seconds) of the vendor's last accepted request (stored, duplicate, quarantined or heartbeat) since this process started"
 );
 
+metric!(
+    DEVICES_SILENT,
+    "knutepunkt.devices.silent",
+    "{device}",
+    "knutepunkt_devices_silent",
+    Gauge,
+    [],
+    "Devices heard from before (heartbeat or event) but silent for more than 15 minutes, from the journal snapshot (refreshed every 30 s)"
+);
+
 /// Every exported metric (the `/metrics` names are checked against this list in tests).
 pub const ALL: &[MetricDef] = &[
     INGEST_REQUESTS,
@@ -180,6 +190,7 @@ pub const ALL: &[MetricDef] = &[
     QUARANTINED,
     SNAPSHOT_AGE,
     VENDOR_LAST_ACCEPTED,
+    DEVICES_SILENT,
 ];
 
 /// Bucket bounds (seconds) for ingest and attempt durations: 1 ms to 30 s.
