@@ -66,7 +66,7 @@ impl Snapshot {
         let n = self
             .refreshes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let devices_silent = if n % DEVICE_EVERY == 0 {
+        let devices_silent = if n.is_multiple_of(DEVICE_EVERY) {
             let q = crate::journal::LivenessQuery {
                 limit: DEVICE_SCAN_LIMIT,
                 ..Default::default()
