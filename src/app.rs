@@ -48,7 +48,8 @@ pub fn http_router(state: Arc<AppState>) -> Router {
 pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Result<()> {
     let journal = open_journal(&config).await?;
     let telemetry = Arc::new(
-        crate::telemetry::Telemetry::prometheus().context("building the metrics exporter")?,
+        crate::telemetry::Telemetry::prometheus_and_otlp(&config.ops)
+            .context("building the metrics exporter")?,
     );
     let wakers = Wakers::new(config.destinations.iter().map(|d| d.name.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -111,10 +111,16 @@ fn main() -> ExitCode {
             file,
         }),
         Command::Serve { config } => {
-            init_logging();
             let (cfg, vendors) = match load_all(config.as_deref()) {
                 Ok(v) => v,
                 Err(errs) => return report(&errs),
+            };
+            let traces = match knutepunkt::telemetry::traces::init(&cfg.ops) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: cannot build the OTLP trace exporter: {e}");
+                    return ExitCode::FAILURE;
+                }
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -126,7 +132,10 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(knutepunkt::app::serve(cfg, vendors)) {
+            let served = rt.block_on(knutepunkt::app::serve(cfg, vendors));
+            // Export the last spans (bounded by the exporter's timeout).
+            traces.shutdown();
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -356,21 +365,6 @@ fn report(errs: &[ConfigError]) -> ExitCode {
     }
     eprintln!("{} error(s)", errs.len());
     ExitCode::from(2)
-}
-
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("KNUTEPUNKT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("KNUTEPUNKT_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 /// Prints `text` to stdout. A reader that stops early (`| head`) ends the output quietly; any

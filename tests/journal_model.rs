@@ -330,8 +330,12 @@ fn new_event(id: &str, vendor_id: &str, key: &str, alarm: bool, dests: &[&str]) 
         received_at_ms: wall(),
         destinations: dests.iter().map(|d| d.to_string()).collect(),
         routes: vec!["r".into()],
+        traceparent: Some(TRACEPARENT.into()),
     }
 }
+
+/// Stored with every model event; every claimed task must carry it back (trace continuity).
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 fn class(alarm: bool) -> LaneClass {
     if alarm {
@@ -455,6 +459,7 @@ impl Harness {
             let lane = lane_of(t);
             prop_assert_eq!(&t.dest, dest);
             prop_assert_eq!(t.class, class);
+            prop_assert_eq!(t.traceparent.as_deref(), Some(TRACEPARENT));
             prop_assert!(
                 ready.contains(&lane),
                 "claimed lane {:?} is not ready (leased or not due or empty): {:?}",

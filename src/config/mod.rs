@@ -6,6 +6,7 @@
 pub mod ingest_vendor;
 pub mod auth;
 pub mod alarm;
+pub mod ops;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,9 @@ pub struct RawConfig {
     pub auth: Option<auth::AuthConfig>,
     pub escalation: alarm::EscalationConfig,
     pub deactivation: alarm::DeactivationConfig,
+    pub telemetry: ops::TelemetryConfig,
+    pub log: ops::LogConfig,
+    pub audit: ops::AuditConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -83,6 +83,8 @@ pub struct ValidConfig {
     pub auth: Option<super::auth::ValidAuth>,
     /// `[escalation]` and `[deactivation]`.
     pub alarm: super::alarm::ValidAlarm,
+    /// `[telemetry]`, `[log]`, `[audit]`.
+    pub ops: super::ops::ValidOps,
 }
 
 /// `[tls]` after validation: both server files set; the vendor port has a CA; revocation
@@ -286,6 +288,10 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
     let tls = validate_tls(raw, listen, &mut errs);
     let auth = super::auth::validate_auth(raw.auth.as_ref(), &listen, &mut |f, m| errs.push(f, m));
     let alarm = super::alarm::validate(raw, &destinations, &mut errs);
+    let (ops, ops_errs) = super::ops::validate(&raw.telemetry, &raw.log, &raw.audit);
+    for (field, message) in ops_errs {
+        errs.push(field, message);
+    }
 
     if !errs.list.is_empty() {
         return Err(errs.list);
@@ -309,6 +315,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
         tls,
         auth,
         alarm,
+        ops,
     })
 }
 

@@ -44,6 +44,12 @@ pub async fn post(
         headers.insert("x-knutepunkt-event-id", v);
     }
     headers.insert("x-knutepunkt-attempt", HeaderValue::from(attempt));
+    // W3C trace context of the caller's span (the attempt's `deliver` span).
+    if let Some(v) = crate::telemetry::traces::current_traceparent()
+        .and_then(|tp| HeaderValue::from_str(&tp).ok())
+    {
+        headers.insert("traceparent", v);
+    }
     let sent = client
         .post(url)
         .headers(headers)

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use tokio::sync::{Notify, Semaphore, watch};
+use tracing::Instrument;
 
 use crate::clock::now_ms;
 use crate::config::ValidDestination;
@@ -158,8 +159,25 @@ impl Dispatcher {
 
     async fn attempt(&self, task: DeliveryTask) {
         let attempt = task.attempts + 1;
+        // A child of the ingest span stored with the event: one trace from vendor to EPJ. The
+        // request carries this span's `traceparent`.
+        let span = tracing::info_span!(
+            "deliver",
+            otel.kind = "client",
+            destination = %self.dest.name,
+            attempt,
+            event_id = %task.event_id,
+            http.response.status_code = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        crate::telemetry::traces::set_parent(&span, task.traceparent.as_deref());
         let started = Instant::now();
-        let answer = client::post(&self.client, &self.dest.url, &task, attempt).await;
+        let answer = client::post(&self.client, &self.dest.url, &task, attempt)
+            .instrument(span.clone())
+            .await;
+        if let Some(status) = answer.status {
+            span.record("http.response.status_code", status);
+        }
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         let at_ms = now_ms();
         let verdict = match answer.class {
@@ -207,9 +225,20 @@ impl Dispatcher {
             )),
         }
         .emit(&self.telemetry);
+        span.record(
+            "outcome",
+            match verdict {
+                Verdict::Delivered => "delivered",
+                Verdict::Retry { .. } => "retry",
+                Verdict::DeadLetter { .. } => "dead_letter",
+            },
+        );
         if let Verdict::DeadLetter { reason } = &verdict {
-            tracing::warn!(dest = %self.dest.name, event_id = %task.event_id, attempt, %reason, "dead-lettered");
+            span.in_scope(|| {
+                tracing::warn!(dest = %self.dest.name, event_id = %task.event_id, attempt, %reason, "dead-lettered");
+            });
         }
+        drop(span);
         let record = AttemptRecord {
             task,
             attempt,

@@ -22,6 +22,7 @@ use axum::routing::post;
 use axum::{Extension, Json, Router};
 use serde_json::json;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::api_error::ApiError;
 use crate::app::AppState;
@@ -62,14 +63,36 @@ async fn ingest(
     let started = std::time::Instant::now();
     let known = state.vendors.get(&vendor).map(|s| s.name.clone());
     let peer = peer.map(|Extension(p)| p);
-    let response = ingest_inner(State(Arc::clone(&state)), Path(vendor), headers, peer, body)
-        .await
-        .unwrap_or_else(|e| {
-            let reason = limits::reject_reason(&e);
-            let mut r = e.into_response();
-            r.extensions_mut().insert(limits::Rejected(reason));
-            r
-        });
+    // One trace per event: this span (a child of the vendor's `traceparent`, if it sent one)
+    // is stored with the event, and every delivery attempt becomes its child. No patient data.
+    let span = tracing::info_span!(
+        "ingest",
+        otel.kind = "server",
+        vendor = known.as_deref().unwrap_or("unknown"),
+        category = tracing::field::Empty,
+        event_id = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+    );
+    crate::telemetry::traces::set_parent(
+        &span,
+        headers.get("traceparent").and_then(|v| v.to_str().ok()),
+    );
+    let response =
+        match ingest_inner(State(Arc::clone(&state)), Path(vendor), headers, peer, body)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                // The reason may quote the payload; the log formatter redacts identity numbers.
+                span.in_scope(|| tracing::info!(error = %e, "ingest refused"));
+                let reason = limits::reject_reason(&e);
+                let mut r = e.into_response();
+                r.extensions_mut().insert(limits::Rejected(reason));
+                r
+            }
+        };
+    span.record("http.response.status_code", response.status().as_u16());
     let outcome = response
         .extensions()
         .get::<IngestOutcome>()
@@ -200,6 +223,9 @@ async fn ingest_inner(
             }),
             _ => None,
         };
+        let span = tracing::Span::current();
+        span.record("category", envelope.category.as_str());
+        span.record("event_id", envelope.id.as_str());
         let decision = match quarantine {
             Some(_) => Default::default(),
             None => state.router.route(&envelope),
@@ -218,23 +244,29 @@ async fn ingest_inner(
             received_at_ms,
             destinations: decision.destinations,
             routes: decision.routes,
+            traceparent: crate::telemetry::traces::current_traceparent(),
         };
         let dests = event.destinations.clone();
         let category = event.envelope.category;
-        let appended = match quarantine {
-            Some(info) => {
-                tracing::info!(
-                    vendor = %spec.name,
-                    event = %event.envelope.id,
-                    device = info.device_id.as_deref().unwrap_or(""),
-                    "event quarantined: no device assignment covers the device"
-                );
-                let reason = info.reason.clone();
-                let a = state.journal.append_quarantined(event, info).await;
-                a.map(|a| (a, Some(reason)))
+        let commit = tracing::info_span!("journal.commit", quarantined = quarantine.is_some());
+        let appended = async {
+            match quarantine {
+                Some(info) => {
+                    tracing::info!(
+                        vendor = %spec.name,
+                        event = %event.envelope.id,
+                        device = info.device_id.as_deref().unwrap_or(""),
+                        "event quarantined: no device assignment covers the device"
+                    );
+                    let reason = info.reason.clone();
+                    let a = state.journal.append_quarantined(event, info).await;
+                    a.map(|a| (a, Some(reason)))
+                }
+                None => state.journal.append(event).await.map(|a| (a, None)),
             }
-            None => state.journal.append(event).await.map(|a| (a, None)),
         }
+        .instrument(commit)
+        .await
         .map_err(|e| ApiError::from_journal(e, limits.retry_after_s))?;
         if let (Appended::Stored { .. }, _) = &appended {
             EventStored {

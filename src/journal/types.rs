@@ -20,6 +20,8 @@ pub struct NewEvent {
     pub destinations: Vec<String>,
     /// Names of the routes that matched, for the audit trail.
     pub routes: Vec<String>,
+    /// W3C trace context of the ingest span: delivery spans become its children.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +45,8 @@ pub struct DeliveryTask {
     pub fhir: Arc<str>,
     /// Lease token: a backend refuses outcomes carrying a stale token.
     pub lease: i64,
+    /// W3C trace context stored with the event at ingest (see `NewEvent::traceparent`).
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -8,8 +8,11 @@
 //! so a scrape never waits on the database.
 
 pub mod events;
+pub mod logging;
 pub mod names;
+pub mod redact;
 pub mod snapshot;
+pub mod traces;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -48,14 +51,35 @@ pub struct Telemetry {
 impl Telemetry {
     /// A provider exported on `/metrics`.
     pub fn prometheus() -> Result<Self, opentelemetry_sdk::error::OTelSdkError> {
+        Self::prometheus_and_otlp(&crate::config::ops::ValidOps::default())
+            .map_err(|e| opentelemetry_sdk::error::OTelSdkError::InternalFailure(e.to_string()))
+    }
+
+    /// A provider exported on `/metrics` and, with `[telemetry] otlp_endpoint`, also pushed over
+    /// OTLP/HTTP every `metrics_interval_ms` (the same instruments feed both).
+    pub fn prometheus_and_otlp(ops: &crate::config::ops::ValidOps) -> anyhow::Result<Self> {
+        use opentelemetry_otlp::{Protocol, WithExportConfig};
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
             .without_target_info()
             .scope_info_enabled(false)
             .build()?;
-        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
-        Ok(Self::build(provider, Some(registry)))
+        let mut builder = SdkMeterProvider::builder().with_reader(exporter);
+        if let Some(endpoint) = &ops.otlp_endpoint {
+            let otlp = opentelemetry_otlp::MetricExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(format!("{endpoint}/v1/metrics"))
+                .build()?;
+            let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(otlp)
+                .with_interval(ops.metrics_interval)
+                .build();
+            builder = builder
+                .with_reader(reader)
+                .with_resource(traces::resource(ops));
+        }
+        Ok(Self::build(builder.build(), Some(registry)))
     }
 
     /// Instruments that record nowhere (unit tests, tools).

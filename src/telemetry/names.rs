@@ -219,6 +219,16 @@ metric!(
     "Deactivation reminders raised, by kind (expiring: within deactivation.reminder_lead_s of its end; expired)"
 );
 
+metric!(
+    DEVICES_SILENT,
+    "knutepunkt.devices.silent",
+    "{device}",
+    "knutepunkt_devices_silent",
+    Gauge,
+    [],
+    "Devices heard from before (heartbeat or event) but silent for more than 15 minutes, from the journal snapshot (refreshed every 30 s)"
+);
+
 /// Every exported metric (the `/metrics` names are checked against this list in tests).
 pub const ALL: &[MetricDef] = &[
     INGEST_REQUESTS,
@@ -241,6 +251,7 @@ pub const ALL: &[MetricDef] = &[
     ALARM_ESCALATION_NOTIFICATIONS,
     DEVICE_DEACTIVATIONS_ACTIVE,
     DEVICE_DEACTIVATION_REMINDERS,
+    DEVICES_SILENT,
 ];
 
 /// Bucket bounds (seconds) for ingest and attempt durations: 1 ms to 30 s.

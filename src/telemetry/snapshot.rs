@@ -16,9 +16,17 @@ use crate::journal::{DestinationStats, Journal};
 /// How often the background task re-reads the journal.
 pub const REFRESH: Duration = Duration::from_secs(2);
 
+/// A device is silent when nothing was heard from it for this long (`knutepunkt_devices_silent`).
+pub const DEVICE_SILENT_AFTER: Duration = Duration::from_secs(15 * 60);
+/// Device liveness is re-read every this many refreshes (it scans the liveness table).
+const DEVICE_EVERY: u32 = 15;
+/// Most liveness rows read per refresh (oldest first, so silent devices are counted first).
+const DEVICE_SCAN_LIMIT: usize = 100_000;
+
 #[derive(Default)]
 pub struct Snapshot {
     inner: Mutex<Figures>,
+    refreshes: std::sync::atomic::AtomicU32,
 }
 
 #[derive(Default, Clone)]
@@ -26,6 +34,7 @@ struct Figures {
     taken_at_ms: Option<i64>,
     destinations: Vec<DestinationStats>,
     quarantined: i64,
+    devices_silent: i64,
 }
 
 impl Snapshot {
@@ -54,11 +63,30 @@ impl Snapshot {
                 });
             }
         }
+        let n = self
+            .refreshes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let devices_silent = if n.is_multiple_of(DEVICE_EVERY) {
+            let q = crate::journal::LivenessQuery {
+                limit: DEVICE_SCAN_LIMIT,
+                ..Default::default()
+            };
+            let silent_ms = DEVICE_SILENT_AFTER.as_millis() as i64;
+            journal
+                .liveness(q)
+                .await?
+                .iter()
+                .filter(|l| l.last_seen_age_ms > silent_ms)
+                .count() as i64
+        } else {
+            self.get().devices_silent
+        };
         if let Ok(mut g) = self.inner.lock() {
             *g = Figures {
                 taken_at_ms: Some(now_ms()),
                 destinations: dests,
                 quarantined: stats.quarantined,
+                devices_silent,
             };
         }
         Ok(())
@@ -102,6 +130,10 @@ pub(super) fn register_gauges(
     let s = Arc::clone(snap);
     gauge(meter, names::QUARANTINED, move |obs| {
         obs(s.get().quarantined as f64, &[]);
+    });
+    let s = Arc::clone(snap);
+    gauge(meter, names::DEVICES_SILENT, move |obs| {
+        obs(s.get().devices_silent as f64, &[]);
     });
     let s = Arc::clone(snap);
     gauge(meter, names::SNAPSHOT_AGE, move |obs| {

@@ -61,6 +61,8 @@ pub struct Received {
     pub attempt: u32,
     pub content_type: String,
     pub body: Value,
+    /// The W3C `traceparent` header ("" when absent).
+    pub traceparent: String,
     /// What the sink answered with.
     pub mode: Mode,
 }
@@ -214,6 +216,7 @@ async fn serve_conn(mut sock: TcpStream, state: Arc<Mutex<SinkState>>) -> std::i
                 attempt: header("x-knutepunkt-attempt").parse().unwrap_or(0),
                 content_type: header("content-type"),
                 body,
+                traceparent: header("traceparent"),
                 mode: mode.clone(),
             });
             mode

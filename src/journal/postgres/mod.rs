@@ -37,7 +37,8 @@ use super::{
 };
 
 /// 1: events, deliveries, lanes, audit (`schema.sql`). 2: device registry, device liveness,
-/// quarantine (`schema_v2.sql`). 3: audit hash chain (`schema_v3.sql`).
+/// quarantine (`schema_v2.sql`). 3: audit hash chain (`schema_v3.sql`). 4: `events.traceparent`
+/// (`schema_v4.sql`).
 /// Writer connections per node unless configured (`storage.writers`).
 pub const DEFAULT_WRITERS: usize = 1;
 
@@ -53,8 +54,8 @@ pub struct PgOptions {
 }
 
 /// 4: escalations, device deactivations (`schema_v4.sql`).
-/// 5: FHIR subscriptions and pull feed (`schema_v5.sql`).
-const SCHEMA_VERSION: i32 = 5;
+/// 5: FHIR subscriptions and pull feed (`schema_v5.sql`). 6: `events.traceparent` (`schema_v6.sql`).
+const SCHEMA_VERSION: i32 = 6;
 /// Arbitrary constant naming the migration advisory lock.
 const MIGRATION_LOCK: i64 = 0x6b6e_7574_6570_756e;
 
@@ -229,12 +230,13 @@ async fn migrate(client: &tokio_postgres::Client) -> Result<(), JournalError> {
     }
     // One step per version, each applied once, in order; a database at version 1 gets only the
     // later steps.
-    let steps: [(i32, &str); 5] = [
+    let steps: [(i32, &str); 6] = [
         (1, include_str!("schema.sql")),
         (2, include_str!("schema_v2.sql")),
         (3, include_str!("schema_v3.sql")),
         (4, include_str!("schema_v4.sql")),
         (5, include_str!("schema_v5.sql")),
+        (6, include_str!("schema_v6.sql")),
     ];
     for (version, sql) in steps {
         if current < version {

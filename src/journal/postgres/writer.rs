@@ -343,7 +343,7 @@ async fn find_existing(
     Ok(None)
 }
 
-/// The `events` columns of a stored event, bound as $1–$16 in the order both `insert_event` and
+/// The `events` columns of a stored event, bound as $1–$17 in the order both `insert_event` and
 /// `append_event` list them, so the two ways of storing an event cannot drift apart.
 pub(super) struct EventRow<'a> {
     ev: &'a NewEvent,
@@ -368,7 +368,7 @@ impl<'a> EventRow<'a> {
         }
     }
 
-    pub(super) fn params(&self) -> [&(dyn ToSql + Sync); 16] {
+    pub(super) fn params(&self) -> [&(dyn ToSql + Sync); 17] {
         let env = &self.ev.envelope;
         [
             &env.id,
@@ -387,6 +387,7 @@ impl<'a> EventRow<'a> {
             &self.routed,
             &self.ev.received_at_ms,
             &self.now,
+            &self.ev.traceparent,
         ]
     }
 }
@@ -494,6 +495,7 @@ async fn claim(
                 created_at_ms: row.get(3),
                 fhir: fhir.into(),
                 lease: lane.get(2),
+                traceparent: row.get(5),
             });
         }
     }
@@ -642,8 +644,9 @@ impl Stmts {
             insert_event: c
                 .prepare(
                     "INSERT INTO events (id, vendor, vendor_event_id, idem_key, category, priority, tenant, key,
-                        lane_class, mapping_version, content_type, raw, fhir, routed_to, received_at, stored_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                        lane_class, mapping_version, content_type, raw, fhir, routed_to, received_at, stored_at,
+                        traceparent)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
                      ON CONFLICT DO NOTHING RETURNING seq",
                 )
                 .await?,
@@ -655,13 +658,13 @@ impl Stmts {
                     "WITH ev AS (
                         INSERT INTO events (id, vendor, vendor_event_id, idem_key, category, priority,
                             tenant, key, lane_class, mapping_version, content_type, raw, fhir,
-                            routed_to, received_at, stored_at)
-                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                            routed_to, received_at, stored_at, traceparent)
+                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
                         ON CONFLICT DO NOTHING RETURNING seq
                      ), dl AS (
                         INSERT INTO deliveries (event_seq, event_id, dest, class, lane_key, state, created_at)
                         SELECT ev.seq, $1, d.dest, $9, $8, 'pending', $16
-                        FROM ev, unnest($17::TEXT[]) WITH ORDINALITY AS d(dest, n)
+                        FROM ev, unnest($18::TEXT[]) WITH ORDINALITY AS d(dest, n)
                         ORDER BY d.n
                         RETURNING id, dest
                      ), ln AS (
@@ -674,7 +677,7 @@ impl Stmts {
                      ), au AS (
                         INSERT INTO audit (at, event_id, kind, detail)
                         SELECT a.at, $1, a.kind, a.detail
-                        FROM ev, unnest($18::BIGINT[], $19::TEXT[], $20::TEXT[]) WITH ORDINALITY
+                        FROM ev, unnest($19::BIGINT[], $20::TEXT[], $21::TEXT[]) WITH ORDINALITY
                             AS a(at, kind, detail, n)
                         ORDER BY a.n
                      )
@@ -776,7 +779,7 @@ impl Stmts {
                 .await?,
             load_heads: c
                 .prepare(
-                    "SELECT d.id, d.event_id, d.attempts, d.created_at, e.fhir
+                    "SELECT d.id, d.event_id, d.attempts, d.created_at, e.fhir, e.traceparent
                      FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id = ANY($1)",
                 )
                 .await?,

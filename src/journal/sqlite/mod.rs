@@ -28,8 +28,8 @@ use super::{
 
 /// 1: events, deliveries, lanes, audit. 2: device registry, device liveness, quarantine.
 /// 3: audit hash chain (`chain_seq`, `hash`). 4: escalations, device deactivations (`alarm.rs`).
-/// 5: FHIR subscriptions and pull feed (`subs.rs`).
-const SCHEMA_VERSION: i64 = 5;
+/// 5: FHIR subscriptions and pull feed (`subs.rs`). 6: `events.traceparent`.
+const SCHEMA_VERSION: i64 = 6;
 
 /// Version 3: the audit hash chain. Rows written before it get a negative position (outside the
 /// chain, reported by `audit verify` as not covered).
@@ -39,6 +39,9 @@ const SCHEMA_V3: &str = "
     UPDATE audit SET chain_seq = -id;
     CREATE UNIQUE INDEX audit_chain ON audit(chain_seq);
 ";
+
+/// Version 4: the W3C trace context of the ingest span, so delivery spans join its trace.
+const SCHEMA_V6: &str = "ALTER TABLE events ADD COLUMN traceparent TEXT;";
 
 pub struct SqliteJournal {
     queue: Queue,
@@ -136,6 +139,9 @@ fn migrate(conn: &Connection) -> Result<(), JournalError> {
     }
     if version < 5 {
         tx.execute_batch(subs::SCHEMA_V5)?;
+    }
+    if version < 6 {
+        tx.execute_batch(SCHEMA_V6)?;
     }
     tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
     tx.commit()?;

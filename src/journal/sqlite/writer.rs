@@ -220,8 +220,9 @@ fn store(c: &Connection, ev: &NewEvent) -> Result<Stored, JournalError> {
     let class = env.category.lane_class();
     c.prepare_cached(
         "INSERT INTO events (id, vendor, vendor_event_id, idem_key, category, priority, tenant, key,
-            lane_class, mapping_version, content_type, raw, fhir, routed_to, received_at, stored_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            lane_class, mapping_version, content_type, raw, fhir, routed_to, received_at, stored_at,
+            traceparent)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )?
     .execute(params![
         env.id,
@@ -240,6 +241,7 @@ fn store(c: &Connection, ev: &NewEvent) -> Result<Stored, JournalError> {
         ev.destinations.len() as i64,
         ev.received_at_ms,
         now,
+        ev.traceparent,
     ])?;
     let seq = c.last_insert_rowid();
     audit(
@@ -364,13 +366,19 @@ fn claim(
                 "UPDATE lanes SET leased = ?4 WHERE dest = ?1 AND class = ?2 AND lane_key = ?3",
             )?
             .execute(params![dest, class.as_i64(), lane_key, lease])?;
-            let (event_id, attempts, created_at_ms, fhir): (String, u32, i64, String) = c
+            let (event_id, attempts, created_at_ms, fhir, traceparent): (
+                String,
+                u32,
+                i64,
+                String,
+                Option<String>,
+            ) = c
                 .prepare_cached(
-                    "SELECT d.event_id, d.attempts, d.created_at, e.fhir
+                    "SELECT d.event_id, d.attempts, d.created_at, e.fhir, e.traceparent
                      FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id = ?1",
                 )?
                 .query_row(params![head_id], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                 })?;
             tasks.push(DeliveryTask {
                 delivery_id: head_id,
@@ -382,6 +390,7 @@ fn claim(
                 created_at_ms,
                 fhir: fhir.into(),
                 lease,
+                traceparent,
             });
         }
     }

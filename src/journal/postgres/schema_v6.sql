@@ -1,0 +1,2 @@
+-- Version 6: the W3C trace context of the ingest span, so delivery spans join its trace.
+ALTER TABLE events ADD COLUMN IF NOT EXISTS traceparent TEXT;

@@ -1,0 +1,208 @@
+//! Traces and logs: one `tracing` subscriber with two layers.
+//!
+//! - An OpenTelemetry layer (tracing-opentelemetry) backed by an `SdkTracerProvider`. With
+//!   `[telemetry] otlp_endpoint` set, spans are exported over OTLP/HTTP (protobuf) through
+//!   [`Redacting`]; without it nothing is exported, but every span still has W3C trace context,
+//!   so a vendor's `traceparent` reaches the destinations.
+//! - A log formatter ([`super::logging`]) writing text or JSON lines to stderr, with the current
+//!   trace id and span id.
+//!
+//! One span tree per event: `ingest` (child of the vendor's `traceparent`, if any) →
+//! `journal.commit`; the ingest span's context is stored with the event in the journal
+//! (`events.traceparent`), and every delivery attempt later opens a `deliver` span as its child
+//! and sends that span's `traceparent` to the destination.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::{Context, KeyValue, Value};
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use super::redact::redact;
+use crate::config::ops::{LogFormat, ValidOps};
+
+/// How often finished spans are sent: short, so a trace shows up while someone is looking.
+const EXPORT_DELAY: Duration = Duration::from_millis(500);
+
+/// Keeps the tracer provider alive; [`TraceGuard::shutdown`] flushes spans not yet exported.
+pub struct TraceGuard {
+    provider: SdkTracerProvider,
+}
+
+impl TraceGuard {
+    pub fn shutdown(&self) {
+        if let Err(e) = self.provider.shutdown() {
+            eprintln!("warning: trace provider shutdown: {e}");
+        }
+    }
+}
+
+/// The resource every exported span and metric carries.
+pub fn resource(ops: &ValidOps) -> Resource {
+    Resource::builder()
+        .with_service_name(ops.service_name.clone())
+        .build()
+}
+
+/// Installs the global subscriber (log format, `KNUTEPUNKT_LOG` filter, tracer). Call once,
+/// before the runtime starts: the OTLP client is a blocking one run by the exporter's thread.
+pub fn init(ops: &ValidOps) -> Result<TraceGuard, opentelemetry_otlp::ExporterBuildError> {
+    let mut builder = SdkTracerProvider::builder()
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            ops.sampling_ratio,
+        ))))
+        .with_resource(resource(ops));
+    if let Some(endpoint) = &ops.otlp_endpoint {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(format!("{endpoint}/v1/traces"))
+            .with_timeout(Duration::from_secs(10))
+            .build()?;
+        let processor = BatchSpanProcessor::builder(Redacting(exporter))
+            .with_batch_config(
+                BatchConfigBuilder::default()
+                    .with_scheduled_delay(EXPORT_DELAY)
+                    .build(),
+            )
+            .build();
+        builder = builder.with_span_processor(processor);
+    }
+    let provider = builder.build();
+    let tracer = provider.tracer("knutepunkt");
+    let filter =
+        EnvFilter::try_from_env("KNUTEPUNKT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_level(true)
+        .with_threads(false)
+        .with_location(false);
+    // The tracing layer is unfiltered by level so spans exist even when logs say `warn`.
+    let otel = otel.with_filter(tracing_subscriber::filter::filter_fn(|m| {
+        m.target().starts_with("knutepunkt") && (m.is_span() || *m.level() <= tracing::Level::INFO)
+    }));
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .event_format(super::logging::Format::new(log_format(ops)))
+        .with_filter(filter);
+    let _ = tracing_subscriber::registry()
+        .with(otel)
+        .with(logs)
+        .try_init();
+    Ok(TraceGuard { provider })
+}
+
+/// `[log] format`, unless the older `KNUTEPUNKT_LOG_FORMAT` environment variable says otherwise.
+fn log_format(ops: &ValidOps) -> LogFormat {
+    match std::env::var("KNUTEPUNKT_LOG_FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        Ok("text") => LogFormat::Text,
+        _ => ops.log_format,
+    }
+}
+
+/// The W3C `traceparent` of the current span, when it has a valid context.
+pub fn current_traceparent() -> Option<String> {
+    traceparent_of(&tracing::Span::current().context())
+}
+
+/// The W3C `traceparent` of a context's span, when valid.
+pub fn traceparent_of(cx: &Context) -> Option<String> {
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(cx, &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// A remote parent from a W3C `traceparent` value (a vendor's header, or one stored in the
+/// journal); `None` when it is absent or malformed (a malformed one starts a new trace).
+pub fn parent_from(traceparent: Option<&str>) -> Option<Context> {
+    let tp = traceparent?;
+    let mut carrier = HashMap::new();
+    carrier.insert("traceparent".to_string(), tp.to_string());
+    let cx = TraceContextPropagator::new().extract(&carrier);
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
+/// Makes `span` a child of `traceparent` when it is a valid one.
+pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(cx) = parent_from(traceparent) {
+        // Fails only when the span is disabled (no tracing layer): nothing to link then.
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// Span exporter wrapper: every string attribute (of spans and span events) goes through
+/// [`redact`] before it leaves the process.
+#[derive(Debug)]
+pub struct Redacting<E>(pub E);
+
+impl<E: SpanExporter> SpanExporter for Redacting<E> {
+    async fn export(&self, mut batch: Vec<SpanData>) -> OTelSdkResult {
+        for span in &mut batch {
+            redact_attributes(&mut span.attributes);
+            for ev in &mut span.events.events {
+                redact_attributes(&mut ev.attributes);
+            }
+        }
+        self.0.export(batch).await
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.0.set_resource(resource);
+    }
+}
+
+fn redact_attributes(attrs: &mut [KeyValue]) {
+    for kv in attrs {
+        if let Value::String(s) = &kv.value {
+            let clean = redact(s.as_str());
+            if clean != s.as_str() {
+                kv.value = Value::String(clean.into_owned().into());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_and_bad_ones_are_ignored() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let cx = parent_from(Some(tp)).expect("valid");
+        assert_eq!(traceparent_of(&cx).as_deref(), Some(tp));
+        assert!(parent_from(Some("00-zz-00f067aa0ba902b7-01")).is_none());
+        assert!(
+            parent_from(Some(
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+            ))
+            .is_none()
+        );
+        assert!(parent_from(None).is_none());
+    }
+}
