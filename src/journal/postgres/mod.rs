@@ -376,6 +376,8 @@ impl Journal for PostgresJournal {
 
     async fn deactivations(&self, q: DeactivationQuery) -> Result<Vec<Deactivation>, JournalError> {
         alarm::deactivations(&**self.client().await?, &q).await
+    }
+
     async fn subs(
         &self,
         op: crate::journal::subs::SubsOp,

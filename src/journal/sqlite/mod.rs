@@ -283,6 +283,8 @@ impl Journal for SqliteJournal {
 
     async fn deactivations(&self, q: DeactivationQuery) -> Result<Vec<Deactivation>, JournalError> {
         self.read(move |c| alarm::deactivations(c, &q)).await
+    }
+
     async fn subs(
         &self,
         op: crate::journal::subs::SubsOp,
