@@ -3,9 +3,9 @@
 //! Every key is documented in `docs/configuration.md`; `deploy/knutepunkt.example.toml` is the
 //! commented example that `knutepunkt check` must accept (a test enforces it).
 
-pub mod ingest_vendor;
-pub mod auth;
 pub mod alarm;
+pub mod auth;
+pub mod ingest_vendor;
 pub mod ops;
 pub mod validate;
 

@@ -77,21 +77,20 @@ async fn ingest(
         &span,
         headers.get("traceparent").and_then(|v| v.to_str().ok()),
     );
-    let response =
-        match ingest_inner(State(Arc::clone(&state)), Path(vendor), headers, peer, body)
-            .instrument(span.clone())
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                // The reason may quote the payload; the log formatter redacts identity numbers.
-                span.in_scope(|| tracing::info!(error = %e, "ingest refused"));
-                let reason = limits::reject_reason(&e);
-                let mut r = e.into_response();
-                r.extensions_mut().insert(limits::Rejected(reason));
-                r
-            }
-        };
+    let response = match ingest_inner(State(Arc::clone(&state)), Path(vendor), headers, peer, body)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            // The reason may quote the payload; the log formatter redacts identity numbers.
+            span.in_scope(|| tracing::info!(error = %e, "ingest refused"));
+            let reason = limits::reject_reason(&e);
+            let mut r = e.into_response();
+            r.extensions_mut().insert(limits::Rejected(reason));
+            r
+        }
+    };
     span.record("http.response.status_code", response.status().as_u16());
     let outcome = response
         .extensions()
