@@ -445,7 +445,17 @@ async fn uncovered_device_is_quarantined_then_replayed() {
     let delivered = got.iter().find(|r| r.idempotency_key == id).expect("got");
     assert_eq!(patients(&delivered.body), vec![p2.clone()]);
 
-    let (_, ev) = gw.get(&format!("/v1/admin/events/{id}")).await;
+    // The sink has the request before the gateway has recorded the 2xx: wait for that record.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let ev = loop {
+        let (_, ev) = gw.get(&format!("/v1/admin/events/{id}")).await;
+        if audit_kinds(&ev).iter().any(|k| k == "delivered")
+            || std::time::Instant::now() > deadline
+        {
+            break ev;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(ev["key"], format!("patient:{p2}"), "{ev}");
     let kinds = audit_kinds(&ev);
     for k in ["quarantined", "released", "routed", "delivered"] {
