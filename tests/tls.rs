@@ -569,6 +569,16 @@ async fn sighup_reloads_certificates() {
         g.gw.wait_exit(Duration::from_millis(200)).is_none(),
         "SIGHUP must not stop the gateway"
     );
+    // SIGTERM still stops it cleanly with TLS listeners.
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &g.gw.pid().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    let status =
+        g.gw.wait_exit(Duration::from_secs(15))
+            .expect("exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
 }
 
 fn check(cfg: &str) -> (bool, String) {
@@ -706,6 +716,11 @@ async fn slow_clients_are_cut_off_while_normal_clients_are_served() {
         .expect("vendor client");
         assert_eq!(status, 202);
     }
+
+    // A request head above tls.max_header_bytes (16 KiB default) is refused with 431.
+    let big = "a".repeat(20_000);
+    let r = https(&g.main, &cfg, "GET", "/healthz", &[("x-big", &big)], "").await;
+    assert!(matches!(r, Ok((431, _, _))), "oversized head: {r:?}");
 
     let (slow_for, finished) = slow.await.expect("slow task");
     assert!(!finished, "the slow client was never cut off");

@@ -602,3 +602,36 @@ pub fn check(tls: &ValidTls, vendor_names: &[&str], file: &str) -> Vec<ConfigErr
     }
     errs
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(cn: &str, serial: &[u8]) -> Vec<u8> {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Vendor AS");
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
+        let key = rcgen::KeyPair::generate().expect("key");
+        p.self_signed(&key).expect("cert").der().to_vec()
+    }
+
+    #[test]
+    fn identity_is_the_subject_cn_and_serials_are_normalised() {
+        let der = cert("acme-alarm", &[0x00, 0x0b, 0xad]);
+        assert_eq!(subject_cn(&der).as_deref(), Some("acme-alarm"));
+        let (serial, fingerprint) = serial_and_fingerprint(&der);
+        assert_eq!(serial.as_deref(), Some("bad"));
+        assert_eq!(fingerprint, hex(&Sha256::digest(&der)));
+        assert_eq!(fingerprint.len(), 64);
+        // The config side normalises the same way.
+        assert_eq!(
+            crate::config::validate::normal_hex("00:0B:AD")
+                .map(|h| h.trim_start_matches('0').to_string())
+                .as_deref(),
+            Some("bad")
+        );
+        assert_eq!(subject_cn(b"not a certificate"), None);
+    }
+}
