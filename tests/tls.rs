@@ -426,8 +426,24 @@ async fn vendor_port_authenticates_vendors_by_client_certificate() {
     assert_eq!(status, 202);
     assert_eq!(g.events().await, 3, "refused requests stored nothing");
 
-    let refusals = g.refusals();
+    let all = g.refusals();
+    let (refusals, revoked): (Vec<String>, Vec<String>) =
+        all.into_iter().partition(|r| r.starts_with("vendor:"));
     assert_eq!(refusals.len(), 3, "{refusals:?}");
+    // The two revoked certificates are audited although no HTTP request was made.
+    assert_eq!(revoked.len(), 2, "{revoked:?}");
+    assert!(
+        revoked
+            .iter()
+            .all(|r| r.starts_with("tls:vendor-port ") && r.contains("CN \"acme\"")),
+        "{revoked:?}"
+    );
+    assert!(
+        revoked
+            .iter()
+            .any(|r| r.contains(&format!("serial {REVOKED_SERIAL:x}"))),
+        "{revoked:?}"
+    );
     assert!(
         refusals[0].starts_with("vendor:bravo ")
             && refusals[0].contains("vendor acme may not post as vendor bravo"),

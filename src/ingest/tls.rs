@@ -76,6 +76,11 @@ struct Built {
 
 type Current = Arc<RwLock<Built>>;
 
+/// Details of handshake refusals for revoked certificates, to be written as audit notes (the
+/// verifier runs inside rustls, without the journal). Bounded: under a flood the surplus is only
+/// logged.
+type RevokedNotes = tokio::sync::mpsc::Sender<String>;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Port {
     Main,
@@ -96,13 +101,16 @@ pub struct TlsListeners {
     settings: ValidTls,
     current: Current,
     vendor: Option<TcpListener>,
+    notes_tx: RevokedNotes,
+    notes: tokio::sync::mpsc::Receiver<String>,
 }
 
 impl TlsListeners {
     /// Reads the certificate files (a clear error naming the field and file when one is missing
     /// or unusable) and binds the vendor port.
     pub async fn bind(settings: &ValidTls) -> anyhow::Result<Self> {
-        let built = build(settings).context("loading [tls] certificates")?;
+        let (notes_tx, notes) = tokio::sync::mpsc::channel(64);
+        let built = build(settings, Some(&notes_tx)).context("loading [tls] certificates")?;
         let vendor = match settings.vendor_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -115,6 +123,8 @@ impl TlsListeners {
             settings: settings.clone(),
             current: Arc::new(RwLock::new(built)),
             vendor,
+            notes_tx,
+            notes,
         })
     }
 
@@ -140,6 +150,8 @@ impl TlsListeners {
             grace,
         });
         let mut tasks = Vec::new();
+        // Lives as long as the configs that hold senders; not awaited at shutdown.
+        tokio::spawn(audit_revoked(self.notes, Arc::clone(&state)));
         let mut main_router = crate::app::http_router(Arc::clone(&state));
         if let Some(vendor) = self.vendor {
             // With a vendor port, ingest is only reachable with a client certificate.
@@ -157,6 +169,7 @@ impl TlsListeners {
         tasks.push(tokio::spawn(reload_loop(
             self.settings.clone(),
             Arc::clone(&self.current),
+            self.notes_tx,
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(accept_loop(
@@ -373,8 +386,27 @@ pub(crate) async fn refusal(state: &AppState, vendor: &str, detail: &str) {
     }
 }
 
+async fn audit_revoked(mut notes: tokio::sync::mpsc::Receiver<String>, state: Arc<AppState>) {
+    while let Some(detail) = notes.recv().await {
+        let note = AuditNote {
+            kind: "refused".into(),
+            subject: "tls:vendor-port".into(),
+            dest: None,
+            detail,
+        };
+        if let Err(e) = state.journal.audit_note(note).await {
+            tracing::error!(error = %e, "could not audit a revoked client certificate");
+        }
+    }
+}
+
 /// Polls the files and listens for SIGHUP; rebuilds and swaps the configs on a change.
-async fn reload_loop(settings: ValidTls, current: Current, mut stop: watch::Receiver<bool>) {
+async fn reload_loop(
+    settings: ValidTls,
+    current: Current,
+    notes: RevokedNotes,
+    mut stop: watch::Receiver<bool>,
+) {
     let files: Vec<PathBuf> = [
         Some(settings.cert_file.clone()),
         Some(settings.key_file.clone()),
@@ -412,7 +444,7 @@ async fn reload_loop(settings: ValidTls, current: Current, mut stop: watch::Rece
         // Remember the failed state too: a half-written pair is retried when the next file
         // lands, not logged every few seconds.
         seen = now;
-        match build(&settings) {
+        match build(&settings, Some(&notes)) {
             Ok(b) => {
                 *current.write().unwrap_or_else(|p| p.into_inner()) = b;
                 tracing::info!(forced, "TLS certificates reloaded");
@@ -435,6 +467,19 @@ fn stamps(files: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
         .collect()
 }
 
+/// A PEM problem in words (the library's Debug form shows markers as byte arrays).
+fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { end_marker } => format!(
+            "no \"-----END {}-----\" line; the file may be half-written",
+            String::from_utf8_lossy(end_marker)
+        ),
+        E::NoItemsFound => "no PEM item of the expected kind in the file".into(),
+        other => other.to_string(),
+    }
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
@@ -449,9 +494,9 @@ fn read_certs(
         message,
     };
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| bad(e.to_string()))?
+        .map_err(|e| bad(pem_error(&e)))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| bad(pem_error(&e)))?;
     if certs.is_empty() {
         return Err(bad("no PEM certificate in the file".into()));
     }
@@ -459,14 +504,14 @@ fn read_certs(
 }
 
 /// Both rustls configs from the files, or the first problem.
-fn build(s: &ValidTls) -> Result<Built, TlsFileError> {
+fn build(s: &ValidTls, notes: Option<&RevokedNotes>) -> Result<Built, TlsFileError> {
     let certs = read_certs("tls.cert_file", &s.cert_file)?;
     let key_err = |message: String| TlsFileError {
         field: "tls.key_file",
         path: s.key_file.clone(),
         message,
     };
-    let key = PrivateKeyDer::from_pem_file(&s.key_file).map_err(|e| key_err(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(&s.key_file).map_err(|e| key_err(pem_error(&e)))?;
     let protocols = |p: Arc<CryptoProvider>| {
         ServerConfig::builder_with_provider(p)
             .with_safe_default_protocol_versions()
@@ -496,6 +541,7 @@ fn build(s: &ValidTls) -> Result<Built, TlsFileError> {
                 inner,
                 serials: s.revoked_serials.clone(),
                 fingerprints: s.revoked_fingerprints.clone(),
+                notes: notes.cloned(),
             };
             let mut c = protocols(provider())?
                 .with_client_cert_verifier(Arc::new(verifier))
@@ -518,6 +564,7 @@ struct RevocationCheck {
     inner: Arc<dyn ClientCertVerifier>,
     serials: HashSet<String>,
     fingerprints: HashSet<String>,
+    notes: Option<RevokedNotes>,
 }
 
 impl ClientCertVerifier for RevocationCheck {
@@ -545,12 +592,20 @@ impl ClientCertVerifier for RevocationCheck {
         let (serial, fingerprint) = serial_and_fingerprint(end_entity);
         let by_serial = serial.as_ref().is_some_and(|s| self.serials.contains(s));
         if by_serial || self.fingerprints.contains(&fingerprint) {
+            let serial = serial.as_deref().unwrap_or("-");
+            let cn = subject_cn(end_entity).unwrap_or_else(|| "-".into());
             tracing::warn!(
-                serial = serial.as_deref().unwrap_or("-"),
+                serial,
                 %fingerprint,
-                cn = subject_cn(end_entity).as_deref().unwrap_or("-"),
+                cn,
                 "client certificate revoked by config; handshake refused"
             );
+            if let Some(tx) = &self.notes {
+                let _ = tx.try_send(format!(
+                    "revoked client certificate refused in the TLS handshake: CN {cn:?}, \
+                     serial {serial}, SHA-256 {fingerprint}"
+                ));
+            }
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
         Ok(verified)
@@ -582,7 +637,7 @@ impl ClientCertVerifier for RevocationCheck {
 /// `knutepunkt check`: the files load, and every `[[tls.client]]` vendor has a mapping file.
 pub fn check(tls: &ValidTls, vendor_names: &[&str], file: &str) -> Vec<ConfigError> {
     let mut errs = Vec::new();
-    if let Err(e) = build(tls) {
+    if let Err(e) = build(tls, None) {
         errs.push(ConfigError {
             file: file.to_string(),
             field: e.field.to_string(),
