@@ -47,8 +47,10 @@ use x509_cert::der::{Decode, Tag, Tagged};
 
 use crate::api_error::ApiError;
 use crate::app::AppState;
+use crate::config::validate::normal_serial;
 use crate::config::{ConfigError, ValidTls};
 use crate::journal::AuditNote;
+use crate::journal::audit_chain::hex;
 
 /// Who is on the other end of a vendor-port connection, from its verified client certificate.
 #[derive(Debug, Clone)]
@@ -332,16 +334,10 @@ pub fn subject_cn(der: &[u8]) -> Option<String> {
 /// Serial number (lowercase hex, no leading zeros) and SHA-256 fingerprint of a certificate.
 fn serial_and_fingerprint(der: &[u8]) -> (Option<String>, String) {
     let fingerprint = hex(&Sha256::digest(der));
-    let serial = x509_cert::Certificate::from_der(der).ok().map(|c| {
-        let h = hex(c.tbs_certificate.serial_number.as_bytes());
-        let h = h.trim_start_matches('0');
-        if h.is_empty() { "0".into() } else { h.into() }
-    });
+    let serial = x509_cert::Certificate::from_der(der)
+        .ok()
+        .map(|c| normal_serial(&hex(c.tbs_certificate.serial_number.as_bytes())));
     (serial, fingerprint)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Refusal of a vendor-port request whose certificate does not speak for the URL vendor.
@@ -512,16 +508,18 @@ fn build(s: &ValidTls, notes: Option<&RevokedNotes>) -> Result<Built, TlsFileErr
         message,
     };
     let key = PrivateKeyDer::from_pem_file(&s.key_file).map_err(|e| key_err(pem_error(&e)))?;
-    let protocols = |p: Arc<CryptoProvider>| {
-        ServerConfig::builder_with_provider(p)
+    let server_config = |verifier: Arc<dyn ClientCertVerifier>| {
+        let mut c = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| key_err(e.to_string()))
+            .map_err(|e| key_err(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs.clone(), key.clone_key())
+            .map_err(|e| key_err(format!("does not fit tls.cert_file: {e}")))?;
+        // HTTP/1.1 only, like the plain listener (see `accept_loop`).
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok::<_, TlsFileError>(Arc::new(c))
     };
-    let mut main = protocols(provider())?
-        .with_no_client_auth()
-        .with_single_cert(certs.clone(), key.clone_key())
-        .map_err(|e| key_err(format!("does not fit tls.cert_file: {e}")))?;
-    main.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let main = server_config(WebPkiClientVerifier::no_client_auth())?;
     let vendor = match &s.client_ca_file {
         None => None,
         Some(ca) => {
@@ -537,24 +535,15 @@ fn build(s: &ValidTls, notes: Option<&RevokedNotes>) -> Result<Built, TlsFileErr
             let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                 .build()
                 .map_err(|e| ca_err(e.to_string()))?;
-            let verifier = RevocationCheck {
+            Some(server_config(Arc::new(RevocationCheck {
                 inner,
                 serials: s.revoked_serials.clone(),
                 fingerprints: s.revoked_fingerprints.clone(),
                 notes: notes.cloned(),
-            };
-            let mut c = protocols(provider())?
-                .with_client_cert_verifier(Arc::new(verifier))
-                .with_single_cert(certs, key)
-                .map_err(|e| key_err(format!("does not fit tls.cert_file: {e}")))?;
-            c.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Some(Arc::new(c))
+            }))?)
         }
     };
-    Ok(Built {
-        main: Arc::new(main),
-        vendor,
-    })
+    Ok(Built { main, vendor })
 }
 
 /// The CA's chain check, then the revocation lists from config: a revoked certificate fails the
@@ -681,12 +670,8 @@ mod tests {
         assert_eq!(fingerprint, hex(&Sha256::digest(&der)));
         assert_eq!(fingerprint.len(), 64);
         // The config side normalises the same way.
-        assert_eq!(
-            crate::config::validate::normal_hex("00:0B:AD")
-                .map(|h| h.trim_start_matches('0').to_string())
-                .as_deref(),
-            Some("bad")
-        );
+        let configured = crate::config::validate::normal_hex("00:0B:AD").expect("hex");
+        assert_eq!(normal_serial(&configured), "bad");
         assert_eq!(subject_cn(b"not a certificate"), None);
     }
 }
