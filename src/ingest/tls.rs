@@ -74,6 +74,25 @@ pub struct TlsFileError {
 struct Built {
     main: Arc<ServerConfig>,
     vendor: Option<Arc<ServerConfig>>,
+    /// Unix milliseconds at which the server certificate expires, for the log.
+    expires_ms: Option<i64>,
+}
+
+impl Built {
+    /// Says which certificate is in force; warns while there are fewer than 14 days left.
+    fn log_loaded(&self, what: &str) {
+        let Some(at) = self.expires_ms else {
+            tracing::info!("{what}");
+            return;
+        };
+        let expires = crate::journal::registry_text::instant(at);
+        let left_ms = at - crate::clock::now_ms();
+        if left_ms < 14 * 86_400_000 {
+            tracing::warn!(%expires, "{what}; the server certificate expires within 14 days");
+        } else {
+            tracing::info!(%expires, "{what}");
+        }
+    }
 }
 
 type Current = Arc<RwLock<Built>>;
@@ -113,6 +132,7 @@ impl TlsListeners {
     pub async fn bind(settings: &ValidTls) -> anyhow::Result<Self> {
         let (notes_tx, notes) = tokio::sync::mpsc::channel(64);
         let built = build(settings, Some(&notes_tx)).context("loading [tls] certificates")?;
+        built.log_loaded("TLS certificates loaded");
         let vendor = match settings.vendor_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -442,8 +462,12 @@ async fn reload_loop(
         seen = now;
         match build(&settings, Some(&notes)) {
             Ok(b) => {
+                b.log_loaded(if forced {
+                    "TLS certificates reloaded on SIGHUP"
+                } else {
+                    "TLS certificates reloaded after a file change"
+                });
                 *current.write().unwrap_or_else(|p| p.into_inner()) = b;
-                tracing::info!(forced, "TLS certificates reloaded");
             }
             Err(e) => {
                 tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous certificates");
@@ -543,7 +567,17 @@ fn build(s: &ValidTls, notes: Option<&RevokedNotes>) -> Result<Built, TlsFileErr
             }))?)
         }
     };
-    Ok(Built { main, vendor })
+    let expires_ms = x509_cert::Certificate::from_der(&certs[0])
+        .ok()
+        .and_then(|c| {
+            let t = c.tbs_certificate.validity.not_after.to_unix_duration();
+            i64::try_from(t.as_millis()).ok()
+        });
+    Ok(Built {
+        main,
+        vendor,
+        expires_ms,
+    })
 }
 
 /// The CA's chain check, then the revocation lists from config: a revoked certificate fails the
