@@ -387,8 +387,7 @@ fn validate_tls(raw: &RawConfig, listen: SocketAddr, errs: &mut Errors<'_>) -> O
     for s in &t.revoked_serials {
         match normal_hex(s) {
             Some(h) if !h.is_empty() && h.len() <= 40 => {
-                let h = h.trim_start_matches('0');
-                revoked_serials.insert(if h.is_empty() { "0".into() } else { h.into() });
+                revoked_serials.insert(normal_serial(&h));
             }
             _ => errs.push(
                 "tls.revoked_serials",
@@ -456,6 +455,14 @@ fn validate_tls(raw: &RawConfig, listen: SocketAddr, errs: &mut Errors<'_>) -> O
         reload_interval: Duration::from_secs(t.reload_interval_s),
         clients,
     })
+}
+
+/// A serial number's hex without leading zeros (DER may pad a positive serial with `00`).
+pub(crate) fn normal_serial(hex: &str) -> String {
+    match hex.trim_start_matches('0') {
+        "" => "0".into(),
+        h => h.into(),
+    }
 }
 
 /// Lowercase hex without `:` separators, or `None` if anything else is in it.

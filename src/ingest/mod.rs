@@ -128,14 +128,14 @@ async fn ingest_inner(
     body: Body,
 ) -> Result<Response, ApiError> {
     let limits = &state.ingest;
-    // On the vendor port the client certificate decides which vendor may post.
-    tls::authorise(&state, peer.as_ref(), &vendor).await?;
     // Shed load before reading the body: a bounded number of requests is ever buffered.
     let Ok(_slot) = limits.in_flight.try_acquire() else {
         return Err(ApiError::Overloaded {
             retry_after_s: limits.retry_after_s,
         });
     };
+    // On the vendor port the client certificate decides which vendor may post.
+    tls::authorise(&state, peer.as_ref(), &vendor).await?;
     let received_at_ms = now_ms();
     let spec = state
         .vendors

@@ -47,8 +47,10 @@ use x509_cert::der::{Decode, Tag, Tagged};
 
 use crate::api_error::ApiError;
 use crate::app::AppState;
+use crate::config::validate::normal_serial;
 use crate::config::{ConfigError, ValidTls};
 use crate::journal::AuditNote;
+use crate::journal::audit_chain::hex;
 
 /// Who is on the other end of a vendor-port connection, from its verified client certificate.
 #[derive(Debug, Clone)]
@@ -72,9 +74,33 @@ pub struct TlsFileError {
 struct Built {
     main: Arc<ServerConfig>,
     vendor: Option<Arc<ServerConfig>>,
+    /// Unix milliseconds at which the server certificate expires, for the log.
+    expires_ms: Option<i64>,
+}
+
+impl Built {
+    /// Says which certificate is in force; warns while there are fewer than 14 days left.
+    fn log_loaded(&self, what: &str) {
+        let Some(at) = self.expires_ms else {
+            tracing::info!("{what}");
+            return;
+        };
+        let expires = crate::journal::registry_text::instant(at);
+        let left_ms = at - crate::clock::now_ms();
+        if left_ms < 14 * 86_400_000 {
+            tracing::warn!(%expires, "{what}; the server certificate expires within 14 days");
+        } else {
+            tracing::info!(%expires, "{what}");
+        }
+    }
 }
 
 type Current = Arc<RwLock<Built>>;
+
+/// Details of handshake refusals for revoked certificates, to be written as audit notes (the
+/// verifier runs inside rustls, without the journal). Bounded: under a flood the surplus is only
+/// logged.
+type RevokedNotes = tokio::sync::mpsc::Sender<String>;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Port {
@@ -96,13 +122,17 @@ pub struct TlsListeners {
     settings: ValidTls,
     current: Current,
     vendor: Option<TcpListener>,
+    notes_tx: RevokedNotes,
+    notes: tokio::sync::mpsc::Receiver<String>,
 }
 
 impl TlsListeners {
     /// Reads the certificate files (a clear error naming the field and file when one is missing
     /// or unusable) and binds the vendor port.
     pub async fn bind(settings: &ValidTls) -> anyhow::Result<Self> {
-        let built = build(settings).context("loading [tls] certificates")?;
+        let (notes_tx, notes) = tokio::sync::mpsc::channel(64);
+        let built = build(settings, Some(&notes_tx)).context("loading [tls] certificates")?;
+        built.log_loaded("TLS certificates loaded");
         let vendor = match settings.vendor_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -115,6 +145,8 @@ impl TlsListeners {
             settings: settings.clone(),
             current: Arc::new(RwLock::new(built)),
             vendor,
+            notes_tx,
+            notes,
         })
     }
 
@@ -140,6 +172,8 @@ impl TlsListeners {
             grace,
         });
         let mut tasks = Vec::new();
+        // Lives as long as the configs that hold senders; not awaited at shutdown.
+        tokio::spawn(audit_revoked(self.notes, Arc::clone(&state)));
         let mut main_router = crate::app::http_router(Arc::clone(&state));
         if let Some(vendor) = self.vendor {
             // With a vendor port, ingest is only reachable with a client certificate.
@@ -157,6 +191,7 @@ impl TlsListeners {
         tasks.push(tokio::spawn(reload_loop(
             self.settings.clone(),
             Arc::clone(&self.current),
+            self.notes_tx,
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(accept_loop(
@@ -319,16 +354,10 @@ pub fn subject_cn(der: &[u8]) -> Option<String> {
 /// Serial number (lowercase hex, no leading zeros) and SHA-256 fingerprint of a certificate.
 fn serial_and_fingerprint(der: &[u8]) -> (Option<String>, String) {
     let fingerprint = hex(&Sha256::digest(der));
-    let serial = x509_cert::Certificate::from_der(der).ok().map(|c| {
-        let h = hex(c.tbs_certificate.serial_number.as_bytes());
-        let h = h.trim_start_matches('0');
-        if h.is_empty() { "0".into() } else { h.into() }
-    });
+    let serial = x509_cert::Certificate::from_der(der)
+        .ok()
+        .map(|c| normal_serial(&hex(c.tbs_certificate.serial_number.as_bytes())));
     (serial, fingerprint)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Refusal of a vendor-port request whose certificate does not speak for the URL vendor.
@@ -373,8 +402,27 @@ pub(crate) async fn refusal(state: &AppState, vendor: &str, detail: &str) {
     }
 }
 
+async fn audit_revoked(mut notes: tokio::sync::mpsc::Receiver<String>, state: Arc<AppState>) {
+    while let Some(detail) = notes.recv().await {
+        let note = AuditNote {
+            kind: "refused".into(),
+            subject: "tls:vendor-port".into(),
+            dest: None,
+            detail,
+        };
+        if let Err(e) = state.journal.audit_note(note).await {
+            tracing::error!(error = %e, "could not audit a revoked client certificate");
+        }
+    }
+}
+
 /// Polls the files and listens for SIGHUP; rebuilds and swaps the configs on a change.
-async fn reload_loop(settings: ValidTls, current: Current, mut stop: watch::Receiver<bool>) {
+async fn reload_loop(
+    settings: ValidTls,
+    current: Current,
+    notes: RevokedNotes,
+    mut stop: watch::Receiver<bool>,
+) {
     let files: Vec<PathBuf> = [
         Some(settings.cert_file.clone()),
         Some(settings.key_file.clone()),
@@ -412,10 +460,14 @@ async fn reload_loop(settings: ValidTls, current: Current, mut stop: watch::Rece
         // Remember the failed state too: a half-written pair is retried when the next file
         // lands, not logged every few seconds.
         seen = now;
-        match build(&settings) {
+        match build(&settings, Some(&notes)) {
             Ok(b) => {
+                b.log_loaded(if forced {
+                    "TLS certificates reloaded on SIGHUP"
+                } else {
+                    "TLS certificates reloaded after a file change"
+                });
                 *current.write().unwrap_or_else(|p| p.into_inner()) = b;
-                tracing::info!(forced, "TLS certificates reloaded");
             }
             Err(e) => {
                 tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous certificates");
@@ -435,6 +487,19 @@ fn stamps(files: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
         .collect()
 }
 
+/// A PEM problem in words (the library's Debug form shows markers as byte arrays).
+fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { end_marker } => format!(
+            "no \"-----END {}-----\" line; the file may be half-written",
+            String::from_utf8_lossy(end_marker)
+        ),
+        E::NoItemsFound => "no PEM item of the expected kind in the file".into(),
+        other => other.to_string(),
+    }
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
@@ -449,9 +514,9 @@ fn read_certs(
         message,
     };
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| bad(e.to_string()))?
+        .map_err(|e| bad(pem_error(&e)))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| bad(pem_error(&e)))?;
     if certs.is_empty() {
         return Err(bad("no PEM certificate in the file".into()));
     }
@@ -459,24 +524,26 @@ fn read_certs(
 }
 
 /// Both rustls configs from the files, or the first problem.
-fn build(s: &ValidTls) -> Result<Built, TlsFileError> {
+fn build(s: &ValidTls, notes: Option<&RevokedNotes>) -> Result<Built, TlsFileError> {
     let certs = read_certs("tls.cert_file", &s.cert_file)?;
     let key_err = |message: String| TlsFileError {
         field: "tls.key_file",
         path: s.key_file.clone(),
         message,
     };
-    let key = PrivateKeyDer::from_pem_file(&s.key_file).map_err(|e| key_err(e.to_string()))?;
-    let protocols = |p: Arc<CryptoProvider>| {
-        ServerConfig::builder_with_provider(p)
+    let key = PrivateKeyDer::from_pem_file(&s.key_file).map_err(|e| key_err(pem_error(&e)))?;
+    let server_config = |verifier: Arc<dyn ClientCertVerifier>| {
+        let mut c = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| key_err(e.to_string()))
+            .map_err(|e| key_err(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs.clone(), key.clone_key())
+            .map_err(|e| key_err(format!("does not fit tls.cert_file: {e}")))?;
+        // HTTP/1.1 only, like the plain listener (see `accept_loop`).
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok::<_, TlsFileError>(Arc::new(c))
     };
-    let mut main = protocols(provider())?
-        .with_no_client_auth()
-        .with_single_cert(certs.clone(), key.clone_key())
-        .map_err(|e| key_err(format!("does not fit tls.cert_file: {e}")))?;
-    main.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let main = server_config(WebPkiClientVerifier::no_client_auth())?;
     let vendor = match &s.client_ca_file {
         None => None,
         Some(ca) => {
@@ -492,22 +559,24 @@ fn build(s: &ValidTls) -> Result<Built, TlsFileError> {
             let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                 .build()
                 .map_err(|e| ca_err(e.to_string()))?;
-            let verifier = RevocationCheck {
+            Some(server_config(Arc::new(RevocationCheck {
                 inner,
                 serials: s.revoked_serials.clone(),
                 fingerprints: s.revoked_fingerprints.clone(),
-            };
-            let mut c = protocols(provider())?
-                .with_client_cert_verifier(Arc::new(verifier))
-                .with_single_cert(certs, key)
-                .map_err(|e| key_err(format!("does not fit tls.cert_file: {e}")))?;
-            c.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Some(Arc::new(c))
+                notes: notes.cloned(),
+            }))?)
         }
     };
+    let expires_ms = x509_cert::Certificate::from_der(&certs[0])
+        .ok()
+        .and_then(|c| {
+            let t = c.tbs_certificate.validity.not_after.to_unix_duration();
+            i64::try_from(t.as_millis()).ok()
+        });
     Ok(Built {
-        main: Arc::new(main),
+        main,
         vendor,
+        expires_ms,
     })
 }
 
@@ -518,6 +587,7 @@ struct RevocationCheck {
     inner: Arc<dyn ClientCertVerifier>,
     serials: HashSet<String>,
     fingerprints: HashSet<String>,
+    notes: Option<RevokedNotes>,
 }
 
 impl ClientCertVerifier for RevocationCheck {
@@ -545,12 +615,20 @@ impl ClientCertVerifier for RevocationCheck {
         let (serial, fingerprint) = serial_and_fingerprint(end_entity);
         let by_serial = serial.as_ref().is_some_and(|s| self.serials.contains(s));
         if by_serial || self.fingerprints.contains(&fingerprint) {
+            let serial = serial.as_deref().unwrap_or("-");
+            let cn = subject_cn(end_entity).unwrap_or_else(|| "-".into());
             tracing::warn!(
-                serial = serial.as_deref().unwrap_or("-"),
+                serial,
                 %fingerprint,
-                cn = subject_cn(end_entity).as_deref().unwrap_or("-"),
+                cn,
                 "client certificate revoked by config; handshake refused"
             );
+            if let Some(tx) = &self.notes {
+                let _ = tx.try_send(format!(
+                    "revoked client certificate refused in the TLS handshake: CN {cn:?}, \
+                     serial {serial}, SHA-256 {fingerprint}"
+                ));
+            }
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
         Ok(verified)
@@ -582,7 +660,7 @@ impl ClientCertVerifier for RevocationCheck {
 /// `knutepunkt check`: the files load, and every `[[tls.client]]` vendor has a mapping file.
 pub fn check(tls: &ValidTls, vendor_names: &[&str], file: &str) -> Vec<ConfigError> {
     let mut errs = Vec::new();
-    if let Err(e) = build(tls) {
+    if let Err(e) = build(tls, None) {
         errs.push(ConfigError {
             file: file.to_string(),
             field: e.field.to_string(),
@@ -601,4 +679,33 @@ pub fn check(tls: &ValidTls, vendor_names: &[&str], file: &str) -> Vec<ConfigErr
         }
     }
     errs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(cn: &str, serial: &[u8]) -> Vec<u8> {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Vendor AS");
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
+        let key = rcgen::KeyPair::generate().expect("key");
+        p.self_signed(&key).expect("cert").der().to_vec()
+    }
+
+    #[test]
+    fn identity_is_the_subject_cn_and_serials_are_normalised() {
+        let der = cert("acme-alarm", &[0x00, 0x0b, 0xad]);
+        assert_eq!(subject_cn(&der).as_deref(), Some("acme-alarm"));
+        let (serial, fingerprint) = serial_and_fingerprint(&der);
+        assert_eq!(serial.as_deref(), Some("bad"));
+        assert_eq!(fingerprint, hex(&Sha256::digest(&der)));
+        assert_eq!(fingerprint.len(), 64);
+        // The config side normalises the same way.
+        let configured = crate::config::validate::normal_hex("00:0B:AD").expect("hex");
+        assert_eq!(normal_serial(&configured), "bad");
+        assert_eq!(subject_cn(b"not a certificate"), None);
+    }
 }
