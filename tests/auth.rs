@@ -275,19 +275,30 @@ async fn tokens_are_checked_for_signature_issuer_audience_time_scope_and_dpop() 
 async fn a_caller_sees_and_replays_only_its_own_tenants() {
     // The destination refuses everything permanently, so every event dead-letters.
     let sink = Sink::start(Mode::status(400)).await;
+    // A second destination keeps failing temporarily, so every event stays at a lane head.
+    let busy = Sink::start(Mode::status(503)).await;
     let key = Key::ec("k1");
-    let gw = gateway(&[&key], &[Dest::new("epj", &sink.url)]).await;
+    let gw = gateway(
+        &[&key],
+        &[Dest::new("epj", &sink.url), Dest::new("busy", &busy.url)],
+    )
+    .await;
     let a = key.sign(&claims(ALL_SCOPES, &["0301"]));
     let b = key.sign(&claims(ALL_SCOPES, &["4601"]));
     let all = key.sign(&claims(ALL_SCOPES, &["*"]));
     let auth = |t: &str| format!("Bearer {t}");
 
     let mut ids = Vec::new();
-    for (tenant, token, vid) in [("0301", &a, "a1"), ("4601", &b, "b1"), ("0301", &a, "a2")] {
+    // Different patients, so each event heads its own lane.
+    for (tenant, token, vid, patient) in [
+        ("0301", &a, "a1", "1"),
+        ("4601", &b, "b1", "2"),
+        ("0301", &a, "a2", "3"),
+    ] {
         let (s, body) = gw
             .post_as(
                 "fhir",
-                &observation("1", vid),
+                &observation(patient, vid),
                 &[("x-tenant", tenant), ("authorization", &auth(token))],
             )
             .await;
@@ -331,6 +342,35 @@ async fn a_caller_sees_and_replays_only_its_own_tenants() {
     let (_, body, _) = get(&gw, "/v1/admin/dead-letters", Some(&auth(&b)), None).await;
     assert_eq!(listed(&body), vec![b1.clone()]);
 
+    // Lanes (of the busy destination) are filtered the same way.
+    let heads = |body: &Value| -> Vec<String> {
+        let mut v: Vec<String> = body["lanes"]
+            .as_array()
+            .expect("lanes")
+            .iter()
+            .map(|l| l["head_event_id"].as_str().expect("head").to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let (s, body, _) = get(
+        &gw,
+        "/v1/admin/lanes?destination=busy",
+        Some(&auth(&a)),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(heads(&body), want, "tenant A sees only its lanes");
+    let (_, body, _) = get(
+        &gw,
+        "/v1/admin/lanes?destination=busy",
+        Some(&auth(&all)),
+        None,
+    )
+    .await;
+    assert_eq!(heads(&body).len(), 3, "{body}");
+
     // Single records of another tenant are "not found", not "forbidden".
     let (s, _, _) = get(
         &gw,
@@ -352,7 +392,7 @@ async fn a_caller_sees_and_replays_only_its_own_tenants() {
     let (s, _, _) = get(&gw, &format!("/console/events/{b1}"), Some(&auth(&a)), None).await;
     assert_eq!(s, 404);
 
-    // Lanes of a tenant-less caller are empty.
+    // A caller without tenants sees nothing.
     let nobody = key.sign(&claims(ALL_SCOPES, &[]));
     let (_, body, _) = get(&gw, "/v1/admin/dead-letters", Some(&auth(&nobody)), None).await;
     assert_eq!(body["dead_letters"], json!([]));
