@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -98,18 +100,27 @@ fn claims(scope: &str, tenants: &[&str]) -> Value {
     })
 }
 
-/// Starts the gateway with `[auth]` trusting `keys`.
-async fn gateway(keys: &[&Key], dests: &[Dest]) -> Gateway {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let jwks = dir.path().join("jwks.json");
+fn jwks(keys: &[&Key]) -> String {
     let set = JwkSet {
         keys: keys.iter().map(|k| k.jwk.clone()).collect(),
     };
-    std::fs::write(&jwks, serde_json::to_string(&set).expect("jwks")).expect("write jwks");
+    serde_json::to_string(&set).expect("jwks")
+}
+
+/// Starts the gateway with `[auth]` trusting `keys` (from a JWKS file).
+async fn gateway(keys: &[&Key], dests: &[Dest]) -> Gateway {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, jwks(keys)).expect("write jwks");
+    let source = format!("jwks_file = {:?}", file.display().to_string());
+    gateway_with(dir, &source, dests).await
+}
+
+/// Starts the gateway with `[auth]` whose key source is `source` (a `jwks_*` line).
+async fn gateway_with(dir: tempfile::TempDir, source: &str, dests: &[Dest]) -> Gateway {
     let auth = format!(
-        "[auth]\nissuer = {ISS:?}\naudience = {AUD:?}\njwks_file = {:?}\nleeway_s = 5\n\
-         tenant_claim = \"tenants\"\n",
-        jwks.display().to_string()
+        "[auth]\nissuer = {ISS:?}\naudience = {AUD:?}\n{source}\nleeway_s = 5\n\
+         tenant_claim = \"tenants\"\n"
     );
     let storage = common::storage_section(dir.path()).await;
     let cfg = format!("{}\n{storage}", common::config_text(dests, &auth));
@@ -430,4 +441,101 @@ async fn a_caller_sees_and_replays_only_its_own_tenants() {
     .await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["replayed"][0]["event_id"], json!(b1));
+}
+
+// Multi-threaded: the JWKS server must answer while the harness blocks on the gateway's start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_url_is_cached_and_fetched_again_for_a_new_kid_at_a_bounded_rate() {
+    // The identity provider's JWKS endpoint, counting fetches; keys can be rotated.
+    let k1 = Key::ec("k1");
+    let k2 = Key::ec("k2");
+    let served = Arc::new((Mutex::new(jwks(&[&k1])), AtomicUsize::new(0)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/jwks", listener.local_addr().expect("addr"));
+    let state = Arc::clone(&served);
+    let app = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get(move || {
+            let state = Arc::clone(&state);
+            async move {
+                state.1.fetch_add(1, Ordering::SeqCst);
+                state.0.lock().expect("lock").clone()
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let fetches = || served.1.load(Ordering::SeqCst);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = gateway_with(dir, &format!("jwks_url = {url:?}"), &[]).await;
+    let path = "/v1/admin/dead-letters";
+    let t1 = format!("Bearer {}", k1.sign(&claims(ALL_SCOPES, &["0301"])));
+    for _ in 0..5 {
+        assert_eq!(get(&gw, path, Some(&t1), None).await.0, 200);
+    }
+    assert_eq!(fetches(), 1, "fetched once at start-up, then cached");
+
+    // Rotation: the provider publishes k2. Within the minimum interval after the last fetch a
+    // flood of unknown kids causes no fetch at all.
+    *served.0.lock().expect("lock") = jwks(&[&k1, &k2]);
+    let t2 = format!("Bearer {}", k2.sign(&claims(ALL_SCOPES, &["0301"])));
+    for i in 0..20 {
+        let forged = format!("Bearer {}", Key::ec(&format!("forged-{i}")).sign(&claims(ALL_SCOPES, &[])));
+        assert_eq!(get(&gw, path, Some(&forged), None).await.0, 401);
+    }
+    assert_eq!(fetches(), 1, "unknown kids must not flood the identity provider");
+
+    // After the interval the new kid is fetched once and accepted.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(get(&gw, path, Some(&t2), None).await.0, 200);
+    assert_eq!(get(&gw, path, Some(&t2), None).await.0, 200);
+    assert_eq!(fetches(), 2);
+    assert_eq!(get(&gw, path, Some(&t1), None).await.0, 200);
+}
+
+#[test]
+fn open_api_is_refused_beyond_loopback_and_warned_about_on_loopback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("k.toml");
+    let mappings = common::repo_path("mappings").display().to_string();
+    std::fs::write(
+        &cfg,
+        format!("[server]\nlisten = \"0.0.0.0:0\"\n[mappings]\ndir = {mappings:?}\n"),
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_knutepunkt"))
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run check");
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains(": auth: missing"), "{text}");
+
+    // On loopback it starts, and says the API is open.
+    let data = dir.path().join("data").display().to_string();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[mappings]\ndir = {mappings:?}\n\
+             [storage]\ndata_dir = {data:?}\n"
+        ),
+    )
+    .expect("write");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_knutepunkt"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("KNUTEPUNKT_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let found = std::io::BufRead::lines(std::io::BufReader::new(stderr))
+        .take(50)
+        .map_while(Result::ok)
+        .any(|l| l.contains("admin/API open without authentication"));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(found, "no start-up warning about the open API");
 }
