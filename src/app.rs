@@ -34,7 +34,7 @@ pub fn http_router(state: Arc<AppState>) -> Router {
         .merge(crate::admin::router())
         .merge(crate::telemetry::router())
         .layer(axum::middleware::from_fn_with_state(
-            state.auth.clone(),
+            Arc::clone(&state),
             crate::auth::require,
         ))
         .with_state(state)

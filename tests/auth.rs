@@ -233,6 +233,30 @@ async fn tokens_are_checked_for_signature_issuer_audience_time_scope_and_dpop() 
     assert_eq!(s, 403, "{body}");
     assert!(challenge.contains("insufficient_scope"), "{challenge}");
     assert!(challenge.contains("knutepunkt:read"), "{challenge}");
+    // The refused (authenticated) caller is in the audit trail; read from the embedded journal.
+    if !common::on_postgres() {
+        let db =
+            rusqlite::Connection::open(gw.dir.path().join("data/journal.sqlite3")).expect("db");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let detail: Option<String> = db
+                .query_row(
+                    "SELECT detail FROM audit WHERE kind = 'access_denied' AND event_id = 'caller:tester'",
+                    [],
+                    |r| r.get(0),
+                )
+                .ok();
+            if let Some(d) = detail {
+                assert!(d.contains("knutepunkt:read") && d.contains(path), "{d}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no access_denied audit record"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 
     // Vendor ingest on the API port needs the ingest scope.
     let (s, _) = gw.post_as("fhir", &observation("1", "a"), &[]).await;
@@ -450,7 +474,9 @@ async fn jwks_url_is_cached_and_fetched_again_for_a_new_kid_at_a_bounded_rate() 
     let k1 = Key::ec("k1");
     let k2 = Key::ec("k2");
     let served = Arc::new((Mutex::new(jwks(&[&k1])), AtomicUsize::new(0)));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let url = format!("http://{}/jwks", listener.local_addr().expect("addr"));
     let state = Arc::clone(&served);
     let app = axum::Router::new().route(
@@ -480,10 +506,17 @@ async fn jwks_url_is_cached_and_fetched_again_for_a_new_kid_at_a_bounded_rate() 
     *served.0.lock().expect("lock") = jwks(&[&k1, &k2]);
     let t2 = format!("Bearer {}", k2.sign(&claims(ALL_SCOPES, &["0301"])));
     for i in 0..20 {
-        let forged = format!("Bearer {}", Key::ec(&format!("forged-{i}")).sign(&claims(ALL_SCOPES, &[])));
+        let forged = format!(
+            "Bearer {}",
+            Key::ec(&format!("forged-{i}")).sign(&claims(ALL_SCOPES, &[]))
+        );
         assert_eq!(get(&gw, path, Some(&forged), None).await.0, 401);
     }
-    assert_eq!(fetches(), 1, "unknown kids must not flood the identity provider");
+    assert_eq!(
+        fetches(),
+        1,
+        "unknown kids must not flood the identity provider"
+    );
 
     // After the interval the new kid is fetched once and accepted.
     tokio::time::sleep(Duration::from_secs(11)).await;
@@ -508,7 +541,8 @@ fn open_api_is_refused_beyond_loopback_and_warned_about_on_loopback() {
         .arg(&cfg)
         .output()
         .expect("run check");
-    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{text}");
     assert!(text.contains(": auth: missing"), "{text}");
 
