@@ -313,3 +313,30 @@ fn min_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
         (None, y) => y,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_identity_from_pem_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["knutepunkt.test".into()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert.pem()).expect("write");
+        std::fs::write(&k, key.serialize_pem()).expect("write");
+        assert!(load_identity(&c, &k).is_ok());
+        std::fs::write(&k, "not a key").expect("write");
+        assert!(matches!(
+            load_identity(&c, &k),
+            Err(BuildError::Identity(_))
+        ));
+        let missing = dir.path().join("missing.pem");
+        let err = load_identity(&missing, &k).expect_err("missing file");
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+    }
+}
