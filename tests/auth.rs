@@ -78,13 +78,17 @@ impl Key {
 
     /// A DPoP proof for `method url` bound to `token`.
     fn proof(&self, method: &str, url: &str, token: &str, jti: &str) -> String {
+        self.proof_at(method, url, token, jti, now())
+    }
+
+    fn proof_at(&self, method: &str, url: &str, token: &str, jti: &str, iat: i64) -> String {
         let mut h = Header::new(self.alg);
         h.typ = Some("dpop+jwt".into());
         let mut public = self.jwk.clone();
         public.common.key_id = None;
         h.jwk = Some(public);
         let ath = URL_SAFE_NO_PAD.encode(Sha256::digest(token.as_bytes()));
-        let claims = json!({ "jti": jti, "htm": method, "htu": url, "iat": now(), "ath": ath });
+        let claims = json!({ "jti": jti, "htm": method, "htu": url, "iat": iat, "ath": ath });
         jsonwebtoken::encode(&h, &claims, &self.enc).expect("sign proof")
     }
 
@@ -118,9 +122,18 @@ async fn gateway(keys: &[&Key], dests: &[Dest]) -> Gateway {
 
 /// Starts the gateway with `[auth]` whose key source is `source` (a `jwks_*` line).
 async fn gateway_with(dir: tempfile::TempDir, source: &str, dests: &[Dest]) -> Gateway {
+    gateway_with_auth(dir, source, "", dests).await
+}
+
+async fn gateway_with_auth(
+    dir: tempfile::TempDir,
+    source: &str,
+    more: &str,
+    dests: &[Dest],
+) -> Gateway {
     let auth = format!(
         "[auth]\nissuer = {ISS:?}\naudience = {AUD:?}\n{source}\nleeway_s = 5\n\
-         tenant_claim = \"tenants\"\n"
+         tenant_claim = \"tenants\"\n{more}\n"
     );
     let storage = common::storage_section(dir.path()).await;
     let cfg = format!("{}\n{storage}", common::config_text(dests, &auth));
@@ -296,6 +309,18 @@ async fn tokens_are_checked_for_signature_issuer_audience_time_scope_and_dpop() 
     let (s, _, challenge) = get(&gw, path, Some(&dpop), Some(&wrong_htu)).await;
     assert_eq!(s, 401, "proof for another URL");
     assert!(challenge.contains("htu"), "{challenge}");
+    let wrong_method = client.proof("POST", &url, &bound, "j4");
+    let (s, _, challenge) = get(&gw, path, Some(&dpop), Some(&wrong_method)).await;
+    assert_eq!(s, 401, "proof for another method");
+    assert!(challenge.contains("htm"), "{challenge}");
+    let stale = client.proof_at("GET", &url, &bound, "j5", now() - 600);
+    let (s, _, challenge) = get(&gw, path, Some(&dpop), Some(&stale)).await;
+    assert_eq!(s, 401, "stale proof");
+    assert!(challenge.contains("iat"), "{challenge}");
+    let other_token = client.proof("GET", &url, &good, "j6");
+    let (s, _, challenge) = get(&gw, path, Some(&dpop), Some(&other_token)).await;
+    assert_eq!(s, 401, "proof made for another access token");
+    assert!(challenge.contains("ath"), "{challenge}");
     let wrong_key = Key::ec("x").proof("GET", &url, &bound, "j2");
     assert_eq!(get(&gw, path, Some(&dpop), Some(&wrong_key)).await.0, 401);
     let proof = client.proof("GET", &url, &bound, "j3");
@@ -572,4 +597,31 @@ fn open_api_is_refused_beyond_loopback_and_warned_about_on_loopback() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(found, "no start-up warning about the open API");
+}
+
+#[tokio::test]
+async fn require_dpop_refuses_plain_bearer_tokens() {
+    let key = Key::ec("k1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, jwks(&[&key])).expect("write jwks");
+    let source = format!("jwks_file = {:?}", file.display().to_string());
+    let gw = gateway_with_auth(dir, &source, "require_dpop = true", &[]).await;
+    let path = "/v1/admin/lanes";
+    let plain = key.sign(&claims(ALL_SCOPES, &["0301"]));
+    let (s, _, challenge) = get(&gw, path, Some(&format!("Bearer {plain}")), None).await;
+    assert_eq!(s, 401);
+    assert!(
+        !challenge.contains("Bearer realm"),
+        "only DPoP is offered: {challenge}"
+    );
+    assert!(challenge.contains("DPoP realm"), "{challenge}");
+
+    let client = Key::ec("client");
+    let mut c = claims(ALL_SCOPES, &["0301"]);
+    c["cnf"] = json!({ "jkt": client.thumbprint() });
+    let bound = key.sign(&c);
+    let proof = client.proof("GET", &format!("{}{path}", gw.base), &bound, "only");
+    let (s, body, _) = get(&gw, path, Some(&format!("DPoP {bound}")), Some(&proof)).await;
+    assert_eq!(s, 200, "{body}");
 }
