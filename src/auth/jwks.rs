@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse};
 
 use super::error::AuthBuildError;
 
@@ -81,6 +81,8 @@ impl KeyStore {
             .iter()
             .chain(fetched.iter())
             .filter(|k| kid.is_none() || k.common.key_id.as_deref() == kid)
+            // Keys published for encryption never verify a signature.
+            .filter(|k| k.common.public_key_use != Some(PublicKeyUse::Encryption))
             .cloned()
             .collect()
     }

@@ -145,8 +145,7 @@ impl Authenticator {
         let claims = token::validate(token, &self.config, &self.keys)
             .await
             .map_err(|r| AuthError::invalid(r, dpop_only))?;
-        let bound_jkt = claims.cnf_jkt.clone();
-        match (is_dpop, bound_jkt) {
+        match (is_dpop, claims.cnf_jkt.as_deref()) {
             (false, Some(_)) => {
                 return Err(AuthError::invalid(
                     "the token is DPoP-bound (cnf); present it with the DPoP scheme and a proof",
@@ -160,7 +159,7 @@ impl Authenticator {
                 ));
             }
             (true, Some(jkt)) => {
-                dpop::verify(req, token, &jkt, self.config.leeway, &self.replay)
+                dpop::verify(req, token, jkt, self.config.leeway, &self.replay)
                     .map_err(|r| AuthError::invalid(r, dpop_only))?;
             }
             (false, None) => {}
