@@ -18,6 +18,7 @@ const ASSERTION_TTL_S: u64 = 60;
 /// Refresh this long before expiry (at most a quarter of the token's lifetime).
 const REFRESH_MARGIN: Duration = Duration::from_secs(30);
 const MAX_TOKEN_BODY: usize = 64 * 1024;
+const MAX_LIFETIME_S: u64 = 86_400;
 
 #[derive(Debug, Error)]
 pub enum OAuthError {
@@ -180,7 +181,13 @@ impl TokenSource {
                 t.token_type
             )));
         }
-        let lifetime = Duration::from_secs(t.expires_in.unwrap_or(300));
+        if t.access_token.is_empty() || !t.access_token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(OAuthError::Fetch(
+                "access_token is empty or not printable ASCII".into(),
+            ));
+        }
+        // A missing lifetime gets 5 minutes; an absurd one is capped (and cannot overflow).
+        let lifetime = Duration::from_secs(t.expires_in.unwrap_or(300).min(MAX_LIFETIME_S));
         let margin = REFRESH_MARGIN.min(lifetime / 4);
         tracing::debug!(client_id = %self.cfg.client_id, lifetime_s = lifetime.as_secs(), "fetched access token");
         Ok(Cached {
