@@ -38,7 +38,7 @@ pub fn http_router(state: Arc<AppState>) -> Router {
         .merge(crate::telemetry::router())
         .merge(crate::fhir::router())
         .layer(axum::middleware::from_fn_with_state(
-            state.auth.clone(),
+            Arc::clone(&state),
             crate::auth::require,
         ))
         .with_state(state)

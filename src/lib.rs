@@ -3,9 +3,9 @@
 //! Data flow, in module order:
 //! `ingest` (HTTP, limits) → `normalise` (vendor body → FHIR R4 `Envelope`) → `route`
 //! (destinations) → `journal` (durable, group-committed) → `deliver` (per-lane ordered,
-//! at-least-once HTTP). Beside them: `admin` (health, lanes, dead letters, replay), `config`
-//! (raw → validated), `api_error` (every HTTP error as an OperationOutcome), `app` (wiring),
-//! `telemetry` (metrics on `/metrics`, typed events).
+//! at-least-once HTTP). Beside them: `auth` (API tokens, tenant isolation), `admin` (health,
+//! lanes, dead letters, replay), `config` (raw → validated), `api_error` (every HTTP error as an
+//! OperationOutcome), `app` (wiring), `telemetry` (metrics on `/metrics`, typed events).
 
 pub mod deliver;
 pub mod ingest;

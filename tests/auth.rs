@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -76,13 +78,17 @@ impl Key {
 
     /// A DPoP proof for `method url` bound to `token`.
     fn proof(&self, method: &str, url: &str, token: &str, jti: &str) -> String {
+        self.proof_at(method, url, token, jti, now())
+    }
+
+    fn proof_at(&self, method: &str, url: &str, token: &str, jti: &str, iat: i64) -> String {
         let mut h = Header::new(self.alg);
         h.typ = Some("dpop+jwt".into());
         let mut public = self.jwk.clone();
         public.common.key_id = None;
         h.jwk = Some(public);
         let ath = URL_SAFE_NO_PAD.encode(Sha256::digest(token.as_bytes()));
-        let claims = json!({ "jti": jti, "htm": method, "htu": url, "iat": now(), "ath": ath });
+        let claims = json!({ "jti": jti, "htm": method, "htu": url, "iat": iat, "ath": ath });
         jsonwebtoken::encode(&h, &claims, &self.enc).expect("sign proof")
     }
 
@@ -98,18 +104,36 @@ fn claims(scope: &str, tenants: &[&str]) -> Value {
     })
 }
 
-/// Starts the gateway with `[auth]` trusting `keys`.
-async fn gateway(keys: &[&Key], dests: &[Dest]) -> Gateway {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let jwks = dir.path().join("jwks.json");
+fn jwks(keys: &[&Key]) -> String {
     let set = JwkSet {
         keys: keys.iter().map(|k| k.jwk.clone()).collect(),
     };
-    std::fs::write(&jwks, serde_json::to_string(&set).expect("jwks")).expect("write jwks");
+    serde_json::to_string(&set).expect("jwks")
+}
+
+/// Starts the gateway with `[auth]` trusting `keys` (from a JWKS file).
+async fn gateway(keys: &[&Key], dests: &[Dest]) -> Gateway {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, jwks(keys)).expect("write jwks");
+    let source = format!("jwks_file = {:?}", file.display().to_string());
+    gateway_with(dir, &source, dests).await
+}
+
+/// Starts the gateway with `[auth]` whose key source is `source` (a `jwks_*` line).
+async fn gateway_with(dir: tempfile::TempDir, source: &str, dests: &[Dest]) -> Gateway {
+    gateway_with_auth(dir, source, "", dests).await
+}
+
+async fn gateway_with_auth(
+    dir: tempfile::TempDir,
+    source: &str,
+    more: &str,
+    dests: &[Dest],
+) -> Gateway {
     let auth = format!(
-        "[auth]\nissuer = {ISS:?}\naudience = {AUD:?}\njwks_file = {:?}\nleeway_s = 5\n\
-         tenant_claim = \"tenants\"\n",
-        jwks.display().to_string()
+        "[auth]\nissuer = {ISS:?}\naudience = {AUD:?}\n{source}\nleeway_s = 5\n\
+         tenant_claim = \"tenants\"\n{more}\n"
     );
     let storage = common::storage_section(dir.path()).await;
     let cfg = format!("{}\n{storage}", common::config_text(dests, &auth));
@@ -222,6 +246,30 @@ async fn tokens_are_checked_for_signature_issuer_audience_time_scope_and_dpop() 
     assert_eq!(s, 403, "{body}");
     assert!(challenge.contains("insufficient_scope"), "{challenge}");
     assert!(challenge.contains("knutepunkt:read"), "{challenge}");
+    // The refused (authenticated) caller is in the audit trail; read from the embedded journal.
+    if !common::on_postgres() {
+        let db =
+            rusqlite::Connection::open(gw.dir.path().join("data/journal.sqlite3")).expect("db");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let detail: Option<String> = db
+                .query_row(
+                    "SELECT detail FROM audit WHERE kind = 'access_denied' AND event_id = 'caller:tester'",
+                    [],
+                    |r| r.get(0),
+                )
+                .ok();
+            if let Some(d) = detail {
+                assert!(d.contains("knutepunkt:read") && d.contains(path), "{d}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no access_denied audit record"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 
     // Vendor ingest on the API port needs the ingest scope.
     let (s, _) = gw.post_as("fhir", &observation("1", "a"), &[]).await;
@@ -261,6 +309,18 @@ async fn tokens_are_checked_for_signature_issuer_audience_time_scope_and_dpop() 
     let (s, _, challenge) = get(&gw, path, Some(&dpop), Some(&wrong_htu)).await;
     assert_eq!(s, 401, "proof for another URL");
     assert!(challenge.contains("htu"), "{challenge}");
+    let wrong_method = client.proof("POST", &url, &bound, "j4");
+    let (s, _, challenge) = get(&gw, path, Some(&dpop), Some(&wrong_method)).await;
+    assert_eq!(s, 401, "proof for another method");
+    assert!(challenge.contains("htm"), "{challenge}");
+    let stale = client.proof_at("GET", &url, &bound, "j5", now() - 600);
+    let (s, _, challenge) = get(&gw, path, Some(&dpop), Some(&stale)).await;
+    assert_eq!(s, 401, "stale proof");
+    assert!(challenge.contains("iat"), "{challenge}");
+    let other_token = client.proof("GET", &url, &good, "j6");
+    let (s, _, challenge) = get(&gw, path, Some(&dpop), Some(&other_token)).await;
+    assert_eq!(s, 401, "proof made for another access token");
+    assert!(challenge.contains("ath"), "{challenge}");
     let wrong_key = Key::ec("x").proof("GET", &url, &bound, "j2");
     assert_eq!(get(&gw, path, Some(&dpop), Some(&wrong_key)).await.0, 401);
     let proof = client.proof("GET", &url, &bound, "j3");
@@ -275,19 +335,30 @@ async fn tokens_are_checked_for_signature_issuer_audience_time_scope_and_dpop() 
 async fn a_caller_sees_and_replays_only_its_own_tenants() {
     // The destination refuses everything permanently, so every event dead-letters.
     let sink = Sink::start(Mode::status(400)).await;
+    // A second destination keeps failing temporarily, so every event stays at a lane head.
+    let busy = Sink::start(Mode::status(503)).await;
     let key = Key::ec("k1");
-    let gw = gateway(&[&key], &[Dest::new("epj", &sink.url)]).await;
+    let gw = gateway(
+        &[&key],
+        &[Dest::new("epj", &sink.url), Dest::new("busy", &busy.url)],
+    )
+    .await;
     let a = key.sign(&claims(ALL_SCOPES, &["0301"]));
     let b = key.sign(&claims(ALL_SCOPES, &["4601"]));
     let all = key.sign(&claims(ALL_SCOPES, &["*"]));
     let auth = |t: &str| format!("Bearer {t}");
 
     let mut ids = Vec::new();
-    for (tenant, token, vid) in [("0301", &a, "a1"), ("4601", &b, "b1"), ("0301", &a, "a2")] {
+    // Different patients, so each event heads its own lane.
+    for (tenant, token, vid, patient) in [
+        ("0301", &a, "a1", "1"),
+        ("4601", &b, "b1", "2"),
+        ("0301", &a, "a2", "3"),
+    ] {
         let (s, body) = gw
             .post_as(
                 "fhir",
-                &observation("1", vid),
+                &observation(patient, vid),
                 &[("x-tenant", tenant), ("authorization", &auth(token))],
             )
             .await;
@@ -331,6 +402,35 @@ async fn a_caller_sees_and_replays_only_its_own_tenants() {
     let (_, body, _) = get(&gw, "/v1/admin/dead-letters", Some(&auth(&b)), None).await;
     assert_eq!(listed(&body), vec![b1.clone()]);
 
+    // Lanes (of the busy destination) are filtered the same way.
+    let heads = |body: &Value| -> Vec<String> {
+        let mut v: Vec<String> = body["lanes"]
+            .as_array()
+            .expect("lanes")
+            .iter()
+            .map(|l| l["head_event_id"].as_str().expect("head").to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let (s, body, _) = get(
+        &gw,
+        "/v1/admin/lanes?destination=busy",
+        Some(&auth(&a)),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(heads(&body), want, "tenant A sees only its lanes");
+    let (_, body, _) = get(
+        &gw,
+        "/v1/admin/lanes?destination=busy",
+        Some(&auth(&all)),
+        None,
+    )
+    .await;
+    assert_eq!(heads(&body).len(), 3, "{body}");
+
     // Single records of another tenant are "not found", not "forbidden".
     let (s, _, _) = get(
         &gw,
@@ -352,7 +452,7 @@ async fn a_caller_sees_and_replays_only_its_own_tenants() {
     let (s, _, _) = get(&gw, &format!("/console/events/{b1}"), Some(&auth(&a)), None).await;
     assert_eq!(s, 404);
 
-    // Lanes of a tenant-less caller are empty.
+    // A caller without tenants sees nothing.
     let nobody = key.sign(&claims(ALL_SCOPES, &[]));
     let (_, body, _) = get(&gw, "/v1/admin/dead-letters", Some(&auth(&nobody)), None).await;
     assert_eq!(body["dead_letters"], json!([]));
@@ -390,4 +490,138 @@ async fn a_caller_sees_and_replays_only_its_own_tenants() {
     .await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["replayed"][0]["event_id"], json!(b1));
+}
+
+// Multi-threaded: the JWKS server must answer while the harness blocks on the gateway's start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_url_is_cached_and_fetched_again_for_a_new_kid_at_a_bounded_rate() {
+    // The identity provider's JWKS endpoint, counting fetches; keys can be rotated.
+    let k1 = Key::ec("k1");
+    let k2 = Key::ec("k2");
+    let served = Arc::new((Mutex::new(jwks(&[&k1])), AtomicUsize::new(0)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/jwks", listener.local_addr().expect("addr"));
+    let state = Arc::clone(&served);
+    let app = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get(move || {
+            let state = Arc::clone(&state);
+            async move {
+                state.1.fetch_add(1, Ordering::SeqCst);
+                state.0.lock().expect("lock").clone()
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let fetches = || served.1.load(Ordering::SeqCst);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = gateway_with(dir, &format!("jwks_url = {url:?}"), &[]).await;
+    let path = "/v1/admin/dead-letters";
+    let t1 = format!("Bearer {}", k1.sign(&claims(ALL_SCOPES, &["0301"])));
+    for _ in 0..5 {
+        assert_eq!(get(&gw, path, Some(&t1), None).await.0, 200);
+    }
+    assert_eq!(fetches(), 1, "fetched once at start-up, then cached");
+
+    // Rotation: the provider publishes k2. Within the minimum interval after the last fetch a
+    // flood of unknown kids causes no fetch at all.
+    *served.0.lock().expect("lock") = jwks(&[&k1, &k2]);
+    let t2 = format!("Bearer {}", k2.sign(&claims(ALL_SCOPES, &["0301"])));
+    for i in 0..20 {
+        let forged = format!(
+            "Bearer {}",
+            Key::ec(&format!("forged-{i}")).sign(&claims(ALL_SCOPES, &[]))
+        );
+        assert_eq!(get(&gw, path, Some(&forged), None).await.0, 401);
+    }
+    assert_eq!(
+        fetches(),
+        1,
+        "unknown kids must not flood the identity provider"
+    );
+
+    // After the interval the new kid is fetched once and accepted.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(get(&gw, path, Some(&t2), None).await.0, 200);
+    assert_eq!(get(&gw, path, Some(&t2), None).await.0, 200);
+    assert_eq!(fetches(), 2);
+    assert_eq!(get(&gw, path, Some(&t1), None).await.0, 200);
+}
+
+#[test]
+fn open_api_is_refused_beyond_loopback_and_warned_about_on_loopback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("k.toml");
+    let mappings = common::repo_path("mappings").display().to_string();
+    std::fs::write(
+        &cfg,
+        format!("[server]\nlisten = \"0.0.0.0:0\"\n[mappings]\ndir = {mappings:?}\n"),
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_knutepunkt"))
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run check");
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains(": auth: missing"), "{text}");
+
+    // On loopback it starts, and says the API is open.
+    let data = dir.path().join("data").display().to_string();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[mappings]\ndir = {mappings:?}\n\
+             [storage]\ndata_dir = {data:?}\n"
+        ),
+    )
+    .expect("write");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_knutepunkt"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("KNUTEPUNKT_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let found = std::io::BufRead::lines(std::io::BufReader::new(stderr))
+        .take(50)
+        .map_while(Result::ok)
+        .any(|l| l.contains("admin/API open without authentication"));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(found, "no start-up warning about the open API");
+}
+
+#[tokio::test]
+async fn require_dpop_refuses_plain_bearer_tokens() {
+    let key = Key::ec("k1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, jwks(&[&key])).expect("write jwks");
+    let source = format!("jwks_file = {:?}", file.display().to_string());
+    let gw = gateway_with_auth(dir, &source, "require_dpop = true", &[]).await;
+    let path = "/v1/admin/lanes";
+    let plain = key.sign(&claims(ALL_SCOPES, &["0301"]));
+    let (s, _, challenge) = get(&gw, path, Some(&format!("Bearer {plain}")), None).await;
+    assert_eq!(s, 401);
+    assert!(
+        !challenge.contains("Bearer realm"),
+        "only DPoP is offered: {challenge}"
+    );
+    assert!(challenge.contains("DPoP realm"), "{challenge}");
+
+    let client = Key::ec("client");
+    let mut c = claims(ALL_SCOPES, &["0301"]);
+    c["cnf"] = json!({ "jkt": client.thumbprint() });
+    let bound = key.sign(&c);
+    let proof = client.proof("GET", &format!("{}{path}", gw.base), &bound, "only");
+    let (s, body, _) = get(&gw, path, Some(&format!("DPoP {bound}")), Some(&proof)).await;
+    assert_eq!(s, 200, "{body}");
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::http::request::Parts as Request;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::jwk::ThumbprintHash;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, ThumbprintHash};
 use jsonwebtoken::{DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -91,11 +91,17 @@ pub fn verify(
         return Err("DPoP proof algorithm is not accepted".into());
     }
     let jwk = header.jwk.as_ref().ok_or("DPoP proof without jwk")?;
-    if matches!(
-        jwk.algorithm,
-        jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)
-    ) {
-        return Err("DPoP proof jwk must be a public key".into());
+    // Only public RSA and NIST-curve EC keys (this also keeps `thumbprint` away from the key
+    // and curve combinations it panics on).
+    let public = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => true,
+        AlgorithmParameters::EllipticCurve(ec) => {
+            matches!(ec.curve, EllipticCurve::P256 | EllipticCurve::P384)
+        }
+        _ => false,
+    };
+    if !public {
+        return Err("DPoP proof jwk must be a public RSA or EC (P-256/P-384) key".into());
     }
     let key = DecodingKey::from_jwk(jwk).map_err(|_| "DPoP proof jwk is not usable")?;
     let mut v = Validation::new(header.alg);

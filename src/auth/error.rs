@@ -9,7 +9,12 @@ pub enum AuthError {
     #[error("invalid access token: {reason}")]
     Invalid { reason: String, dpop_only: bool },
     #[error("the access token lacks the scope {scope:?} this endpoint requires")]
-    InsufficientScope { scope: String, dpop_only: bool },
+    InsufficientScope {
+        scope: String,
+        /// The caller, for the audit trail.
+        sub: String,
+        dpop_only: bool,
+    },
 }
 
 /// Algorithms we accept for access tokens and DPoP proofs (asymmetric only).
@@ -34,7 +39,9 @@ impl AuthError {
                 ),
                 *dpop_only,
             ),
-            AuthError::InsufficientScope { scope, dpop_only } => (
+            AuthError::InsufficientScope {
+                scope, dpop_only, ..
+            } => (
                 format!(
                     ", error=\"insufficient_scope\", scope=\"{}\"",
                     quote_safe(scope)

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse};
 
 use super::error::AuthBuildError;
 
@@ -63,7 +63,7 @@ impl KeyStore {
     /// Candidate keys for a token: the one with `kid`, or every key when the token names none.
     pub async fn candidates(&self, kid: Option<&str>) -> Vec<Jwk> {
         let mut found = self.lookup(kid);
-        if found.is_empty() || self.is_stale().await {
+        if found.is_empty() || self.is_stale() {
             self.refetch(if found.is_empty() { MIN_REFETCH } else { TTL })
                 .await;
             found = self.lookup(kid);
@@ -81,17 +81,19 @@ impl KeyStore {
             .iter()
             .chain(fetched.iter())
             .filter(|k| kid.is_none() || k.common.key_id.as_deref() == kid)
+            // Keys published for encryption never verify a signature.
+            .filter(|k| k.common.public_key_use != Some(PublicKeyUse::Encryption))
             .cloned()
             .collect()
     }
 
-    async fn is_stale(&self) -> bool {
+    /// Never waits: while a fetch is running the keys at hand are good enough.
+    fn is_stale(&self) -> bool {
         self.url.is_some()
             && self
                 .last_fetch
-                .lock()
-                .await
-                .is_none_or(|t| t.elapsed() > TTL)
+                .try_lock()
+                .is_ok_and(|last| last.is_none_or(|t| t.elapsed() > TTL))
     }
 
     /// Fetches the URL unless the last fetch is younger than `min_age`.

@@ -22,7 +22,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::api_error::ApiError;
+use crate::app::AppState;
 use crate::config::auth::ValidAuth;
+use crate::journal::AuditNote;
 pub use error::{AuthBuildError, AuthError};
 pub use tenant::TenantScope;
 
@@ -143,8 +145,7 @@ impl Authenticator {
         let claims = token::validate(token, &self.config, &self.keys)
             .await
             .map_err(|r| AuthError::invalid(r, dpop_only))?;
-        let bound_jkt = claims.cnf_jkt.clone();
-        match (is_dpop, bound_jkt) {
+        match (is_dpop, claims.cnf_jkt.as_deref()) {
             (false, Some(_)) => {
                 return Err(AuthError::invalid(
                     "the token is DPoP-bound (cnf); present it with the DPoP scheme and a proof",
@@ -158,7 +159,7 @@ impl Authenticator {
                 ));
             }
             (true, Some(jkt)) => {
-                dpop::verify(req, token, &jkt, self.config.leeway, &self.replay)
+                dpop::verify(req, token, jkt, self.config.leeway, &self.replay)
                     .map_err(|r| AuthError::invalid(r, dpop_only))?;
             }
             (false, None) => {}
@@ -167,6 +168,7 @@ impl Authenticator {
         if !claims.scopes.iter().any(|s| s == need) {
             return Err(AuthError::InsufficientScope {
                 scope: need.to_string(),
+                sub: claims.sub,
                 dpop_only,
             });
         }
@@ -178,13 +180,9 @@ impl Authenticator {
     }
 }
 
-/// The middleware: `None` (no `[auth]`) lets everything through.
-pub async fn require(
-    State(auth): State<Option<Arc<Authenticator>>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let Some(auth) = auth else {
+/// The middleware: without `[auth]` it lets everything through.
+pub async fn require(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(auth) = state.auth.as_deref() else {
         return next.run(req).await;
     };
     let mut family = classify(req.method(), req.uri().path());
@@ -205,8 +203,30 @@ pub async fn require(
         }
         Err(e) => {
             tracing::info!(family = ?family, error = %e, "request refused");
+            if let AuthError::InsufficientScope { scope, sub, .. } = &e {
+                audit_denied(&state, &parts, family, scope, sub).await;
+            }
             ApiError::Auth(e).into_response()
         }
+    }
+}
+
+/// An authenticated caller tried something its token does not allow: that goes into the audit
+/// trail. Unauthenticated refusals (401) are only logged: anyone can cause them, and they must not
+/// be able to fill the journal.
+async fn audit_denied(state: &AppState, parts: &Parts, family: Family, scope: &str, sub: &str) {
+    let note = AuditNote {
+        kind: "access_denied".into(),
+        subject: format!("caller:{}", sub.chars().take(128).collect::<String>()),
+        dest: None,
+        detail: format!(
+            "{} {} ({family:?}) needs scope {scope}",
+            parts.method,
+            parts.uri.path().chars().take(200).collect::<String>()
+        ),
+    };
+    if let Err(e) = state.journal.audit_note(note).await {
+        tracing::warn!(error = %e, "could not audit a refused request");
     }
 }
 

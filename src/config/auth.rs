@@ -277,6 +277,22 @@ mod tests {
     }
 
     #[test]
+    fn outbound_credentials() {
+        let mut errs = Vec::new();
+        let cert = PathBuf::from("c.pem");
+        validate_outbound(Some(&cert), None, None, &mut |f, _| {
+            errs.push(f.to_string())
+        });
+        assert_eq!(errs, vec!["client_cert_file"]);
+        let o: DestinationOAuth =
+            toml::from_str("token_url = \"ftp://x\"\nclient_id = \"\"\nprivate_key_file = \"k\"")
+                .expect("toml");
+        let mut errs = Vec::new();
+        validate_outbound(None, None, Some(&o), &mut |f, _| errs.push(f.to_string()));
+        assert_eq!(errs, vec!["oauth.token_url", "oauth.client_id"]);
+    }
+
+    #[test]
     fn defaults() {
         let a: AuthConfig =
             toml::from_str("issuer = \"https://idp.example\"\naudience = \"k\"\njwks_file = \"j\"")

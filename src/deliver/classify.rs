@@ -5,6 +5,7 @@
 //! | 2xx                                      | Delivered   |
 //! | 408, 429, 5xx except 501                 | Retry       |
 //! | connection refused/reset, timeout, I/O   | Retry       |
+//! | no access token (token endpoint failed)  | Retry       |
 //! | 501, any other 1xx/3xx/4xx               | Permanent (dead letter) |
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,6 +13,12 @@ pub enum Class {
     Delivered,
     Retry,
     Permanent,
+}
+
+/// The destination's OAuth2 token could not be obtained: nothing was sent, so try again later
+/// (the token endpoint is as much a part of the destination as its network).
+pub fn token_unavailable() -> Class {
+    Class::Retry
 }
 
 pub fn status(code: u16) -> Class {

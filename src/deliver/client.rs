@@ -17,7 +17,19 @@ pub struct Answer {
 }
 
 pub fn build(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
+    build_with_identity(timeout, None)
+}
+
+/// Like `build`, presenting `identity` (client certificate + key) for mTLS to the destination.
+pub fn build_with_identity(
+    timeout: Duration,
+    identity: Option<reqwest::Identity>,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let builder = match identity {
+        Some(id) => reqwest::Client::builder().identity(id),
+        None => reqwest::Client::builder(),
+    };
+    builder
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(5)))
         // A redirect is a configuration error at the receiver; never follow it with patient data.
@@ -34,7 +46,24 @@ pub async fn post(
     task: &DeliveryTask,
     attempt: u32,
 ) -> Answer {
+    post_with(client, url, task, attempt, None).await
+}
+
+/// `post` with an OAuth2 access token in `Authorization: Bearer`.
+pub async fn post_with(
+    client: &reqwest::Client,
+    url: &str,
+    task: &DeliveryTask,
+    attempt: u32,
+    bearer: Option<&str>,
+) -> Answer {
     let mut headers = HeaderMap::new();
+    if let Some(t) = bearer
+        && let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {t}"))
+    {
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
     headers.insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/fhir+json; fhirVersion=4.0"),

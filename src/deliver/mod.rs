@@ -9,6 +9,7 @@
 pub mod backoff;
 pub mod classify;
 pub mod client;
+pub mod oauth;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -65,6 +66,19 @@ pub struct Dispatcher {
     client: reqwest::Client,
     wake: Arc<Notify>,
     telemetry: Arc<Telemetry>,
+    /// Access tokens for destinations with `[destination.oauth]`.
+    oauth: Option<oauth::TokenSource>,
+}
+
+/// Building a dispatcher failed (start-up).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("client_cert_file/client_key_file: {0}")]
+    Identity(String),
+    #[error(transparent)]
+    OAuth(#[from] oauth::OAuthError),
 }
 
 impl Dispatcher {
@@ -72,8 +86,16 @@ impl Dispatcher {
         dest: ValidDestination,
         journal: Arc<dyn Journal>,
         wakers: &Wakers,
-    ) -> Result<Self, reqwest::Error> {
-        let client = client::build(dest.timeout)?;
+    ) -> Result<Self, BuildError> {
+        let identity = match (&dest.client_cert_file, &dest.client_key_file) {
+            (Some(cert), Some(key)) => Some(load_identity(cert, key)?),
+            _ => None,
+        };
+        let client = client::build_with_identity(dest.timeout, identity)?;
+        let oauth = match &dest.oauth {
+            Some(o) => Some(oauth::TokenSource::load(o.clone(), dest.timeout)?),
+            None => None,
+        };
         let wake = wakers.get(&dest.name);
         Ok(Self {
             dest,
@@ -81,6 +103,7 @@ impl Dispatcher {
             client,
             wake,
             telemetry: Arc::new(Telemetry::disabled()),
+            oauth,
         })
     }
 
@@ -172,9 +195,7 @@ impl Dispatcher {
         );
         crate::telemetry::traces::set_parent(&span, task.traceparent.as_deref());
         let started = Instant::now();
-        let answer = client::post(&self.client, &self.dest.url, &task, attempt)
-            .instrument(span.clone())
-            .await;
+        let answer = self.send(&task, attempt).instrument(span.clone()).await;
         if let Some(status) = answer.status {
             span.record("http.response.status_code", status);
         }
@@ -265,10 +286,84 @@ impl Dispatcher {
     }
 }
 
+impl Dispatcher {
+    /// One attempt: with `[destination.oauth]`, get a token first (failing that is a retryable
+    /// attempt, recorded and audited like any other); a 401 drops the token and the request is
+    /// sent once more with a fresh one, whose answer counts.
+    async fn send(&self, task: &DeliveryTask, attempt: u32) -> client::Answer {
+        let Some(tokens) = &self.oauth else {
+            return client::post(&self.client, &self.dest.url, task, attempt).await;
+        };
+        let mut retried = false;
+        loop {
+            let token = match tokens.token().await {
+                Ok(t) => t,
+                Err(e) => {
+                    return client::Answer {
+                        class: classify::token_unavailable(),
+                        status: None,
+                        error: Some(e.to_string()),
+                        retry_after: None,
+                    };
+                }
+            };
+            let answer =
+                client::post_with(&self.client, &self.dest.url, task, attempt, Some(&token)).await;
+            if answer.status == Some(401) && !retried {
+                tokens.invalidate(&token).await;
+                retried = true;
+                continue;
+            }
+            return answer;
+        }
+    }
+}
+
+/// Client certificate chain and key (PEM) as one reqwest identity.
+fn load_identity(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<reqwest::Identity, BuildError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| BuildError::Identity(format!("{}: {e}", p.display())))
+    };
+    let mut pem = read(cert)?;
+    pem.push(b'\n');
+    pem.extend(read(key)?);
+    reqwest::Identity::from_pem(&pem).map_err(|e| BuildError::Identity(e.to_string()))
+}
+
 fn min_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
     match (a, b) {
         (Some(x), Some(y)) => Some(x.min(y)),
         (x, None) => x,
         (None, y) => y,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_identity_from_pem_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["knutepunkt.test".into()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert.pem()).expect("write");
+        std::fs::write(&k, key.serialize_pem()).expect("write");
+        assert!(load_identity(&c, &k).is_ok());
+        std::fs::write(&k, "not a key").expect("write");
+        assert!(matches!(
+            load_identity(&c, &k),
+            Err(BuildError::Identity(_))
+        ));
+        let missing = dir.path().join("missing.pem");
+        let err = load_identity(&missing, &k).expect_err("missing file");
+        assert!(err.to_string().contains("missing.pem"), "{err}");
     }
 }

@@ -20,26 +20,24 @@ pub fn lanes(c: &Connection, q: &LaneQuery) -> Result<Vec<LaneInfo>, rusqlite::E
            AND (?3 IS NULL OR e.tenant IN (SELECT value FROM json_each(?3)))
          ORDER BY l.class, d.created_at LIMIT ?2",
     )?;
+    let limit = q.limit.max(1) as i64;
     let tenants = tenants_json(q.tenants.as_deref());
-    let rows = stmt.query_map(
-        params![q.destination, q.limit.max(1) as i64, tenants],
-        |r| {
-            let created: i64 = r.get(7)?;
-            Ok(LaneInfo {
-                destination: r.get(0)?,
-                class: LaneClass::from_i64(r.get(1)?),
-                key: r.get(2)?,
-                next_attempt_at_ms: r.get(3)?,
-                in_flight: r.get::<_, i64>(4)? != 0,
-                head_event_id: r.get(5)?,
-                head_attempts: r.get(6)?,
-                oldest_age_ms: (now - created).max(0),
-                last_status: r.get(8)?,
-                last_error: r.get(9)?,
-                depth: r.get(10)?,
-            })
-        },
-    )?;
+    let rows = stmt.query_map(params![q.destination, limit, tenants], |r| {
+        let created: i64 = r.get(7)?;
+        Ok(LaneInfo {
+            destination: r.get(0)?,
+            class: LaneClass::from_i64(r.get(1)?),
+            key: r.get(2)?,
+            next_attempt_at_ms: r.get(3)?,
+            in_flight: r.get::<_, i64>(4)? != 0,
+            head_event_id: r.get(5)?,
+            head_attempts: r.get(6)?,
+            oldest_age_ms: (now - created).max(0),
+            last_status: r.get(8)?,
+            last_error: r.get(9)?,
+            depth: r.get(10)?,
+        })
+    })?;
     rows.collect()
 }
 

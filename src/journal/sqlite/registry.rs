@@ -51,6 +51,8 @@ pub fn resolve(
 
 pub fn liveness(c: &Connection, q: &LivenessQuery) -> rusqlite::Result<Vec<Liveness>> {
     let now = now_ms();
+    let limit = q.limit.max(1) as i64;
+    let tenants = super::read::tenants_json(q.tenants.as_deref());
     c.prepare_cached(
         "SELECT vendor, device_id, tenant, last_seen_at, last_kind, reported_at, beats
          FROM device_liveness
@@ -58,27 +60,19 @@ pub fn liveness(c: &Connection, q: &LivenessQuery) -> rusqlite::Result<Vec<Liven
            AND (?4 IS NULL OR tenant IN (SELECT value FROM json_each(?4)))
          ORDER BY last_seen_at LIMIT ?3",
     )?
-    .query_map(
-        params![
-            q.vendor,
-            q.device_id,
-            q.limit.max(1) as i64,
-            super::read::tenants_json(q.tenants.as_deref())
-        ],
-        |r| {
-            let seen: i64 = r.get(3)?;
-            Ok(Liveness {
-                vendor: r.get(0)?,
-                device_id: r.get(1)?,
-                tenant: r.get(2)?,
-                last_seen_at_ms: seen,
-                last_seen_age_ms: (now - seen).max(0),
-                last_kind: r.get(4)?,
-                reported_at_ms: r.get(5)?,
-                beats: r.get(6)?,
-            })
-        },
-    )?
+    .query_map(params![q.vendor, q.device_id, limit, tenants], |r| {
+        let seen: i64 = r.get(3)?;
+        Ok(Liveness {
+            vendor: r.get(0)?,
+            device_id: r.get(1)?,
+            tenant: r.get(2)?,
+            last_seen_at_ms: seen,
+            last_seen_age_ms: (now - seen).max(0),
+            last_kind: r.get(4)?,
+            reported_at_ms: r.get(5)?,
+            beats: r.get(6)?,
+        })
+    })?
     .collect()
 }
 
