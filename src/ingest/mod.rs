@@ -62,10 +62,12 @@ async fn ingest(
     let response = ingest_inner(State(Arc::clone(&state)), Path(vendor), headers, body)
         .await
         .unwrap_or_else(|e| {
-            let reason = limits::reject_reason(&e);
-            let mut r = e.into_response();
-            r.extensions_mut().insert(limits::Rejected(reason));
-            r
+            IngestRejected {
+                vendor: known.as_deref().unwrap_or("unknown"),
+                reason: limits::reject_reason(&e),
+            }
+            .emit(&state.telemetry);
+            e.into_response()
         });
     let outcome = response
         .extensions()
@@ -79,13 +81,6 @@ async fn ingest(
         duration: started.elapsed(),
     }
     .emit(&state.telemetry);
-    if let Some(limits::Rejected(reason)) = response.extensions().get::<limits::Rejected>() {
-        IngestRejected {
-            vendor: known.as_deref().unwrap_or("unknown"),
-            reason,
-        }
-        .emit(&state.telemetry);
-    }
     response
 }
 
