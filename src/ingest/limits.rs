@@ -96,10 +96,6 @@ pub fn build(
         .collect()
 }
 
-/// A response extension naming why ingest refused a request (the `reason` metric label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rejected(pub &'static str);
-
 /// The `reason` label for a refusal: a closed set, so the metric's cardinality is bounded.
 pub fn reject_reason(e: &ApiError) -> &'static str {
     match e {

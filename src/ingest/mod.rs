@@ -85,10 +85,12 @@ async fn ingest(
         Err(e) => {
             // The reason may quote the payload; the log formatter redacts identity numbers.
             span.in_scope(|| tracing::info!(error = %e, "ingest refused"));
-            let reason = limits::reject_reason(&e);
-            let mut r = e.into_response();
-            r.extensions_mut().insert(limits::Rejected(reason));
-            r
+            IngestRejected {
+                vendor: known.as_deref().unwrap_or("unknown"),
+                reason: limits::reject_reason(&e),
+            }
+            .emit(&state.telemetry);
+            e.into_response()
         }
     };
     span.record("http.response.status_code", response.status().as_u16());
@@ -104,13 +106,6 @@ async fn ingest(
         duration: started.elapsed(),
     }
     .emit(&state.telemetry);
-    if let Some(limits::Rejected(reason)) = response.extensions().get::<limits::Rejected>() {
-        IngestRejected {
-            vendor: known.as_deref().unwrap_or("unknown"),
-            reason,
-        }
-        .emit(&state.telemetry);
-    }
     response
 }
 
