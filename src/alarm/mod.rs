@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod deactivation;
 pub mod metrics;
+pub mod no_contact;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +54,7 @@ pub struct Watcher {
     state: Arc<AlarmState>,
     rules: Vec<EscalationRule>,
     http: reqwest::Client,
+    no_contact: no_contact::NoContact,
 }
 
 /// The escalation rules of the destinations that have a deadline.
@@ -80,7 +82,17 @@ impl Watcher {
         // Outbound authentication (HelseID) is not applied to the escalation hook: it is an
         // operator alerting endpoint. Add it here when one needs it.
         let http = crate::deliver::client::build(state.config.escalation_timeout)?;
+        let no_contact = no_contact::NoContact::new(
+            Arc::clone(&journal),
+            wakers.clone(),
+            crate::route::Router::new(config.routes.clone()),
+            Arc::clone(&state),
+        );
+        for v in state.config.heartbeat.keys() {
+            tracing::info!(vendor = %v, "no-contact watch on");
+        }
         Ok(Self {
+            no_contact,
             journal,
             wakers,
             rules: rules(config),
@@ -109,6 +121,9 @@ impl Watcher {
                 last_sweep = Some(Instant::now());
                 this.sweep().await;
                 this.refresh().await;
+                if this.no_contact.is_enabled() {
+                    this.no_contact.scan(now_ms()).await;
+                }
             }
         }
     }

@@ -28,6 +28,7 @@ pub struct RawConfig {
     pub routes: Vec<RouteConfig>,
     pub escalation: alarm::EscalationConfig,
     pub deactivation: alarm::DeactivationConfig,
+    pub no_contact: alarm::NoContactConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

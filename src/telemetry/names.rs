@@ -210,6 +210,16 @@ metric!(
     "Deactivation reminders raised, by kind (expiring: within deactivation.reminder_lead_s of its end; expired)"
 );
 
+metric!(
+    DEVICE_NO_CONTACT,
+    "knutepunkt.device.no_contact_events",
+    "{event}",
+    "knutepunkt_device_no_contact_events_total",
+    Counter,
+    [],
+    "No-contact alarms raised for devices silent longer than their vendor's no_contact.heartbeat_s"
+);
+
 /// Every exported metric (the `/metrics` names are checked against this list in tests).
 pub const ALL: &[MetricDef] = &[
     INGEST_REQUESTS,
@@ -231,6 +241,7 @@ pub const ALL: &[MetricDef] = &[
     ALARM_ESCALATION_NOTIFICATIONS,
     DEVICE_DEACTIVATIONS_ACTIVE,
     DEVICE_DEACTIVATION_REMINDERS,
+    DEVICE_NO_CONTACT,
 ];
 
 /// Bucket bounds (seconds) for ingest and attempt durations: 1 ms to 30 s.
