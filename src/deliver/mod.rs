@@ -6,6 +6,7 @@
 //! attempt at a time (the journal hands out only unleased heads), so a failing key blocks only
 //! itself. Alarm lanes are claimed first and have their own slots.
 
+pub mod adapter;
 pub mod backoff;
 pub mod classify;
 pub mod client;
@@ -159,7 +160,7 @@ impl Dispatcher {
     async fn attempt(&self, task: DeliveryTask) {
         let attempt = task.attempts + 1;
         let started = Instant::now();
-        let answer = client::post(&self.client, &self.dest.url, &task, attempt).await;
+        let answer = adapter::send(&self.client, &self.dest, &task, attempt).await;
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         let at_ms = now_ms();
         let verdict = match answer.class {
