@@ -370,3 +370,36 @@ async fn escalation_survives_a_restart() {
     assert_eq!(backups(&ev), 1);
     assert_eq!(backups(&ev2), 1);
 }
+
+/// A response centre that refuses the alarm (4xx → dead letter) will never take it: the alarm
+/// escalates at once, without waiting for the deadline.
+#[tokio::test]
+async fn refused_alarm_escalates_without_waiting_for_the_deadline() {
+    let rc = Sink::start(Mode::status(400)).await;
+    let backup = Sink::start(Mode::Ok).await;
+    let hook = Sink::start(Mode::Ok).await;
+    let gw = start(&rc, &backup, &hook.url).await;
+    let t0 = Instant::now();
+    let id = ingest(&gw, &alarm("13097248022", "dev-4", "esc-d1")).await;
+    backup
+        .wait_for(
+            Duration::from_millis(1800),
+            "alarm at the fallback before the deadline",
+            |r| r.iter().any(|x| x.idempotency_key == id),
+        )
+        .await;
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    let ev = wait_admin(&gw, &format!("/v1/admin/events/{id}"), "escalated", |ev| {
+        audit_kinds(ev).iter().any(|(k, _)| k == "escalated")
+    })
+    .await;
+    let detail = ev["audit"]
+        .as_array()
+        .expect("audit")
+        .iter()
+        .find(|a| a["kind"] == "escalated")
+        .and_then(|a| a["detail"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(detail.contains("dead-lettered"), "{detail}");
+}

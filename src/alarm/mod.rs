@@ -12,6 +12,9 @@
 //! scan; only the best-effort notification of an escalation committed just before a crash can be
 //! lost (the escalation itself stays open in the journal, the console and the gauge).
 //!
+//! A delivery that is dead-lettered (e.g. the destination refused it with a 4xx) escalates at
+//! the next scan, without waiting for the deadline: it will not be delivered.
+//!
 //! Deliveries that are delivered late (after the deadline, before a scan saw them) are not
 //! escalated: the alarm reached its destination and a second copy would only add noise.
 
@@ -153,7 +156,8 @@ impl Watcher {
                     destination = %e.destination,
                     fallback = e.fallback.as_deref().unwrap_or(""),
                     deadline_ms = e.deadline_ms,
-                    "alarm escalated: not delivered within the destination's deadline"
+                    delivery_state = %e.delivery_state,
+                    "alarm escalated: not delivered by the destination's deadline, or refused"
                 );
                 self.state.metrics.escalated(&e.destination);
                 if let Some(f) = &e.fallback {

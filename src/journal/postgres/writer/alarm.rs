@@ -67,9 +67,10 @@ async fn escalate(
         }
         let due = tx
             .query(
-                "SELECT d.id, d.event_seq, d.event_id, d.lane_key, d.created_at FROM deliveries d
+                "SELECT d.id, d.event_seq, d.event_id, d.lane_key, d.created_at, d.state
+                 FROM deliveries d
                  WHERE d.dest = $1 AND d.class = 0 AND d.state IN ('pending', 'dead')
-                   AND d.created_at <= $2
+                   AND (d.created_at <= $2 OR d.state = 'dead')
                    AND NOT EXISTS (SELECT 1 FROM escalations x WHERE x.delivery_id = d.id)
                  ORDER BY d.created_at LIMIT $3",
                 &[
@@ -85,6 +86,7 @@ async fn escalate(
             let event_id: String = row.get(2);
             let key: String = row.get(3);
             let stored_at: i64 = row.get(4);
+            let dead = row.get::<_, String>(5) == "dead";
             let Some(inserted) = tx
                 .query_opt(
                     "INSERT INTO escalations (delivery_id, event_id, dest, fallback, deadline_ms,
@@ -116,7 +118,12 @@ async fn escalate(
                 &[&id, &fallback_id],
             )
             .await?;
-            let detail = escalated_detail(rule.deadline_ms, rule.fallback.as_deref(), fallback_id);
+            let detail = escalated_detail(
+                rule.deadline_ms,
+                dead,
+                rule.fallback.as_deref(),
+                fallback_id,
+            );
             audit(
                 tx,
                 s,

@@ -47,11 +47,12 @@ fn escalate(
         if out.len() >= limit {
             break;
         }
-        let due: Vec<(i64, i64, String, String, i64)> = c
+        let due: Vec<(i64, i64, String, String, i64, String)> = c
             .prepare_cached(
-                "SELECT d.id, d.event_seq, d.event_id, d.lane_key, d.created_at FROM deliveries d
+                "SELECT d.id, d.event_seq, d.event_id, d.lane_key, d.created_at, d.state
+                 FROM deliveries d
                  WHERE d.dest = ?1 AND d.class = 0 AND d.state IN ('pending', 'dead')
-                   AND d.created_at <= ?2
+                   AND (d.created_at <= ?2 OR d.state = 'dead')
                    AND NOT EXISTS (SELECT 1 FROM escalations x WHERE x.delivery_id = d.id)
                  ORDER BY d.created_at LIMIT ?3",
             )?
@@ -61,10 +62,19 @@ fn escalate(
                     now - rule.deadline_ms,
                     (limit - out.len()) as i64
                 ],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
             )?
             .collect::<Result<_, _>>()?;
-        for (delivery_id, seq, event_id, key, stored_at) in due {
+        for (delivery_id, seq, event_id, key, stored_at, state) in due {
             let fallback_id = match &rule.fallback {
                 Some(f) => Some(enqueue(c, seq, &event_id, f, LaneClass::Alarm, &key, now)?),
                 None => None,
@@ -85,7 +95,12 @@ fn escalate(
                 now
             ])?;
             let id = c.last_insert_rowid();
-            let detail = escalated_detail(rule.deadline_ms, rule.fallback.as_deref(), fallback_id);
+            let detail = escalated_detail(
+                rule.deadline_ms,
+                state == "dead",
+                rule.fallback.as_deref(),
+                fallback_id,
+            );
             audit(
                 c,
                 AuditRow {
