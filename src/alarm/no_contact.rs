@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::AlarmState;
 use crate::deliver::Wakers;
-use crate::journal::{Appended, Journal, LivenessQuery, NewEvent};
+use crate::journal::{Appended, Journal, NewEvent};
 use crate::normalise::identity;
 use crate::normalise::{Category, Envelope, Priority};
 use crate::route::Router as EventRouter;
@@ -26,6 +26,8 @@ use crate::route::Router as EventRouter;
 pub const VERSION: &str = "knutepunkt-no-contact/1";
 /// Silent devices looked at per vendor and scan.
 const SCAN_LIMIT: usize = 1000;
+/// Most silence periods remembered in memory.
+const RAISED_CACHE: usize = 100_000;
 
 pub struct NoContact {
     journal: Arc<dyn Journal>,
@@ -68,23 +70,20 @@ impl NoContact {
     pub async fn scan(&self, now: i64) -> usize {
         let mut raised = 0;
         for (vendor, interval) in &self.intervals {
-            let q = LivenessQuery {
-                vendor: Some(vendor.clone()),
-                device_id: None,
-                limit: SCAN_LIMIT,
-            };
-            let devices = match self.journal.liveness(q).await {
+            let devices = match self
+                .journal
+                .silent_devices(vendor, now - *interval, SCAN_LIMIT)
+                .await
+            {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(error = %e, "no-contact scan failed");
                     return raised;
                 }
             };
-            // Longest silent first: stop at the first device heard from recently enough.
+            // Most recently silent first: devices gone for long (e.g. taken out of use and never
+            // removed) cannot crowd out one that just went quiet.
             for d in devices {
-                if now - d.last_seen_at_ms <= *interval {
-                    break;
-                }
                 let key = (vendor.clone(), d.device_id.clone(), d.last_seen_at_ms);
                 if self.raised.lock().is_ok_and(|s| s.contains(&key)) {
                     continue;
@@ -96,6 +95,11 @@ impl NoContact {
                     Ok(stored) => {
                         raised += usize::from(stored);
                         if let Ok(mut s) = self.raised.lock() {
+                            // Only a cache: the journal's duplicate check is what counts, so
+                            // dropping it when large costs one duplicate append per device.
+                            if s.len() >= RAISED_CACHE {
+                                s.clear();
+                            }
                             s.insert(key);
                         }
                     }

@@ -143,4 +143,12 @@ pub trait Journal: Send + Sync + 'static {
         &self,
         q: alarm::DeactivationQuery,
     ) -> Result<Vec<alarm::Deactivation>, JournalError>;
+    /// Devices of `vendor` last seen before `seen_before_ms`, most recently silent first (so
+    /// long-gone devices never crowd out the ones that just went quiet).
+    async fn silent_devices(
+        &self,
+        vendor: &str,
+        seen_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Liveness>, JournalError>;
 }
