@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use common::{Dest, Gateway, observation, repo_path, storage_section};
+use common::{Dest, Gateway, observation, repo_path, scaip_alarm, storage_section};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -155,22 +155,6 @@ async fn start(base: &str) -> Gateway {
         dest("pmd", "/pmd/", "kind = \"pmd\"\nmunicipality = \"5001\""),
     );
     Gateway::start_with_config(dir, &cfg).await
-}
-
-async fn scaip_alarm(gw: &Gateway, cid: &str, reference: &str) -> String {
-    let xml = format!(
-        "<mrq><ref>{reference}</ref><mty>ME</mty><cid>{cid}</cid><dty>0004</dty><stc>0010</stc></mrq>"
-    );
-    let resp = reqwest::Client::new()
-        .post(format!("{}/v1/vendors/scaip/events", gw.base))
-        .header("content-type", "application/scaip+xml")
-        .body(xml)
-        .send()
-        .await
-        .expect("post");
-    assert_eq!(resp.status().as_u16(), 202);
-    let v: Value = resp.json().await.expect("json");
-    v["id"].as_str().expect("id").to_string()
 }
 
 async fn ingest(gw: &Gateway, body: &Value) -> String {

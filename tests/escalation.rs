@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Mode, Sink, alarm, observation, repo_path, storage_section};
+use common::{Gateway, Mode, Sink, alarm, metric_value, observation, repo_path, storage_section};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -92,21 +92,6 @@ async fn wait_admin(gw: &Gateway, path: &str, what: &str, pred: impl Fn(&Value) 
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The value of one sample on `/metrics`, matched by name and a label substring.
-async fn metric(gw: &Gateway, name: &str, label: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{}/metrics", gw.base))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("body");
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .find(|l| l.contains(label))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 fn audit_kinds(ev: &Value) -> Vec<(String, String)> {
@@ -205,13 +190,13 @@ async fn hanging_response_centre_escalates_to_fallback_within_deadline_plus_one_
     // Metrics: the counter and the open gauge.
     let deadline = Instant::now() + WAIT;
     loop {
-        let c = metric(
+        let c = metric_value(
             &gw,
             "knutepunkt_alarm_escalations_total",
             "destination=\"rc\"",
         )
         .await;
-        let open = metric(&gw, "knutepunkt_alarm_escalations_open", "").await;
+        let open = metric_value(&gw, "knutepunkt_alarm_escalations_open", "").await;
         if c == Some(1.0) && open == Some(1.0) {
             break;
         }
@@ -221,7 +206,7 @@ async fn hanging_response_centre_escalates_to_fallback_within_deadline_plus_one_
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let sent = metric(
+    let sent = metric_value(
         &gw,
         "knutepunkt_alarm_escalation_notifications_total",
         "outcome=\"sent\"",
@@ -311,7 +296,7 @@ async fn alarm_delivered_in_time_does_not_escalate() {
     assert!(backup.received().is_empty());
     assert!(hook.received().is_empty());
     assert_eq!(
-        metric(
+        metric_value(
             &gw,
             "knutepunkt_alarm_escalations_total",
             "destination=\"rc\""

@@ -142,3 +142,46 @@ pub fn escalated_detail(
         _ => format!("{why}; escalated (no fallback destination)"),
     }
 }
+
+/// Audit subject of a device-level record (there is no event).
+pub fn device_subject(vendor: &str, device_id: &str) -> String {
+    format!("device:{vendor}/{device_id}")
+}
+
+pub fn acknowledged_detail(id: i64, by: &str, note: Option<&str>) -> String {
+    let note = note.map(|n| format!(": {n}")).unwrap_or_default();
+    format!("escalation {id} acknowledged by {by}{note}")
+}
+
+pub fn deactivated_detail(id: i64, d: &NewDeactivation) -> String {
+    use super::registry_text::instant;
+    format!(
+        "deactivation {id} by {} from {} until {}: {}",
+        d.by,
+        instant(d.from_ms),
+        instant(d.until_ms),
+        d.reason
+    )
+}
+
+pub fn ended_detail(id: i64, by: &str) -> String {
+    format!("deactivation {id} ended early by {by}")
+}
+
+pub fn expiring_detail(d: &Deactivation, now_ms: i64) -> String {
+    format!(
+        "deactivation {} ends in {} s (until {}): {}",
+        d.id,
+        (d.until_ms - now_ms) / 1000,
+        super::registry_text::instant(d.until_ms),
+        d.reason
+    )
+}
+
+pub fn expired_detail(d: &Deactivation) -> String {
+    format!(
+        "deactivation {} expired at {}",
+        d.id,
+        super::registry_text::instant(d.until_ms)
+    )
+}

@@ -10,7 +10,9 @@ use tokio_postgres::Transaction;
 
 use super::{Stmts, audit, enqueue};
 use crate::journal::alarm::{
-    AlarmOp, AlarmOut, Deactivation, Escalation, EscalationRule, NewDeactivation, escalated_detail,
+    AlarmOp, AlarmOut, Deactivation, Escalation, EscalationRule, NewDeactivation,
+    acknowledged_detail, deactivated_detail, device_subject, ended_detail, escalated_detail,
+    expired_detail, expiring_detail,
 };
 use crate::journal::command::AuditRow;
 use crate::journal::postgres::alarm::{
@@ -184,10 +186,7 @@ async fn acknowledge(
         });
     }
     let e = escalation(tx, id).await?;
-    let detail = format!(
-        "escalation {id} acknowledged by {by}{}",
-        note.map(|n| format!(": {n}")).unwrap_or_default()
-    );
+    let detail = acknowledged_detail(id, by, note);
     audit(
         tx,
         s,
@@ -202,10 +201,6 @@ async fn acknowledge(
     )
     .await?;
     Ok(e)
-}
-
-fn subject(vendor: &str, device_id: &str) -> String {
-    format!("device:{vendor}/{device_id}")
 }
 
 /// Namespace of the per-device advisory locks that serialise deactivation overlap checks.
@@ -249,16 +244,13 @@ async fn deactivate(
         ));
     };
     let out = deactivation_row(&row);
-    let detail = format!(
-        "deactivation {} by {} from {} until {}: {}",
-        out.id, d.by, d.from_ms, d.until_ms, d.reason
-    );
+    let detail = deactivated_detail(out.id, d);
     audit(
         tx,
         s,
         AuditRow {
             at: now,
-            event_id: &subject(&d.vendor, &d.device_id),
+            event_id: &device_subject(&d.vendor, &d.device_id),
             kind: "device_deactivated",
             detail: Some(&detail),
             ..Default::default()
@@ -295,13 +287,13 @@ async fn end_deactivation(
         )));
     };
     let out = deactivation_row(&row);
-    let detail = format!("deactivation {} ended early by {by}", out.id);
+    let detail = ended_detail(out.id, by);
     audit(
         tx,
         s,
         AuditRow {
             at,
-            event_id: &subject(vendor, device_id),
+            event_id: &device_subject(vendor, device_id),
             kind: "device_reactivated",
             detail: Some(&detail),
             ..Default::default()
@@ -333,19 +325,13 @@ async fn sweep(
         .map(deactivation_row)
         .collect();
     for d in &reminded {
-        let detail = format!(
-            "deactivation {} ends in {} s (until {}): {}",
-            d.id,
-            (d.until_ms - now) / 1000,
-            d.until_ms,
-            d.reason
-        );
+        let detail = expiring_detail(d, now);
         audit(
             tx,
             s,
             AuditRow {
                 at: now,
-                event_id: &subject(&d.vendor, &d.device_id),
+                event_id: &device_subject(&d.vendor, &d.device_id),
                 kind: "deactivation_expiring",
                 detail: Some(&detail),
                 ..Default::default()
@@ -369,13 +355,13 @@ async fn sweep(
         .map(deactivation_row)
         .collect();
     for d in &expired {
-        let detail = format!("deactivation {} expired at {}", d.id, d.until_ms);
+        let detail = expired_detail(d);
         audit(
             tx,
             s,
             AuditRow {
                 at: now,
-                event_id: &subject(&d.vendor, &d.device_id),
+                event_id: &device_subject(&d.vendor, &d.device_id),
                 kind: "deactivation_expired",
                 detail: Some(&detail),
                 ..Default::default()

@@ -4,7 +4,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{audit, enqueue};
 use crate::journal::alarm::{
-    AlarmOp, AlarmOut, Deactivation, Escalation, EscalationRule, NewDeactivation, escalated_detail,
+    AlarmOp, AlarmOut, Deactivation, Escalation, EscalationRule, NewDeactivation,
+    acknowledged_detail, deactivated_detail, device_subject, ended_detail, escalated_detail,
+    expired_detail, expiring_detail,
 };
 use crate::journal::command::AuditRow;
 use crate::journal::sqlite::alarm::{
@@ -155,10 +157,7 @@ fn acknowledge(
     )?
     .execute(params![id, at, by, note])?;
     let e = escalation(c, id)?;
-    let detail = format!(
-        "escalation {id} acknowledged by {by}{}",
-        note.map(|n| format!(": {n}")).unwrap_or_default()
-    );
+    let detail = acknowledged_detail(id, by, note);
     audit(
         c,
         AuditRow {
@@ -171,10 +170,6 @@ fn acknowledge(
         },
     )?;
     Ok(e)
-}
-
-fn subject(vendor: &str, device_id: &str) -> String {
-    format!("device:{vendor}/{device_id}")
 }
 
 fn deactivate(c: &Connection, d: &NewDeactivation) -> Result<Deactivation, JournalError> {
@@ -207,15 +202,12 @@ fn deactivate(c: &Connection, d: &NewDeactivation) -> Result<Deactivation, Journ
         now
     ])?;
     let id = c.last_insert_rowid();
-    let detail = format!(
-        "deactivation {id} by {} from {} until {}: {}",
-        d.by, d.from_ms, d.until_ms, d.reason
-    );
+    let detail = deactivated_detail(id, d);
     audit(
         c,
         AuditRow {
             at: now,
-            event_id: &subject(&d.vendor, &d.device_id),
+            event_id: &device_subject(&d.vendor, &d.device_id),
             kind: "device_deactivated",
             detail: Some(&detail),
             ..Default::default()
@@ -252,12 +244,12 @@ fn end_deactivation(
     };
     c.prepare_cached("UPDATE device_deactivations SET ended_at = ?2, ended_by = ?3 WHERE id = ?1")?
         .execute(params![id, at, by])?;
-    let detail = format!("deactivation {id} ended early by {by}");
+    let detail = ended_detail(id, by);
     audit(
         c,
         AuditRow {
             at,
-            event_id: &subject(vendor, device_id),
+            event_id: &device_subject(vendor, device_id),
             kind: "device_reactivated",
             detail: Some(&detail),
             ..Default::default()
@@ -279,18 +271,12 @@ fn sweep(c: &Connection, now: i64, lead_ms: i64) -> Result<AlarmOut, JournalErro
     for d in &reminded {
         c.prepare_cached("UPDATE device_deactivations SET reminded_at = ?2 WHERE id = ?1")?
             .execute(params![d.id, now])?;
-        let detail = format!(
-            "deactivation {} ends in {} s (until {}): {}",
-            d.id,
-            (d.until_ms - now) / 1000,
-            d.until_ms,
-            d.reason
-        );
+        let detail = expiring_detail(d, now);
         audit(
             c,
             AuditRow {
                 at: now,
-                event_id: &subject(&d.vendor, &d.device_id),
+                event_id: &device_subject(&d.vendor, &d.device_id),
                 kind: "deactivation_expiring",
                 detail: Some(&detail),
                 ..Default::default()
@@ -302,12 +288,12 @@ fn sweep(c: &Connection, now: i64, lead_ms: i64) -> Result<AlarmOut, JournalErro
     for d in &expired {
         c.prepare_cached("UPDATE device_deactivations SET expired_at = ?2 WHERE id = ?1")?
             .execute(params![d.id, now])?;
-        let detail = format!("deactivation {} expired at {}", d.id, d.until_ms);
+        let detail = expired_detail(d);
         audit(
             c,
             AuditRow {
                 at: now,
-                event_id: &subject(&d.vendor, &d.device_id),
+                event_id: &device_subject(&d.vendor, &d.device_id),
                 kind: "deactivation_expired",
                 detail: Some(&detail),
                 ..Default::default()
