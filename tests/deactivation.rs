@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Dest, Gateway, Mode, Sink, repo_path, storage_section};
+use common::{Dest, Gateway, Mode, Sink, metric_value, repo_path, scaip_alarm, storage_section};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -43,23 +43,6 @@ async fn send(
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-/// A SCAIP manual alarm from an unassigned controller: keyed `device:{cid}`.
-async fn scaip_alarm(gw: &Gateway, cid: &str, reference: &str) -> String {
-    let xml = format!(
-        "<mrq><ref>{reference}</ref><mty>ME</mty><cid>{cid}</cid><dty>0004</dty><stc>0010</stc></mrq>"
-    );
-    let resp = reqwest::Client::new()
-        .post(format!("{}/v1/vendors/scaip/events", gw.base))
-        .header("content-type", "application/scaip+xml")
-        .body(xml)
-        .send()
-        .await
-        .expect("post");
-    assert_eq!(resp.status().as_u16(), 202);
-    let v: Value = resp.json().await.expect("json");
-    v["id"].as_str().expect("id").to_string()
-}
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -67,24 +50,10 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-async fn metric(gw: &Gateway, name: &str, label: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{}/metrics", gw.base))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("body");
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .find(|l| l.contains(label))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 async fn wait_metric(gw: &Gateway, name: &str, label: &str, want: f64) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let v = metric(gw, name, label).await;
+        let v = metric_value(gw, name, label).await;
         if v == Some(want) {
             return;
         }

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Mode, Sink, alarm, observation, repo_path, storage_section};
+use common::{Gateway, Mode, Sink, alarm, metric_value, observation, repo_path, storage_section};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -92,21 +92,6 @@ async fn wait_admin(gw: &Gateway, path: &str, what: &str, pred: impl Fn(&Value) 
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The value of one sample on `/metrics`, matched by name and a label substring.
-async fn metric(gw: &Gateway, name: &str, label: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{}/metrics", gw.base))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("body");
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .find(|l| l.contains(label))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 fn audit_kinds(ev: &Value) -> Vec<(String, String)> {
@@ -205,13 +190,13 @@ async fn hanging_response_centre_escalates_to_fallback_within_deadline_plus_one_
     // Metrics: the counter and the open gauge.
     let deadline = Instant::now() + WAIT;
     loop {
-        let c = metric(
+        let c = metric_value(
             &gw,
             "knutepunkt_alarm_escalations_total",
             "destination=\"rc\"",
         )
         .await;
-        let open = metric(&gw, "knutepunkt_alarm_escalations_open", "").await;
+        let open = metric_value(&gw, "knutepunkt_alarm_escalations_open", "").await;
         if c == Some(1.0) && open == Some(1.0) {
             break;
         }
@@ -221,7 +206,7 @@ async fn hanging_response_centre_escalates_to_fallback_within_deadline_plus_one_
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let sent = metric(
+    let sent = metric_value(
         &gw,
         "knutepunkt_alarm_escalation_notifications_total",
         "outcome=\"sent\"",
@@ -311,7 +296,7 @@ async fn alarm_delivered_in_time_does_not_escalate() {
     assert!(backup.received().is_empty());
     assert!(hook.received().is_empty());
     assert_eq!(
-        metric(
+        metric_value(
             &gw,
             "knutepunkt_alarm_escalations_total",
             "destination=\"rc\""
@@ -369,4 +354,37 @@ async fn escalation_survives_a_restart() {
     };
     assert_eq!(backups(&ev), 1);
     assert_eq!(backups(&ev2), 1);
+}
+
+/// A response centre that refuses the alarm (4xx → dead letter) will never take it: the alarm
+/// escalates at once, without waiting for the deadline.
+#[tokio::test]
+async fn refused_alarm_escalates_without_waiting_for_the_deadline() {
+    let rc = Sink::start(Mode::status(400)).await;
+    let backup = Sink::start(Mode::Ok).await;
+    let hook = Sink::start(Mode::Ok).await;
+    let gw = start(&rc, &backup, &hook.url).await;
+    let t0 = Instant::now();
+    let id = ingest(&gw, &alarm("13097248022", "dev-4", "esc-d1")).await;
+    backup
+        .wait_for(
+            Duration::from_millis(1800),
+            "alarm at the fallback before the deadline",
+            |r| r.iter().any(|x| x.idempotency_key == id),
+        )
+        .await;
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    let ev = wait_admin(&gw, &format!("/v1/admin/events/{id}"), "escalated", |ev| {
+        audit_kinds(ev).iter().any(|(k, _)| k == "escalated")
+    })
+    .await;
+    let detail = ev["audit"]
+        .as_array()
+        .expect("audit")
+        .iter()
+        .find(|a| a["kind"] == "escalated")
+        .and_then(|a| a["detail"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(detail.contains("dead-lettered"), "{detail}");
 }

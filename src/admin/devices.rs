@@ -83,12 +83,12 @@ fn device_id(raw: &str) -> Result<String, ApiError> {
 /// A time in a request: ISO 8601 text (UTC when it has no offset) or epoch milliseconds.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-enum TimeIn {
+pub(crate) enum TimeIn {
     Ms(i64),
     Text(String),
 }
 
-fn time(field: &str, t: &TimeIn) -> Result<i64, ApiError> {
+pub(crate) fn time(field: &str, t: &TimeIn) -> Result<i64, ApiError> {
     match t {
         TimeIn::Ms(ms) => Ok(*ms),
         TimeIn::Text(s) => datetime::parse(s, TimeFormat::Iso, Zone::Utc)

@@ -1,7 +1,7 @@
 //! Admin and health endpoints (documented in `docs/api.md`).
 
 mod console;
-mod devices;
+pub(crate) mod devices;
 
 use std::sync::Arc;
 use std::time::Duration;

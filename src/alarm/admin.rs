@@ -17,6 +17,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::admin::devices::{TimeIn, time};
 use crate::api_error::ApiError;
 use crate::app::AppState;
 use crate::clock::now_ms;
@@ -25,7 +26,6 @@ use crate::journal::alarm::{
     AlarmOp, AlarmOut, Deactivation, DeactivationQuery, EscalationQuery, NewDeactivation,
 };
 use crate::journal::registry_text::instant;
-use crate::normalise::datetime::{self, TimeFormat, Zone};
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 10_000;
@@ -139,23 +139,6 @@ async fn acknowledge(
             JournalError::Unavailable("unexpected journal answer".into()),
             state.ingest.retry_after_s,
         )),
-    }
-}
-
-/// A time in a request: ISO 8601 text (UTC when it has no offset) or epoch milliseconds.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum TimeIn {
-    Ms(i64),
-    Text(String),
-}
-
-fn time(field: &str, t: &TimeIn) -> Result<i64, ApiError> {
-    match t {
-        TimeIn::Ms(ms) => Ok(*ms),
-        TimeIn::Text(s) => datetime::parse(s, TimeFormat::Iso, Zone::Utc)
-            .map(|d| d.epoch_ms)
-            .map_err(|e| bad(field, format!("{field}: {e}"))),
     }
 }
 

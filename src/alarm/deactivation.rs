@@ -38,6 +38,13 @@ impl ActiveSet {
         }
     }
 
+    /// Whether the vendor's device is deactivated at `at_ms`.
+    pub fn covers(&self, vendor: &str, device_id: &str, at_ms: i64) -> bool {
+        self.for_vendor(vendor, at_ms)
+            .iter()
+            .any(|d| d.device_id == device_id)
+    }
+
     fn for_vendor(&self, vendor: &str, at_ms: i64) -> Vec<Deactivation> {
         self.list
             .read()

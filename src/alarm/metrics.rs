@@ -12,6 +12,7 @@ pub struct AlarmMetrics {
     escalations: Counter<u64>,
     notifications: Counter<u64>,
     reminders: Counter<u64>,
+    no_contact: Counter<u64>,
     /// Open escalations and active deactivations, refreshed from the journal by the watcher.
     pub open_escalations: Arc<AtomicI64>,
     pub active_deactivations: Arc<AtomicI64>,
@@ -25,6 +26,7 @@ impl AlarmMetrics {
             escalations: counter(meter, names::ALARM_ESCALATIONS),
             notifications: counter(meter, names::ALARM_ESCALATION_NOTIFICATIONS),
             reminders: counter(meter, names::DEVICE_DEACTIVATION_REMINDERS),
+            no_contact: counter(meter, names::DEVICE_NO_CONTACT),
             open_escalations: Arc::new(AtomicI64::new(0)),
             active_deactivations: Arc::new(AtomicI64::new(0)),
         };
@@ -38,6 +40,7 @@ impl AlarmMetrics {
         for k in ["expiring", "expired"] {
             m.reminders.add(0, &[KeyValue::new("kind", k)]);
         }
+        m.no_contact.add(0, &[]);
         gauge(meter, names::ALARM_ESCALATIONS_OPEN, &m.open_escalations);
         gauge(
             meter,
@@ -56,6 +59,11 @@ impl AlarmMetrics {
         let outcome = if ok { "sent" } else { "failed" };
         self.notifications
             .add(1, &[KeyValue::new("outcome", outcome)]);
+    }
+
+    /// A no-contact event was raised (no vendor label: the log line names vendor and device).
+    pub fn no_contact(&self, _vendor: &str) {
+        self.no_contact.add(1, &[]);
     }
 
     pub fn reminded(&self, kind: &'static str, n: usize) {

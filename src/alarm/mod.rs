@@ -12,12 +12,16 @@
 //! scan; only the best-effort notification of an escalation committed just before a crash can be
 //! lost (the escalation itself stays open in the journal, the console and the gauge).
 //!
+//! A delivery that is dead-lettered (e.g. the destination refused it with a 4xx) escalates at
+//! the next scan, without waiting for the deadline: it will not be delivered.
+//!
 //! Deliveries that are delivered late (after the deadline, before a scan saw them) are not
 //! escalated: the alarm reached its destination and a second copy would only add noise.
 
 pub mod admin;
 pub mod deactivation;
 pub mod metrics;
+pub mod no_contact;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +57,7 @@ pub struct Watcher {
     state: Arc<AlarmState>,
     rules: Vec<EscalationRule>,
     http: reqwest::Client,
+    no_contact: no_contact::NoContact,
 }
 
 /// The escalation rules of the destinations that have a deadline.
@@ -80,7 +85,17 @@ impl Watcher {
         // Outbound authentication (HelseID) is not applied to the escalation hook: it is an
         // operator alerting endpoint. Add it here when one needs it.
         let http = crate::deliver::client::build(state.config.escalation_timeout)?;
+        let no_contact = no_contact::NoContact::new(
+            Arc::clone(&journal),
+            wakers.clone(),
+            crate::route::Router::new(config.routes.clone()),
+            Arc::clone(&state),
+        );
+        for v in state.config.heartbeat.keys() {
+            tracing::info!(vendor = %v, "no-contact watch on");
+        }
         Ok(Self {
+            no_contact,
             journal,
             wakers,
             rules: rules(config),
@@ -109,6 +124,9 @@ impl Watcher {
                 last_sweep = Some(Instant::now());
                 this.sweep().await;
                 this.refresh().await;
+                if this.no_contact.is_enabled() {
+                    this.no_contact.scan(now_ms()).await;
+                }
             }
         }
     }
@@ -138,7 +156,8 @@ impl Watcher {
                     destination = %e.destination,
                     fallback = e.fallback.as_deref().unwrap_or(""),
                     deadline_ms = e.deadline_ms,
-                    "alarm escalated: not delivered within the destination's deadline"
+                    delivery_state = %e.delivery_state,
+                    "alarm escalated: not delivered by the destination's deadline, or refused"
                 );
                 self.state.metrics.escalated(&e.destination);
                 if let Some(f) = &e.fallback {

@@ -1,6 +1,7 @@
 //! Alarm-path config: `[escalation]` (deadline escalation of alarm deliveries) and
 //! `[deactivation]` (time-limited device deactivations). Raw serde types and their validation.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -52,6 +53,14 @@ impl Default for DeactivationConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct NoContactConfig {
+    /// Vendor name → seconds between a device's heartbeats. A device of that vendor silent
+    /// longer than this raises one "no contact" alarm per silence period.
+    pub heartbeat_s: BTreeMap<String, u64>,
+}
+
 /// The validated alarm-path settings.
 #[derive(Debug, Clone)]
 pub struct ValidAlarm {
@@ -61,6 +70,8 @@ pub struct ValidAlarm {
     pub scan_interval: Duration,
     pub deactivation_max: Duration,
     pub reminder_lead: Duration,
+    /// Vendor → heartbeat interval (`[no_contact]`).
+    pub heartbeat: BTreeMap<String, Duration>,
 }
 
 /// Checks `[escalation]`, `[deactivation]` and the destinations' `deadline_s`/`fallback`.
@@ -143,7 +154,21 @@ pub(super) fn validate(
                 .and_then(|v| v.fallback.as_deref());
         }
     }
+    for (vendor, s) in &raw.no_contact.heartbeat_s {
+        if *s == 0 {
+            errs.push(
+                format!("no_contact.heartbeat_s.{vendor}"),
+                "must be greater than 0, e.g. 300",
+            );
+        }
+    }
     ValidAlarm {
+        heartbeat: raw
+            .no_contact
+            .heartbeat_s
+            .iter()
+            .map(|(v, s)| (v.clone(), Duration::from_secs(*s)))
+            .collect(),
         escalation_url: e.url.clone(),
         escalation_timeout: Duration::from_millis(e.timeout_ms.max(1)),
         escalation_max_attempts: e.max_attempts.max(1),

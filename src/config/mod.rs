@@ -3,6 +3,7 @@
 //! Every key is documented in `docs/configuration.md`; `deploy/knutepunkt.example.toml` is the
 //! commented example that `knutepunkt check` must accept (a test enforces it).
 
+pub mod adapter;
 pub mod alarm;
 pub mod auth;
 pub mod ingest_vendor;
@@ -39,6 +40,7 @@ pub struct RawConfig {
     pub telemetry: ops::TelemetryConfig,
     pub log: ops::LogConfig,
     pub audit: ops::AuditConfig,
+    pub no_contact: alarm::NoContactConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -185,6 +187,21 @@ pub struct DestinationConfig {
     /// Destination that also receives an alarm that escalated here.
     #[serde(default)]
     pub fallback: Option<String>,
+    /// Adapter: `fhir-bundle` (default), `fhir-rest`, `vkp`, `jft` or `pmd` (docs/adapters.md).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Municipality organisation number in the VKP path (`kind = "vkp"`).
+    #[serde(default)]
+    pub orgnr: Option<String>,
+    /// Municipality number tagged on PMD Bundles (`kind = "pmd"`).
+    #[serde(default)]
+    pub municipality: Option<String>,
+    /// Milliseconds between JFT status polls (`kind = "jft"`).
+    #[serde(default)]
+    pub status_poll_ms: Option<u64>,
+    /// Seconds a JFT status is polled before the attempt ends (`kind = "jft"`).
+    #[serde(default)]
+    pub status_window_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

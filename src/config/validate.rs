@@ -120,6 +120,8 @@ pub struct ValidDestination {
     pub deadline: Option<Duration>,
     /// Destination that also gets an escalated alarm.
     pub fallback: Option<String>,
+    /// How requests are built and answers classified (`kind`).
+    pub adapter: crate::deliver::adapter::Adapter,
 }
 
 #[derive(Debug, Clone)]
@@ -220,7 +222,15 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
             let slowest = raw
                 .destinations
                 .iter()
-                .map(|d| d.timeout_ms)
+                .map(|d| {
+                    // JFT attempts poll the status after the POST.
+                    let poll = if d.kind.as_deref() == Some("jft") {
+                        d.status_window_s.unwrap_or(15).saturating_mul(1000)
+                    } else {
+                        0
+                    };
+                    d.timeout_ms.saturating_add(poll)
+                })
                 .max()
                 .unwrap_or(0);
             if raw.storage.lease_s.saturating_mul(1000) <= slowest.saturating_add(1000) {
@@ -535,6 +545,7 @@ fn validate_destinations(raw: &RawConfig, errs: &mut Errors<'_>) -> Vec<ValidDes
             oauth: d.oauth.clone(),
             deadline: d.deadline_s.map(Duration::from_secs),
             fallback: d.fallback.clone(),
+            adapter: super::adapter::validate(i, d, errs),
         });
     }
     out

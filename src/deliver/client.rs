@@ -46,24 +46,19 @@ pub async fn post(
     task: &DeliveryTask,
     attempt: u32,
 ) -> Answer {
-    post_with(client, url, task, attempt, None).await
+    let req = client
+        .post(url)
+        .headers(headers(task, attempt))
+        .body(task.fhir.to_string());
+    match exchange(req, 2048).await {
+        Ok(reply) => reply.answer(classify::status(reply.code)),
+        Err(failed) => failed,
+    }
 }
 
-/// `post` with an OAuth2 access token in `Authorization: Bearer`.
-pub async fn post_with(
-    client: &reqwest::Client,
-    url: &str,
-    task: &DeliveryTask,
-    attempt: u32,
-    bearer: Option<&str>,
-) -> Answer {
+/// The headers of every delivery request: FHIR JSON, the event id as idempotency key, attempt.
+pub fn headers(task: &DeliveryTask, attempt: u32) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    if let Some(t) = bearer
-        && let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {t}"))
-    {
-        v.set_sensitive(true);
-        headers.insert(reqwest::header::AUTHORIZATION, v);
-    }
     headers.insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/fhir+json; fhirVersion=4.0"),
@@ -79,13 +74,52 @@ pub async fn post_with(
     {
         headers.insert("traceparent", v);
     }
-    let sent = client
-        .post(url)
-        .headers(headers)
-        .body(task.fhir.to_string())
-        .send()
-        .await;
-    let mut resp = match sent {
+    headers
+}
+
+/// A response, with a bounded prefix of its body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub code: u16,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The answer for this reply under `class`, naming the body when it is not a success.
+    pub fn answer(&self, class: Class) -> Answer {
+        let retry_after = self
+            .headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let error = (class != Class::Delivered).then(|| self.error_text());
+        Answer {
+            class,
+            status: Some(self.code),
+            error,
+            retry_after,
+        }
+    }
+
+    /// `HTTP {code}: {body prefix}`.
+    pub fn error_text(&self) -> String {
+        let code = self.code;
+        let text =
+            String::from_utf8_lossy(&self.body[..self.body.len().min(300)]).replace('\n', " ");
+        if text.trim().is_empty() {
+            format!("HTTP {code}")
+        } else {
+            format!("HTTP {code}: {}", text.trim())
+        }
+    }
+}
+
+/// Sends a request and reads up to `max_body` bytes of the answer (reading names the reason,
+/// e.g. an OperationOutcome, and draining lets the connection be reused). A request that got no
+/// answer is a retryable `Answer`.
+pub async fn exchange(req: reqwest::RequestBuilder, max_body: usize) -> Result<Reply, Answer> {
+    let mut resp = match req.send().await {
         Ok(r) => r,
         Err(e) => {
             let kind = if e.is_timeout() {
@@ -95,44 +129,28 @@ pub async fn post_with(
             } else {
                 "transport error"
             };
-            return Answer {
+            return Err(Answer {
                 class: Class::Retry,
                 status: None,
                 error: Some(format!("{kind}: {}", error_chain(&e))),
                 retry_after: None,
-            };
+            });
         }
     };
     let code = resp.status().as_u16();
-    let retry_after = resp
-        .headers()
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_retry_after);
-    let class = classify::status(code);
-    // Read a bounded prefix of the body: it names the reason (e.g. an OperationOutcome) and
-    // draining lets the connection be reused.
+    let headers = resp.headers().clone();
     let mut body = Vec::new();
-    while body.len() < 2048 {
+    while body.len() < max_body {
         match resp.chunk().await {
             Ok(Some(chunk)) => body.extend_from_slice(&chunk),
             _ => break,
         }
     }
-    let error = (class != Class::Delivered).then(|| {
-        let text = String::from_utf8_lossy(&body[..body.len().min(300)]).replace('\n', " ");
-        if text.trim().is_empty() {
-            format!("HTTP {code}")
-        } else {
-            format!("HTTP {code}: {}", text.trim())
-        }
-    });
-    Answer {
-        class,
-        status: Some(code),
-        error,
-        retry_after,
-    }
+    Ok(Reply {
+        code,
+        headers,
+        body,
+    })
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

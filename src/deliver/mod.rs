@@ -6,6 +6,7 @@
 //! attempt at a time (the journal hands out only unleased heads), so a failing key blocks only
 //! itself. Alarm lanes are claimed first and have their own slots.
 
+pub mod adapter;
 pub mod backoff;
 pub mod classify;
 pub mod client;
@@ -292,7 +293,7 @@ impl Dispatcher {
     /// sent once more with a fresh one, whose answer counts.
     async fn send(&self, task: &DeliveryTask, attempt: u32) -> client::Answer {
         let Some(tokens) = &self.oauth else {
-            return client::post(&self.client, &self.dest.url, task, attempt).await;
+            return adapter::send(&self.client, &self.dest, task, attempt, None).await;
         };
         let mut retried = false;
         loop {
@@ -308,7 +309,7 @@ impl Dispatcher {
                 }
             };
             let answer =
-                client::post_with(&self.client, &self.dest.url, task, attempt, Some(&token)).await;
+                adapter::send(&self.client, &self.dest, task, attempt, Some(&token)).await;
             if answer.status == Some(401) && !retried {
                 tokens.invalidate(&token).await;
                 retried = true;

@@ -17,7 +17,7 @@ pub struct EscalationRule {
 #[derive(Debug, Clone)]
 pub enum AlarmOp {
     /// Finds alarm deliveries past their destination's deadline that are neither delivered nor
-    /// escalated, and escalates up to `limit` of them: marks each escalated, adds a delivery
+    /// escalated (a dead-lettered one at once: it will not be delivered), and escalates up to `limit` of them: marks each escalated, adds a delivery
     /// row for the fallback destination and an `escalated` audit record, in one transaction.
     Escalate {
         rules: Vec<EscalationRule>,
@@ -124,16 +124,64 @@ pub struct DeactivationQuery {
     pub limit: usize,
 }
 
-/// The audit text of an escalation (shared by both backends so they cannot drift).
+/// The audit text of an escalation (shared by both backends so they cannot drift). `dead`: the
+/// delivery was dead-lettered (escalated at once, without waiting for the deadline).
 pub fn escalated_detail(
     deadline_ms: i64,
+    dead: bool,
     fallback: Option<&str>,
     fallback_id: Option<i64>,
 ) -> String {
+    let why = if dead {
+        "dead-lettered (will not be delivered)".to_string()
+    } else {
+        format!("not delivered within {deadline_ms} ms")
+    };
     match (fallback, fallback_id) {
-        (Some(f), Some(id)) => format!(
-            "not delivered within {deadline_ms} ms; escalated: fallback delivery {id} to {f}"
-        ),
-        _ => format!("not delivered within {deadline_ms} ms; escalated (no fallback destination)"),
+        (Some(f), Some(id)) => format!("{why}; escalated: fallback delivery {id} to {f}"),
+        _ => format!("{why}; escalated (no fallback destination)"),
     }
+}
+
+/// Audit subject of a device-level record (there is no event).
+pub fn device_subject(vendor: &str, device_id: &str) -> String {
+    format!("device:{vendor}/{device_id}")
+}
+
+pub fn acknowledged_detail(id: i64, by: &str, note: Option<&str>) -> String {
+    let note = note.map(|n| format!(": {n}")).unwrap_or_default();
+    format!("escalation {id} acknowledged by {by}{note}")
+}
+
+pub fn deactivated_detail(id: i64, d: &NewDeactivation) -> String {
+    use super::registry_text::instant;
+    format!(
+        "deactivation {id} by {} from {} until {}: {}",
+        d.by,
+        instant(d.from_ms),
+        instant(d.until_ms),
+        d.reason
+    )
+}
+
+pub fn ended_detail(id: i64, by: &str) -> String {
+    format!("deactivation {id} ended early by {by}")
+}
+
+pub fn expiring_detail(d: &Deactivation, now_ms: i64) -> String {
+    format!(
+        "deactivation {} ends in {} s (until {}): {}",
+        d.id,
+        (d.until_ms - now_ms) / 1000,
+        super::registry_text::instant(d.until_ms),
+        d.reason
+    )
+}
+
+pub fn expired_detail(d: &Deactivation) -> String {
+    format!(
+        "deactivation {} expired at {}",
+        d.id,
+        super::registry_text::instant(d.until_ms)
+    )
 }

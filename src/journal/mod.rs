@@ -148,4 +148,12 @@ pub trait Journal: Send + Sync + 'static {
     async fn subs(&self, op: subs::SubsOp) -> Result<subs::SubsOut, JournalError>;
     /// FHIR subscription and pull-feed reads.
     async fn subs_read(&self, q: subs::SubsRead) -> Result<subs::SubsOut, JournalError>;
+    /// Devices of `vendor` last seen before `seen_before_ms`, most recently silent first (so
+    /// long-gone devices never crowd out the ones that just went quiet).
+    async fn silent_devices(
+        &self,
+        vendor: &str,
+        seen_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Liveness>, JournalError>;
 }

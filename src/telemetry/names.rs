@@ -227,6 +227,13 @@ metric!(
     Gauge,
     [],
     "Devices heard from before (heartbeat or event) but silent for more than 15 minutes, from the journal snapshot (refreshed every 30 s)"
+    DEVICE_NO_CONTACT,
+    "knutepunkt.device.no_contact_events",
+    "{event}",
+    "knutepunkt_device_no_contact_events_total",
+    Counter,
+    [],
+    "No-contact alarms raised for devices silent longer than their vendor's no_contact.heartbeat_s"
 );
 
 /// Every exported metric (the `/metrics` names are checked against this list in tests).
@@ -252,6 +259,7 @@ pub const ALL: &[MetricDef] = &[
     DEVICE_DEACTIVATIONS_ACTIVE,
     DEVICE_DEACTIVATION_REMINDERS,
     DEVICES_SILENT,
+    DEVICE_NO_CONTACT,
 ];
 
 /// Bucket bounds (seconds) for ingest and attempt durations: 1 ms to 30 s.

@@ -571,3 +571,37 @@ pub fn alarm(patient: &str, device: &str, vendor_id: &str) -> Value {
         }}]
     })
 }
+
+/// The value of one sample on `/metrics`: the first series of metric `name` whose line contains
+/// `label` (e.g. `destination="rc"`; `""` for any).
+pub async fn metric_value(gw: &Gateway, name: &str, label: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{}/metrics", gw.base))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| l.contains(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Posts a SCAIP manual alarm from controller `cid` as vendor `scaip` (keyed `device:{cid}` when
+/// the device is not assigned); asserts 202 and returns the event id.
+pub async fn scaip_alarm(gw: &Gateway, cid: &str, reference: &str) -> String {
+    let xml = format!(
+        "<mrq><ref>{reference}</ref><mty>ME</mty><cid>{cid}</cid><dty>0004</dty><stc>0010</stc></mrq>"
+    );
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/vendors/scaip/events", gw.base))
+        .header("content-type", "application/scaip+xml")
+        .body(xml)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status().as_u16(), 202);
+    let v: Value = resp.json().await.expect("json");
+    v["id"].as_str().expect("id").to_string()
+}

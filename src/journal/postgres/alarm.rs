@@ -2,8 +2,8 @@
 
 use tokio_postgres::{GenericClient, Row};
 
-use crate::journal::JournalError;
 use crate::journal::alarm::{Deactivation, DeactivationQuery, Escalation, EscalationQuery};
+use crate::journal::{JournalError, Liveness};
 
 pub const ESCALATION_COLUMNS: &str = "x.id, x.delivery_id, x.event_id, x.dest, x.fallback,
     x.fallback_delivery_id, x.deadline_ms, x.stored_at, x.escalated_at, x.acked_at, x.acked_by,
@@ -91,4 +91,38 @@ pub async fn deactivations(
         )
         .await?;
     Ok(rows.iter().map(deactivation_row).collect())
+}
+
+pub async fn silent_devices(
+    c: &impl GenericClient,
+    vendor: &str,
+    before: i64,
+    limit: usize,
+) -> Result<Vec<Liveness>, JournalError> {
+    let now = crate::clock::now_ms();
+    let limit = limit.max(1) as i64;
+    let rows = c
+        .query(
+            "SELECT vendor, device_id, tenant, last_seen_at, last_kind, reported_at, beats
+             FROM device_liveness WHERE vendor = $1 AND last_seen_at < $2
+             ORDER BY last_seen_at DESC LIMIT $3",
+            &[&vendor, &before, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let seen: i64 = r.get(3);
+            Liveness {
+                vendor: r.get(0),
+                device_id: r.get(1),
+                tenant: r.get(2),
+                last_seen_at_ms: seen,
+                last_seen_age_ms: (now - seen).max(0),
+                last_kind: r.get(4),
+                reported_at_ms: r.get(5),
+                beats: r.get(6),
+            }
+        })
+        .collect())
 }

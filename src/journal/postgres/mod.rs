@@ -391,4 +391,13 @@ impl Journal for PostgresJournal {
     ) -> Result<crate::journal::subs::SubsOut, JournalError> {
         subs::read(&**self.client().await?, q).await
     }
+
+    async fn silent_devices(
+        &self,
+        vendor: &str,
+        seen_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Liveness>, JournalError> {
+        alarm::silent_devices(&**self.client().await?, vendor, seen_before_ms, limit).await
+    }
 }

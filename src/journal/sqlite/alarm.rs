@@ -2,6 +2,7 @@
 
 use rusqlite::{Connection, params};
 
+use crate::journal::Liveness;
 use crate::journal::alarm::{Deactivation, DeactivationQuery, Escalation, EscalationQuery};
 
 /// Version 4: escalations of alarm deliveries and time-limited device deactivations.
@@ -114,5 +115,33 @@ pub fn deactivations(c: &Connection, q: &DeactivationQuery) -> rusqlite::Result<
         params![q.vendor, q.device_id, q.active_at_ms, q.limit.max(1) as i64],
         deactivation_row,
     )?
+    .collect()
+}
+
+pub fn silent_devices(
+    c: &Connection,
+    vendor: &str,
+    before: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<Liveness>> {
+    let now = crate::clock::now_ms();
+    c.prepare_cached(
+        "SELECT vendor, device_id, tenant, last_seen_at, last_kind, reported_at, beats
+         FROM device_liveness WHERE vendor = ?1 AND last_seen_at < ?2
+         ORDER BY last_seen_at DESC LIMIT ?3",
+    )?
+    .query_map(params![vendor, before, limit.max(1) as i64], |r| {
+        let seen: i64 = r.get(3)?;
+        Ok(Liveness {
+            vendor: r.get(0)?,
+            device_id: r.get(1)?,
+            tenant: r.get(2)?,
+            last_seen_at_ms: seen,
+            last_seen_age_ms: (now - seen).max(0),
+            last_kind: r.get(4)?,
+            reported_at_ms: r.get(5)?,
+            beats: r.get(6)?,
+        })
+    })?
     .collect()
 }

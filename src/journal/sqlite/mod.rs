@@ -298,6 +298,17 @@ impl Journal for SqliteJournal {
     ) -> Result<crate::journal::subs::SubsOut, JournalError> {
         self.read(move |c| subs::read(c, q)).await
     }
+
+    async fn silent_devices(
+        &self,
+        vendor: &str,
+        seen_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Liveness>, JournalError> {
+        let vendor = vendor.to_string();
+        self.read(move |c| alarm::silent_devices(c, &vendor, seen_before_ms, limit))
+            .await
+    }
 }
 
 #[cfg(test)]

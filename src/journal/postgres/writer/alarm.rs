@@ -10,7 +10,9 @@ use tokio_postgres::Transaction;
 
 use super::{Stmts, audit, enqueue};
 use crate::journal::alarm::{
-    AlarmOp, AlarmOut, Deactivation, Escalation, EscalationRule, NewDeactivation, escalated_detail,
+    AlarmOp, AlarmOut, Deactivation, Escalation, EscalationRule, NewDeactivation,
+    acknowledged_detail, deactivated_detail, device_subject, ended_detail, escalated_detail,
+    expired_detail, expiring_detail,
 };
 use crate::journal::command::AuditRow;
 use crate::journal::postgres::alarm::{
@@ -67,9 +69,10 @@ async fn escalate(
         }
         let due = tx
             .query(
-                "SELECT d.id, d.event_seq, d.event_id, d.lane_key, d.created_at FROM deliveries d
+                "SELECT d.id, d.event_seq, d.event_id, d.lane_key, d.created_at, d.state
+                 FROM deliveries d
                  WHERE d.dest = $1 AND d.class = 0 AND d.state IN ('pending', 'dead')
-                   AND d.created_at <= $2
+                   AND (d.created_at <= $2 OR d.state = 'dead')
                    AND NOT EXISTS (SELECT 1 FROM escalations x WHERE x.delivery_id = d.id)
                  ORDER BY d.created_at LIMIT $3",
                 &[
@@ -85,6 +88,7 @@ async fn escalate(
             let event_id: String = row.get(2);
             let key: String = row.get(3);
             let stored_at: i64 = row.get(4);
+            let dead = row.get::<_, String>(5) == "dead";
             let Some(inserted) = tx
                 .query_opt(
                     "INSERT INTO escalations (delivery_id, event_id, dest, fallback, deadline_ms,
@@ -116,7 +120,12 @@ async fn escalate(
                 &[&id, &fallback_id],
             )
             .await?;
-            let detail = escalated_detail(rule.deadline_ms, rule.fallback.as_deref(), fallback_id);
+            let detail = escalated_detail(
+                rule.deadline_ms,
+                dead,
+                rule.fallback.as_deref(),
+                fallback_id,
+            );
             audit(
                 tx,
                 s,
@@ -177,10 +186,7 @@ async fn acknowledge(
         });
     }
     let e = escalation(tx, id).await?;
-    let detail = format!(
-        "escalation {id} acknowledged by {by}{}",
-        note.map(|n| format!(": {n}")).unwrap_or_default()
-    );
+    let detail = acknowledged_detail(id, by, note);
     audit(
         tx,
         s,
@@ -195,10 +201,6 @@ async fn acknowledge(
     )
     .await?;
     Ok(e)
-}
-
-fn subject(vendor: &str, device_id: &str) -> String {
-    format!("device:{vendor}/{device_id}")
 }
 
 /// Namespace of the per-device advisory locks that serialise deactivation overlap checks.
@@ -242,16 +244,13 @@ async fn deactivate(
         ));
     };
     let out = deactivation_row(&row);
-    let detail = format!(
-        "deactivation {} by {} from {} until {}: {}",
-        out.id, d.by, d.from_ms, d.until_ms, d.reason
-    );
+    let detail = deactivated_detail(out.id, d);
     audit(
         tx,
         s,
         AuditRow {
             at: now,
-            event_id: &subject(&d.vendor, &d.device_id),
+            event_id: &device_subject(&d.vendor, &d.device_id),
             kind: "device_deactivated",
             detail: Some(&detail),
             ..Default::default()
@@ -288,13 +287,13 @@ async fn end_deactivation(
         )));
     };
     let out = deactivation_row(&row);
-    let detail = format!("deactivation {} ended early by {by}", out.id);
+    let detail = ended_detail(out.id, by);
     audit(
         tx,
         s,
         AuditRow {
             at,
-            event_id: &subject(vendor, device_id),
+            event_id: &device_subject(vendor, device_id),
             kind: "device_reactivated",
             detail: Some(&detail),
             ..Default::default()
@@ -326,19 +325,13 @@ async fn sweep(
         .map(deactivation_row)
         .collect();
     for d in &reminded {
-        let detail = format!(
-            "deactivation {} ends in {} s (until {}): {}",
-            d.id,
-            (d.until_ms - now) / 1000,
-            d.until_ms,
-            d.reason
-        );
+        let detail = expiring_detail(d, now);
         audit(
             tx,
             s,
             AuditRow {
                 at: now,
-                event_id: &subject(&d.vendor, &d.device_id),
+                event_id: &device_subject(&d.vendor, &d.device_id),
                 kind: "deactivation_expiring",
                 detail: Some(&detail),
                 ..Default::default()
@@ -362,13 +355,13 @@ async fn sweep(
         .map(deactivation_row)
         .collect();
     for d in &expired {
-        let detail = format!("deactivation {} expired at {}", d.id, d.until_ms);
+        let detail = expired_detail(d);
         audit(
             tx,
             s,
             AuditRow {
                 at: now,
-                event_id: &subject(&d.vendor, &d.device_id),
+                event_id: &device_subject(&d.vendor, &d.device_id),
                 kind: "deactivation_expired",
                 detail: Some(&detail),
                 ..Default::default()

@@ -4,7 +4,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{audit, enqueue};
 use crate::journal::alarm::{
-    AlarmOp, AlarmOut, Deactivation, Escalation, EscalationRule, NewDeactivation, escalated_detail,
+    AlarmOp, AlarmOut, Deactivation, Escalation, EscalationRule, NewDeactivation,
+    acknowledged_detail, deactivated_detail, device_subject, ended_detail, escalated_detail,
+    expired_detail, expiring_detail,
 };
 use crate::journal::command::AuditRow;
 use crate::journal::sqlite::alarm::{
@@ -47,11 +49,12 @@ fn escalate(
         if out.len() >= limit {
             break;
         }
-        let due: Vec<(i64, i64, String, String, i64)> = c
+        let due: Vec<(i64, i64, String, String, i64, String)> = c
             .prepare_cached(
-                "SELECT d.id, d.event_seq, d.event_id, d.lane_key, d.created_at FROM deliveries d
+                "SELECT d.id, d.event_seq, d.event_id, d.lane_key, d.created_at, d.state
+                 FROM deliveries d
                  WHERE d.dest = ?1 AND d.class = 0 AND d.state IN ('pending', 'dead')
-                   AND d.created_at <= ?2
+                   AND (d.created_at <= ?2 OR d.state = 'dead')
                    AND NOT EXISTS (SELECT 1 FROM escalations x WHERE x.delivery_id = d.id)
                  ORDER BY d.created_at LIMIT ?3",
             )?
@@ -61,10 +64,19 @@ fn escalate(
                     now - rule.deadline_ms,
                     (limit - out.len()) as i64
                 ],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
             )?
             .collect::<Result<_, _>>()?;
-        for (delivery_id, seq, event_id, key, stored_at) in due {
+        for (delivery_id, seq, event_id, key, stored_at, state) in due {
             let fallback_id = match &rule.fallback {
                 Some(f) => Some(enqueue(c, seq, &event_id, f, LaneClass::Alarm, &key, now)?),
                 None => None,
@@ -85,7 +97,12 @@ fn escalate(
                 now
             ])?;
             let id = c.last_insert_rowid();
-            let detail = escalated_detail(rule.deadline_ms, rule.fallback.as_deref(), fallback_id);
+            let detail = escalated_detail(
+                rule.deadline_ms,
+                state == "dead",
+                rule.fallback.as_deref(),
+                fallback_id,
+            );
             audit(
                 c,
                 AuditRow {
@@ -140,10 +157,7 @@ fn acknowledge(
     )?
     .execute(params![id, at, by, note])?;
     let e = escalation(c, id)?;
-    let detail = format!(
-        "escalation {id} acknowledged by {by}{}",
-        note.map(|n| format!(": {n}")).unwrap_or_default()
-    );
+    let detail = acknowledged_detail(id, by, note);
     audit(
         c,
         AuditRow {
@@ -156,10 +170,6 @@ fn acknowledge(
         },
     )?;
     Ok(e)
-}
-
-fn subject(vendor: &str, device_id: &str) -> String {
-    format!("device:{vendor}/{device_id}")
 }
 
 fn deactivate(c: &Connection, d: &NewDeactivation) -> Result<Deactivation, JournalError> {
@@ -192,15 +202,12 @@ fn deactivate(c: &Connection, d: &NewDeactivation) -> Result<Deactivation, Journ
         now
     ])?;
     let id = c.last_insert_rowid();
-    let detail = format!(
-        "deactivation {id} by {} from {} until {}: {}",
-        d.by, d.from_ms, d.until_ms, d.reason
-    );
+    let detail = deactivated_detail(id, d);
     audit(
         c,
         AuditRow {
             at: now,
-            event_id: &subject(&d.vendor, &d.device_id),
+            event_id: &device_subject(&d.vendor, &d.device_id),
             kind: "device_deactivated",
             detail: Some(&detail),
             ..Default::default()
@@ -237,12 +244,12 @@ fn end_deactivation(
     };
     c.prepare_cached("UPDATE device_deactivations SET ended_at = ?2, ended_by = ?3 WHERE id = ?1")?
         .execute(params![id, at, by])?;
-    let detail = format!("deactivation {id} ended early by {by}");
+    let detail = ended_detail(id, by);
     audit(
         c,
         AuditRow {
             at,
-            event_id: &subject(vendor, device_id),
+            event_id: &device_subject(vendor, device_id),
             kind: "device_reactivated",
             detail: Some(&detail),
             ..Default::default()
@@ -264,18 +271,12 @@ fn sweep(c: &Connection, now: i64, lead_ms: i64) -> Result<AlarmOut, JournalErro
     for d in &reminded {
         c.prepare_cached("UPDATE device_deactivations SET reminded_at = ?2 WHERE id = ?1")?
             .execute(params![d.id, now])?;
-        let detail = format!(
-            "deactivation {} ends in {} s (until {}): {}",
-            d.id,
-            (d.until_ms - now) / 1000,
-            d.until_ms,
-            d.reason
-        );
+        let detail = expiring_detail(d, now);
         audit(
             c,
             AuditRow {
                 at: now,
-                event_id: &subject(&d.vendor, &d.device_id),
+                event_id: &device_subject(&d.vendor, &d.device_id),
                 kind: "deactivation_expiring",
                 detail: Some(&detail),
                 ..Default::default()
@@ -287,12 +288,12 @@ fn sweep(c: &Connection, now: i64, lead_ms: i64) -> Result<AlarmOut, JournalErro
     for d in &expired {
         c.prepare_cached("UPDATE device_deactivations SET expired_at = ?2 WHERE id = ?1")?
             .execute(params![d.id, now])?;
-        let detail = format!("deactivation {} expired at {}", d.id, d.until_ms);
+        let detail = expired_detail(d);
         audit(
             c,
             AuditRow {
                 at: now,
-                event_id: &subject(&d.vendor, &d.device_id),
+                event_id: &device_subject(&d.vendor, &d.device_id),
                 kind: "deactivation_expired",
                 detail: Some(&detail),
                 ..Default::default()
