@@ -449,8 +449,7 @@ async fn uncovered_device_is_quarantined_then_replayed() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let ev = loop {
         let (_, ev) = gw.get(&format!("/v1/admin/events/{id}")).await;
-        if audit_kinds(&ev).iter().any(|k| k == "delivered")
-            || std::time::Instant::now() > deadline
+        if audit_kinds(&ev).iter().any(|k| k == "delivered") || std::time::Instant::now() > deadline
         {
             break ev;
         }

@@ -166,6 +166,8 @@ impl NoContact {
             received_at_ms: now,
             destinations: decision.destinations.clone(),
             routes: decision.routes,
+            // Raised by the gateway itself: its delivery spans start a trace of their own.
+            traceparent: None,
         };
         let stored = matches!(self.journal.append(event).await?, Appended::Stored { .. });
         if stored {

@@ -115,7 +115,9 @@ pub async fn send(
                 Err(a) => a,
             }
         }
-        Adapter::Jft { poll, window } => jft(http, dest, task, attempt, bearer, *poll, *window).await,
+        Adapter::Jft { poll, window } => {
+            jft(http, dest, task, attempt, bearer, *poll, *window).await
+        }
         Adapter::Pmd { municipality } => {
             let batch = match parse(task).and_then(|b| pmd_batch(&b, municipality)) {
                 Ok(b) => b,

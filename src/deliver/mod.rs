@@ -308,8 +308,7 @@ impl Dispatcher {
                     };
                 }
             };
-            let answer =
-                adapter::send(&self.client, &self.dest, task, attempt, Some(&token)).await;
+            let answer = adapter::send(&self.client, &self.dest, task, attempt, Some(&token)).await;
             if answer.status == Some(401) && !retried {
                 tokens.invalidate(&token).await;
                 retried = true;

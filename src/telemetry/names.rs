@@ -227,6 +227,8 @@ metric!(
     Gauge,
     [],
     "Devices heard from before (heartbeat or event) but silent for more than 15 minutes, from the journal snapshot (refreshed every 30 s)"
+);
+metric!(
     DEVICE_NO_CONTACT,
     "knutepunkt.device.no_contact_events",
     "{event}",
