@@ -706,3 +706,96 @@ async fn fhir_outputs_validate_as_r4() {
         "{text}"
     );
 }
+
+/// A held (quarantined) event is neither numbered nor in the feed until it is released; then it
+/// is numbered once and enters the feed once, after the events stored meanwhile.
+#[tokio::test]
+async fn quarantined_event_is_numbered_and_fed_at_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let maps = dir.path().join("mappings");
+    std::fs::create_dir_all(&maps).expect("mkdir");
+    let scaip = std::fs::read_to_string(common::repo_path("mappings/scaip.toml")).expect("scaip");
+    let held = scaip
+        .replace("vendor = \"scaip\"", "vendor = \"scaipq\"")
+        .replace(
+            "missing_patient = \"device\"",
+            "missing_patient = \"quarantine\"",
+        );
+    assert!(held.contains("missing_patient = \"quarantine\""));
+    std::fs::write(maps.join("scaipq.toml"), held).expect("write");
+    std::fs::copy(
+        common::repo_path("mappings/fhir-passthrough.toml"),
+        maps.join("fhir-passthrough.toml"),
+    )
+    .expect("copy");
+    let storage = common::storage_section(dir.path()).await;
+    let cfg = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_s = 1\n[mappings]\ndir = {:?}\n{storage}",
+        maps.display().to_string()
+    );
+    let gw = Gateway::start_with_config(dir, &cfg).await;
+    let sink = Sink::start(Mode::Ok).await;
+    let id = created(&gw, &subscription("alarm", &[], &sink.url, "id-only", None)).await;
+    sink.wait_for(Duration::from_secs(10), "handshake", |r| {
+        of_kind(r, "handshake") == 1
+    })
+    .await;
+
+    let xml =
+        "<mrq><ref>Q1</ref><mty>ME</mty><cid>4711002</cid><dty>0004</dty><stc>0010</stc></mrq>";
+    let resp = http()
+        .post(format!("{}/v1/vendors/scaipq/events", gw.base))
+        .header("content-type", "application/scaip+xml")
+        .body(xml)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status().as_u16(), 202);
+    let b: Value = resp.json().await.expect("json");
+    assert_eq!(b["status"], "quarantined", "{b}");
+    let held_id = b["id"].as_str().expect("id").to_string();
+    let (_, page) = gw.get("/fhir/Bundle").await;
+    assert!(
+        page["entry"].as_array().is_none_or(Vec::is_empty),
+        "held: not in the feed: {page}"
+    );
+    let cursor = page["link"][0]["url"].as_str().expect("next").to_string();
+
+    // An alarm stored meanwhile gets number 1 and the next feed position.
+    let (s, b) = gw.post(&common::alarm(PATIENT, "dev-9", "a-1")).await;
+    assert_eq!(s, 202, "{b}");
+    let direct = b["id"].as_str().expect("id").to_string();
+
+    let resp = http()
+        .post(format!("{}/v1/admin/devices/scaipq/4711002/assignments", gw.base))
+        .header("content-type", "application/json")
+        .body(json!({ "patient_id": PATIENT, "tenant": "5001", "valid_from": "2000-01-01T00:00:00Z" }).to_string())
+        .send()
+        .await
+        .expect("assign");
+    assert_eq!(resp.status().as_u16(), 201);
+    let (s, b) = gw
+        .post_admin(&format!("/v1/admin/quarantine/{held_id}/replay"))
+        .await;
+    assert_eq!((s, b["status"].clone()), (200, json!("released")), "{b}");
+
+    let (_, ev) = gw.get(&format!("/fhir/Subscription/{id}/$events")).await;
+    assert_eq!(
+        events_in(&ev),
+        vec![(1, direct.clone()), (2, held_id.clone())]
+    );
+    let (_, page) = gw.get(&format!("/fhir/{cursor}")).await;
+    let ids: Vec<&str> = page["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["resource"]["id"].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![direct.as_str(), held_id.as_str()],
+        "once each, in commit order"
+    );
+    let (_, all) = gw.get("/fhir/Bundle").await;
+    assert_eq!(all["entry"].as_array().map(Vec::len), Some(2), "{all}");
+}

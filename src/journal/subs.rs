@@ -8,12 +8,16 @@
 //! Delivery (`crate::fhir::notify`) sends numbers in order and records the highest acknowledged
 //! one (`delivered`), so a restart resumes exactly where the subscriber stopped acknowledging.
 //!
+//! An event held in quarantine is numbered when it is released (with its new mapping), not when
+//! it is held.
+//!
 //! Pull feed: events in commit order, the cursor being the audit-chain position of the event's
-//! `stored` record (positions are handed out in commit order on both backends).
+//! `stored` record, or of its `released` record for an event that was held in quarantine
+//! (positions are handed out in commit order on both backends).
 
 use serde::Serialize;
 
-use crate::journal::NewEvent;
+use crate::normalise::Envelope;
 
 /// A validated subscription, ready to store (`crate::fhir::subscription` parses the resource).
 #[derive(Debug, Clone)]
@@ -187,8 +191,7 @@ pub struct MatchFacts {
 }
 
 impl MatchFacts {
-    pub fn of(ev: &NewEvent) -> Self {
-        let env = &ev.envelope;
+    pub fn of(env: &Envelope) -> Self {
         Self {
             topic: env.category.as_str(),
             tenant: env.tenant.clone(),

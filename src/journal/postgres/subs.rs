@@ -92,10 +92,11 @@ pub async fn read(c: &impl GenericClient, q: SubsRead) -> Result<SubsOut, Journa
                         coalesce(f.state, 'registered')
                  FROM audit a JOIN events e ON e.id = a.event_id
                  LEFT JOIN feed_acks f ON f.event_id = e.id
-                 WHERE a.kind = 'stored' AND a.chain_seq > $1
+                 WHERE a.kind IN ('stored', 'released') AND a.chain_seq > $1
                    AND ($2::TEXT IS NULL OR e.tenant = $2)
-                   AND NOT EXISTS (SELECT 1 FROM quarantine q
-                                   WHERE q.event_id = e.id AND q.released_at IS NULL)
+                   -- A held event enters the feed at its release, once.
+                   AND (a.kind = 'released' OR NOT EXISTS (SELECT 1 FROM quarantine q
+                                                            WHERE q.event_id = e.id))
                  ORDER BY a.chain_seq LIMIT $3",
                 &[&after, &tenant, &(limit as i64)],
             )

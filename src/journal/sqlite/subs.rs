@@ -45,7 +45,7 @@ pub const SCHEMA_V4: &str = "
         reason     TEXT,
         updated_at INTEGER NOT NULL
     ) WITHOUT ROWID;
-    CREATE INDEX IF NOT EXISTS audit_stored ON audit(chain_seq) WHERE kind = 'stored';
+    CREATE INDEX IF NOT EXISTS audit_feed ON audit(chain_seq) WHERE kind IN ('stored', 'released');
 ";
 
 /// The columns `sub_row` decodes, in order.
@@ -129,10 +129,11 @@ pub fn read(c: &Connection, q: SubsRead) -> Result<SubsOut, rusqlite::Error> {
                         coalesce(f.state, 'registered')
                  FROM audit a JOIN events e ON e.id = a.event_id
                  LEFT JOIN feed_acks f ON f.event_id = e.id
-                 WHERE a.kind = 'stored' AND a.chain_seq > ?1
+                 WHERE a.kind IN ('stored', 'released') AND a.chain_seq > ?1
                    AND (?2 IS NULL OR e.tenant = ?2)
-                   AND NOT EXISTS (SELECT 1 FROM quarantine q
-                                   WHERE q.event_id = e.id AND q.released_at IS NULL)
+                   -- A held event enters the feed at its release, once.
+                   AND (a.kind = 'released' OR NOT EXISTS (SELECT 1 FROM quarantine q
+                                                            WHERE q.event_id = e.id))
                  ORDER BY a.chain_seq LIMIT ?3",
             )?;
             let rows = stmt.query_map(params![after, tenant, limit as i64], |r| {
