@@ -411,6 +411,29 @@ async fn subscriber_down_then_catches_up_via_events_across_a_restart() {
         (1..=8).collect::<Vec<_>>(),
         "acknowledged pushes: each once, in order"
     );
+
+    // Operators see notifications on /metrics; every series exists from the start.
+    let text = http()
+        .get(format!("{}/metrics", gw.base))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let value = |kind: &str, outcome: &str| -> f64 {
+        text.lines()
+            .find(|l| {
+                l.starts_with("knutepunkt_subscription_notifications_total")
+                    && l.contains(&format!("type=\"{kind}\""))
+                    && l.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert!(value("event-notification", "accepted") >= 1.0, "{text}");
+    assert!(value("handshake", "failed") == 0.0, "{text}");
 }
 
 #[tokio::test]

@@ -103,14 +103,15 @@ async fn create(
     let id = uuid::Uuid::now_v7().to_string();
     let new = subscription::parse(&value, id.clone(), crate::clock::now_ms())?;
     check_tenant_scope(&headers, new.tenant.as_deref())?;
+    // The answer is the resource as stored; the handshake may already have changed its status.
+    let body = subscription::render(&subscription::new_row(&new));
     state
         .journal
         .subs(SubsOp::Create(Box::new(new)))
         .await
         .map_err(|e| journal_error(&state, e))?;
     notify::WAKE.notify_one();
-    let row = get_row(&state, &id).await?;
-    let mut resp = fhir(StatusCode::CREATED, subscription::render(&row));
+    let mut resp = fhir(StatusCode::CREATED, body);
     if let Ok(v) = HeaderValue::from_str(&format!("Subscription/{id}")) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
