@@ -445,7 +445,15 @@ async fn uncovered_device_is_quarantined_then_replayed() {
     let delivered = got.iter().find(|r| r.idempotency_key == id).expect("got");
     assert_eq!(patients(&delivered.body), vec![p2.clone()]);
 
-    let (_, ev) = gw.get(&format!("/v1/admin/events/{id}")).await;
+    // The sink has the request before the gateway records the outcome: wait for the record.
+    let mut ev = Value::Null;
+    for _ in 0..200 {
+        ev = gw.get(&format!("/v1/admin/events/{id}")).await.1;
+        if audit_kinds(&ev).iter().any(|k| k == "delivered") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     assert_eq!(ev["key"], format!("patient:{p2}"), "{ev}");
     let kinds = audit_kinds(&ev);
     for k in ["quarantined", "released", "routed", "delivered"] {
@@ -553,5 +561,5 @@ async fn postgres_version_1_database_is_migrated() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, vec![1, 2, 3]);
+    assert_eq!(versions, vec![1, 2, 3, 4]);
 }

@@ -822,3 +822,84 @@ async fn quarantined_event_is_numbered_and_fed_at_release() {
     let (_, all) = gw.get("/fhir/Bundle").await;
     assert_eq!(all["entry"].as_array().map(Vec::len), Some(2), "{all}");
 }
+
+/// PostgreSQL, two nodes with two writers each: events of four patients posted concurrently to
+/// both nodes are numbered 1..n without gaps or repeats, each patient's events in acknowledgement
+/// order, and pushed once each in number order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_number_without_gaps_in_commit_order() {
+    if !common::on_postgres() {
+        eprintln!("skipped: PostgreSQL only (KNUTEPUNKT_TEST_STORAGE=postgres)");
+        return;
+    }
+    let url = common::fresh_database().await;
+    let cfg = format!(
+        "{}\n[storage]\nkind = \"postgres\"\nurl = {url:?}\nlease_s = 4\nwriters = 2\n",
+        common::config_text(&[], "")
+    );
+    let a = Gateway::start_with_config(tempfile::tempdir().expect("tempdir"), &cfg).await;
+    let b = Gateway::start_with_config(tempfile::tempdir().expect("tempdir"), &cfg).await;
+    let sink = Sink::start(Mode::Ok).await;
+    let id = created(
+        &a,
+        &subscription("measurement", &[], &sink.url, "id-only", None),
+    )
+    .await;
+    sink.wait_for(Duration::from_secs(10), "handshake", |r| {
+        of_kind(r, "handshake") == 1
+    })
+    .await;
+
+    const PER: usize = 10;
+    let patients = ["13097248022", "01017012345", "24068012345", "15057512345"];
+    let mut tasks = tokio::task::JoinSet::new();
+    let nodes = std::sync::Arc::new([a, b]);
+    for (k, p) in patients.iter().enumerate() {
+        let nodes = std::sync::Arc::clone(&nodes);
+        let p = p.to_string();
+        tasks.spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..PER {
+                // Alternate nodes: a patient's next event goes to the other node after the ack.
+                let gw = &nodes[(k + i) % 2];
+                acked.push(measure(gw, &p, &format!("mn-{k}-{i}"), None).await);
+            }
+            (p, acked)
+        });
+    }
+    let mut order: Vec<(String, Vec<String>)> = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        order.push(r.expect("task"));
+    }
+    let total = patients.len() * PER;
+    let (s, ev) = nodes[1]
+        .get(&format!("/fhir/Subscription/{id}/$events"))
+        .await;
+    assert_eq!(s, 200, "{ev}");
+    let numbered = events_in(&ev);
+    assert_eq!(
+        numbered.iter().map(|e| e.0).collect::<Vec<_>>(),
+        (1..=total as i64).collect::<Vec<_>>(),
+        "gap-free, each number once"
+    );
+    let position: std::collections::HashMap<&str, i64> =
+        numbered.iter().map(|(n, e)| (e.as_str(), *n)).collect();
+    assert_eq!(position.len(), total, "each event numbered once");
+    for (p, acked) in &order {
+        let nums: Vec<i64> = acked.iter().map(|e| position[e.as_str()]).collect();
+        assert!(
+            nums.windows(2).all(|w| w[0] < w[1]),
+            "patient {p}: {nums:?}"
+        );
+    }
+    sink.wait_for(Duration::from_secs(30), "every event pushed", |_| {
+        delivered_events(&sink).len() >= total
+    })
+    .await;
+    let pushed: Vec<i64> = delivered_events(&sink).iter().map(|e| e.0).collect();
+    assert_eq!(
+        pushed,
+        (1..=total as i64).collect::<Vec<_>>(),
+        "in number order, once"
+    );
+}
