@@ -903,3 +903,61 @@ async fn two_nodes_number_without_gaps_in_commit_order() {
         "in number order, once"
     );
 }
+
+/// The `code` filter matches `code` or `system|code` of a resource in the event; other topics
+/// never see the event.
+#[tokio::test]
+async fn code_filter_and_topic_select_events() {
+    let gw = Gateway::start(&[], "").await;
+    // Endpoints that refuse connections: numbering does not depend on delivery.
+    let hook = "http://127.0.0.1:9/hook";
+    let pulse = created(
+        &gw,
+        &subscription(
+            "measurement",
+            &["code=http://loinc.org|8867-4"],
+            hook,
+            "id-only",
+            None,
+        ),
+    )
+    .await;
+    let bare = created(
+        &gw,
+        &subscription("measurement", &["code=8867-4"], hook, "id-only", None),
+    )
+    .await;
+    let weight = created(
+        &gw,
+        &subscription("measurement", &["code=29463-7"], hook, "id-only", None),
+    )
+    .await;
+    let alarms = created(&gw, &subscription("alarm", &[], hook, "id-only", None)).await;
+    let ev = measure(&gw, PATIENT, "c-1", None).await;
+    let count = |b: &Value| {
+        param(
+            &b["entry"][0]["resource"],
+            "events-since-subscription-start",
+        )["valueString"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    for (id, want) in [(&pulse, "1"), (&bare, "1"), (&weight, "0"), (&alarms, "0")] {
+        let (s, b) = gw.get(&format!("/fhir/Subscription/{id}/$status")).await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(count(&b), want, "{id}: {b}");
+    }
+    let (_, b) = gw.get(&format!("/fhir/Subscription/{pulse}/$events")).await;
+    assert_eq!(events_in(&b), vec![(1, ev)]);
+    // Unreachable endpoints: the handshake failed, so the subscriptions are in error.
+    wait_status(&gw, &pulse, "error").await;
+    let (_, b) = gw.get(&format!("/fhir/Subscription/{pulse}")).await;
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("handshake"),
+        "{b}"
+    );
+}
