@@ -5,7 +5,8 @@
 //! (destinations) → `journal` (durable, group-committed) → `deliver` (per-lane ordered,
 //! at-least-once HTTP). Beside them: `admin` (health, lanes, dead letters, replay), `config`
 //! (raw → validated), `api_error` (every HTTP error as an OperationOutcome), `app` (wiring),
-//! `telemetry` (metrics on `/metrics`, typed events).
+//! `telemetry` (metrics on `/metrics`, typed events), `fhir` (EPJ-facing FHIR R4 API: topic-based
+//! subscriptions with numbered notifications, pull feed).
 
 pub mod deliver;
 pub mod ingest;
