@@ -87,7 +87,7 @@ async fn get_scoped(
     id: &str,
 ) -> Result<SubscriptionRow, ApiError> {
     let row = get_row(state, id).await?;
-    check_tenant_scope(headers, row.tenant.as_deref())
+    check_tenant_scope(headers, row.spec.tenant.as_deref())
         .map_err(|_| ApiError::NotFound(format!("no Subscription {id}")))?;
     Ok(row)
 }
@@ -117,7 +117,7 @@ async fn create(
     let new = subscription::parse(&value, id.clone(), crate::clock::now_ms())?;
     check_tenant_scope(&headers, new.tenant.as_deref())?;
     // The answer is the resource as stored; the handshake may already have changed its status.
-    let body = subscription::render(&subscription::new_row(&new));
+    let body = subscription::render(&SubscriptionRow::new(new.clone()));
     state
         .journal
         .subs(SubsOp::Create(Box::new(new)))
@@ -145,10 +145,10 @@ async fn list(
     };
     let entries: Vec<Value> = rows
         .iter()
-        .filter(|r| check_tenant_scope(&headers, r.tenant.as_deref()).is_ok())
+        .filter(|r| check_tenant_scope(&headers, r.spec.tenant.as_deref()).is_ok())
         .map(|r| {
             json!({
-                "fullUrl": format!("urn:uuid:{}", r.id),
+                "fullUrl": format!("urn:uuid:{}", r.spec.id),
                 "resource": subscription::render(r),
                 "search": { "mode": "match" }
             })
@@ -189,7 +189,7 @@ async fn status_op(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let row = get_scoped(&state, &headers, &id).await?;
-    let st = notify::status(&row, "query-status", &row.status, &[], &row.payload);
+    let st = notify::status(&row, "query-status", &row.status, &[], &row.spec.payload);
     Ok(fhir(
         StatusCode::OK,
         json!({
@@ -236,7 +236,7 @@ async fn events_op(
     let from = number("eventsSinceNumber", q.since.as_deref())?.unwrap_or(1);
     let to = number("eventsUntilNumber", q.until.as_deref())?.unwrap_or(row.events);
     let content = match q.content.as_deref() {
-        None => row.payload.clone(),
+        None => row.spec.payload.clone(),
         Some(c @ ("empty" | "id-only" | "full-resource")) => c.to_string(),
         Some(other) => {
             return Err(ApiError::BadRequest {

@@ -57,8 +57,8 @@ pub fn status(
     content: &str,
 ) -> Value {
     let mut p = vec![
-        json!({ "name": "subscription", "valueReference": { "reference": format!("Subscription/{}", row.id) } }),
-        json!({ "name": "topic", "valueCanonical": format!("{TOPIC_BASE}{}", row.topic) }),
+        json!({ "name": "subscription", "valueReference": { "reference": format!("Subscription/{}", row.spec.id) } }),
+        json!({ "name": "topic", "valueCanonical": format!("{TOPIC_BASE}{}", row.spec.topic) }),
         json!({ "name": "status", "valueCode": status }),
         json!({ "name": "type", "valueCode": kind }),
         json!({ "name": "events-since-subscription-start", "valueString": row.events.to_string() }),
@@ -97,7 +97,7 @@ pub fn bundle(
     let mut entries = vec![json!({
         "fullUrl": format!("urn:uuid:{status_id}"),
         "resource": status(row, kind, st, events, content),
-        "request": { "method": "GET", "url": format!("Subscription/{}/$status", row.id) },
+        "request": { "method": "GET", "url": format!("Subscription/{}/$status", row.spec.id) },
         "response": { "status": "200" }
     })];
     if content != "empty" {
@@ -185,7 +185,7 @@ async fn attempt(
     row: SubscriptionRow,
 ) {
     if let Err(e) = try_attempt(&*journal, &telemetry, &client, &row).await {
-        tracing::warn!(subscription = %row.id, error = %e, "subscription notification not recorded");
+        tracing::warn!(subscription = %row.spec.id, error = %e, "subscription notification not recorded");
     }
 }
 
@@ -199,13 +199,13 @@ async fn try_attempt(
     let (kind, events) = if !row.handshake_done {
         ("handshake", Vec::new())
     } else if row.events > row.delivered {
-        let to = row.delivered + i64::from(row.max_count.max(1));
+        let to = row.delivered + i64::from(row.spec.max_count.max(1));
         let out = journal
             .subs_read(SubsRead::Events {
-                id: row.id.clone(),
+                id: row.spec.id.clone(),
                 from: row.delivered + 1,
                 to,
-                limit: row.max_count.max(1) as usize,
+                limit: row.spec.max_count.max(1) as usize,
             })
             .await?;
         let SubsOut::Events(evs) = out else {
@@ -220,13 +220,13 @@ async fn try_attempt(
     } else {
         row.status.as_str()
     };
-    let body = bundle(row, kind, st, &events, &row.payload);
+    let body = bundle(row, kind, st, &events, &row.spec.payload);
     let mut req = client
-        .post(&row.endpoint)
-        .timeout(Duration::from_secs(u64::from(row.timeout_s.max(1))))
+        .post(&row.spec.endpoint)
+        .timeout(Duration::from_secs(u64::from(row.spec.timeout_s.max(1))))
         .header("content-type", "application/fhir+json")
         .body(body.to_string());
-    for h in &row.headers {
+    for h in &row.spec.headers {
         if let Some((n, v)) = h.split_once(':') {
             req = req.header(n.trim(), v.trim());
         }
@@ -256,7 +256,7 @@ async fn try_attempt(
     let outcome = if ok {
         let delivered = events.last().map_or(row.delivered, |e| e.number);
         SubOutcome {
-            id: row.id.clone(),
+            id: row.spec.id.clone(),
             lease_until_ms: row.lease_until_ms,
             status: "active".into(),
             handshake_done: true,
@@ -283,7 +283,7 @@ async fn try_attempt(
             row.status.as_str()
         };
         SubOutcome {
-            id: row.id.clone(),
+            id: row.spec.id.clone(),
             lease_until_ms: row.lease_until_ms,
             status: status.into(),
             handshake_done: row.handshake_done,
@@ -301,7 +301,7 @@ async fn try_attempt(
             }),
         }
     };
-    tracing::debug!(subscription = %row.id, kind, ok, events = events.len(), elapsed_ms = done - now, "notification");
+    tracing::debug!(subscription = %row.spec.id, kind, ok, events = events.len(), elapsed_ms = done - now, "notification");
     journal
         .subs(SubsOp::Outcome(Box::new(outcome)))
         .await

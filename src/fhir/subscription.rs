@@ -258,39 +258,11 @@ pub fn parse(body: &Value, id: String, now_ms: i64) -> Result<NewSubscription, A
     })
 }
 
-/// A just-created subscription as it is stored: `requested`, nothing numbered or sent yet.
-pub fn new_row(n: &NewSubscription) -> SubscriptionRow {
-    SubscriptionRow {
-        id: n.id.clone(),
-        topic: n.topic.clone(),
-        tenant: n.tenant.clone(),
-        patient: n.patient.clone(),
-        code: n.code.clone(),
-        endpoint: n.endpoint.clone(),
-        payload: n.payload.clone(),
-        heartbeat_s: n.heartbeat_s,
-        timeout_s: n.timeout_s,
-        max_count: n.max_count,
-        headers: n.headers.clone(),
-        resource: n.resource.clone(),
-        status: "requested".into(),
-        events: 0,
-        delivered: 0,
-        handshake_done: false,
-        failures: 0,
-        next_attempt_at_ms: 0,
-        last_sent_at_ms: 0,
-        last_error: None,
-        lease_until_ms: 0,
-        created_at_ms: n.created_at_ms,
-    }
-}
-
 /// The stored resource with the live status (and the last error while in `error`).
 pub fn render(row: &SubscriptionRow) -> Value {
-    let mut r: Value = serde_json::from_str(&row.resource).unwrap_or_else(|_| json!({}));
+    let mut r: Value = serde_json::from_str(&row.spec.resource).unwrap_or_else(|_| json!({}));
     r["resourceType"] = json!("Subscription");
-    r["id"] = json!(row.id);
+    r["id"] = json!(row.spec.id);
     r["status"] = json!(row.status);
     r["meta"] = json!({ "profile": [PROFILE] });
     match (&row.last_error, row.status.as_str()) {

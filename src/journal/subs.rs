@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::normalise::Envelope;
 
 /// A validated subscription, ready to store (`crate::fhir::subscription` parses the resource).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct NewSubscription {
     pub id: String,
     /// Event category the topic stands for (alarm, event, measurement, medication, note).
@@ -43,21 +43,10 @@ pub struct NewSubscription {
     pub created_at_ms: i64,
 }
 
-/// A stored subscription with its delivery state.
+/// A stored subscription: what was accepted, and its delivery state.
 #[derive(Debug, Clone, Serialize)]
 pub struct SubscriptionRow {
-    pub id: String,
-    pub topic: String,
-    pub tenant: Option<String>,
-    pub patient: Option<String>,
-    pub code: Option<String>,
-    pub endpoint: String,
-    pub payload: String,
-    pub heartbeat_s: u32,
-    pub timeout_s: u32,
-    pub max_count: u32,
-    pub headers: Vec<String>,
-    pub resource: String,
+    pub spec: NewSubscription,
     /// requested | active | error
     pub status: String,
     /// Events numbered so far (the last event number).
@@ -72,7 +61,24 @@ pub struct SubscriptionRow {
     pub last_error: Option<String>,
     /// Lease (fencing token) held by the notifier working on it; 0 = free.
     pub lease_until_ms: i64,
-    pub created_at_ms: i64,
+}
+
+impl SubscriptionRow {
+    /// A just-created subscription: `requested`, nothing numbered or sent yet.
+    pub fn new(spec: NewSubscription) -> Self {
+        Self {
+            spec,
+            status: "requested".into(),
+            events: 0,
+            delivered: 0,
+            handshake_done: false,
+            failures: 0,
+            next_attempt_at_ms: 0,
+            last_sent_at_ms: 0,
+            last_error: None,
+            lease_until_ms: 0,
+        }
+    }
 }
 
 /// One numbered event of a subscription.

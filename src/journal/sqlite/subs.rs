@@ -2,7 +2,9 @@
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::journal::subs::{AckState, FeedItem, SubEvent, SubsOut, SubsRead, SubscriptionRow};
+use crate::journal::subs::{
+    AckState, FeedItem, NewSubscription, SubEvent, SubsOut, SubsRead, SubscriptionRow,
+};
 
 /// Version 4: subscriptions, their numbered events, pull-feed acknowledgements. Idempotent (runs
 /// at every start after the version-3 step, which created `audit.chain_seq`).
@@ -56,18 +58,21 @@ pub const SUB_COLS: &str = "id, topic, tenant, patient, code, endpoint, payload,
 pub fn sub_row(r: &Row<'_>) -> Result<SubscriptionRow, rusqlite::Error> {
     let headers: String = r.get(10)?;
     Ok(SubscriptionRow {
-        id: r.get(0)?,
-        topic: r.get(1)?,
-        tenant: r.get(2)?,
-        patient: r.get(3)?,
-        code: r.get(4)?,
-        endpoint: r.get(5)?,
-        payload: r.get(6)?,
-        heartbeat_s: r.get(7)?,
-        timeout_s: r.get(8)?,
-        max_count: r.get(9)?,
-        headers: serde_json::from_str(&headers).unwrap_or_default(),
-        resource: r.get(11)?,
+        spec: NewSubscription {
+            id: r.get(0)?,
+            topic: r.get(1)?,
+            tenant: r.get(2)?,
+            patient: r.get(3)?,
+            code: r.get(4)?,
+            endpoint: r.get(5)?,
+            payload: r.get(6)?,
+            heartbeat_s: r.get(7)?,
+            timeout_s: r.get(8)?,
+            max_count: r.get(9)?,
+            headers: serde_json::from_str(&headers).unwrap_or_default(),
+            resource: r.get(11)?,
+            created_at_ms: r.get(21)?,
+        },
         status: r.get(12)?,
         events: r.get(13)?,
         delivered: r.get(14)?,
@@ -77,7 +82,6 @@ pub fn sub_row(r: &Row<'_>) -> Result<SubscriptionRow, rusqlite::Error> {
         last_sent_at_ms: r.get(18)?,
         last_error: r.get(19)?,
         lease_until_ms: r.get(20)?,
-        created_at_ms: r.get(21)?,
     })
 }
 
