@@ -88,6 +88,7 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
     let watcher = tokio::spawn(watcher.run(stop_rx.clone()));
     let notifier = tokio::spawn(crate::fhir::notify::run(
         Arc::clone(&journal),
+        Arc::clone(&telemetry),
         stop_rx.clone(),
     ));
     let state = Arc::new(AppState {

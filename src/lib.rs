@@ -4,8 +4,10 @@
 //! `ingest` (HTTP, limits) → `normalise` (vendor body → FHIR R4 `Envelope`) → `route`
 //! (destinations) → `journal` (durable, group-committed) → `deliver` (per-lane ordered,
 //! at-least-once HTTP). Beside them: `auth` (API tokens, tenant isolation), `admin` (health,
-//! lanes, dead letters, replay), `config` (raw → validated), `api_error` (every HTTP error as an
-//! OperationOutcome), `app` (wiring), `telemetry` (metrics on `/metrics`, typed events).
+//! lanes, dead letters, replay), `alarm` (escalation, deactivation, no contact), `fhir`
+//! (EPJ-facing FHIR R4 API: topic-based subscriptions with numbered notifications, pull feed),
+//! `config` (raw → validated), `api_error` (every HTTP error as an OperationOutcome), `app`
+//! (wiring), `telemetry` (metrics on `/metrics`, traces, logs, typed events).
 
 pub mod deliver;
 pub mod ingest;

@@ -411,6 +411,29 @@ async fn subscriber_down_then_catches_up_via_events_across_a_restart() {
         (1..=8).collect::<Vec<_>>(),
         "acknowledged pushes: each once, in order"
     );
+
+    // Operators see notifications on /metrics; every series exists from the start.
+    let text = http()
+        .get(format!("{}/metrics", gw.base))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let value = |kind: &str, outcome: &str| -> f64 {
+        text.lines()
+            .find(|l| {
+                l.starts_with("knutepunkt_subscription_notifications_total")
+                    && l.contains(&format!("type=\"{kind}\""))
+                    && l.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert!(value("event-notification", "accepted") >= 1.0, "{text}");
+    assert!(value("handshake", "failed") == 0.0, "{text}");
 }
 
 #[tokio::test]
@@ -704,5 +727,237 @@ async fn fhir_outputs_validate_as_r4() {
     assert!(
         text.contains(&format!("from {} files: 0 error(s)", docs.len())),
         "{text}"
+    );
+}
+
+/// A held (quarantined) event is neither numbered nor in the feed until it is released; then it
+/// is numbered once and enters the feed once, after the events stored meanwhile.
+#[tokio::test]
+async fn quarantined_event_is_numbered_and_fed_at_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let maps = dir.path().join("mappings");
+    std::fs::create_dir_all(&maps).expect("mkdir");
+    let scaip = std::fs::read_to_string(common::repo_path("mappings/scaip.toml")).expect("scaip");
+    let held = scaip
+        .replace("vendor = \"scaip\"", "vendor = \"scaipq\"")
+        .replace(
+            "missing_patient = \"device\"",
+            "missing_patient = \"quarantine\"",
+        );
+    assert!(held.contains("missing_patient = \"quarantine\""));
+    std::fs::write(maps.join("scaipq.toml"), held).expect("write");
+    std::fs::copy(
+        common::repo_path("mappings/fhir-passthrough.toml"),
+        maps.join("fhir-passthrough.toml"),
+    )
+    .expect("copy");
+    let storage = common::storage_section(dir.path()).await;
+    let cfg = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_s = 1\n[mappings]\ndir = {:?}\n{storage}",
+        maps.display().to_string()
+    );
+    let gw = Gateway::start_with_config(dir, &cfg).await;
+    let sink = Sink::start(Mode::Ok).await;
+    let id = created(&gw, &subscription("alarm", &[], &sink.url, "id-only", None)).await;
+    sink.wait_for(Duration::from_secs(10), "handshake", |r| {
+        of_kind(r, "handshake") == 1
+    })
+    .await;
+
+    let xml =
+        "<mrq><ref>Q1</ref><mty>ME</mty><cid>4711002</cid><dty>0004</dty><stc>0010</stc></mrq>";
+    let resp = http()
+        .post(format!("{}/v1/vendors/scaipq/events", gw.base))
+        .header("content-type", "application/scaip+xml")
+        .body(xml)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status().as_u16(), 202);
+    let b: Value = resp.json().await.expect("json");
+    assert_eq!(b["status"], "quarantined", "{b}");
+    let held_id = b["id"].as_str().expect("id").to_string();
+    let (_, page) = gw.get("/fhir/Bundle").await;
+    assert!(
+        page["entry"].as_array().is_none_or(Vec::is_empty),
+        "held: not in the feed: {page}"
+    );
+    let cursor = page["link"][0]["url"].as_str().expect("next").to_string();
+
+    // An alarm stored meanwhile gets number 1 and the next feed position.
+    let (s, b) = gw.post(&common::alarm(PATIENT, "dev-9", "a-1")).await;
+    assert_eq!(s, 202, "{b}");
+    let direct = b["id"].as_str().expect("id").to_string();
+
+    let resp = http()
+        .post(format!("{}/v1/admin/devices/scaipq/4711002/assignments", gw.base))
+        .header("content-type", "application/json")
+        .body(json!({ "patient_id": PATIENT, "tenant": "5001", "valid_from": "2000-01-01T00:00:00Z" }).to_string())
+        .send()
+        .await
+        .expect("assign");
+    assert_eq!(resp.status().as_u16(), 201);
+    let (s, b) = gw
+        .post_admin(&format!("/v1/admin/quarantine/{held_id}/replay"))
+        .await;
+    assert_eq!((s, b["status"].clone()), (200, json!("released")), "{b}");
+
+    let (_, ev) = gw.get(&format!("/fhir/Subscription/{id}/$events")).await;
+    assert_eq!(
+        events_in(&ev),
+        vec![(1, direct.clone()), (2, held_id.clone())]
+    );
+    let (_, page) = gw.get(&format!("/fhir/{cursor}")).await;
+    let ids: Vec<&str> = page["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["resource"]["id"].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![direct.as_str(), held_id.as_str()],
+        "once each, in commit order"
+    );
+    let (_, all) = gw.get("/fhir/Bundle").await;
+    assert_eq!(all["entry"].as_array().map(Vec::len), Some(2), "{all}");
+}
+
+/// PostgreSQL, two nodes with two writers each: events of four patients posted concurrently to
+/// both nodes are numbered 1..n without gaps or repeats, each patient's events in acknowledgement
+/// order, and pushed once each in number order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_number_without_gaps_in_commit_order() {
+    if !common::on_postgres() {
+        eprintln!("skipped: PostgreSQL only (KNUTEPUNKT_TEST_STORAGE=postgres)");
+        return;
+    }
+    let url = common::fresh_database().await;
+    let cfg = format!(
+        "{}\n[storage]\nkind = \"postgres\"\nurl = {url:?}\nlease_s = 4\nwriters = 2\n",
+        common::config_text(&[], "")
+    );
+    let a = Gateway::start_with_config(tempfile::tempdir().expect("tempdir"), &cfg).await;
+    let b = Gateway::start_with_config(tempfile::tempdir().expect("tempdir"), &cfg).await;
+    let sink = Sink::start(Mode::Ok).await;
+    let id = created(
+        &a,
+        &subscription("measurement", &[], &sink.url, "id-only", None),
+    )
+    .await;
+    sink.wait_for(Duration::from_secs(10), "handshake", |r| {
+        of_kind(r, "handshake") == 1
+    })
+    .await;
+
+    const PER: usize = 10;
+    let patients = ["13097248022", "01017012345", "24068012345", "15057512345"];
+    let mut tasks = tokio::task::JoinSet::new();
+    let nodes = std::sync::Arc::new([a, b]);
+    for (k, p) in patients.iter().enumerate() {
+        let nodes = std::sync::Arc::clone(&nodes);
+        let p = p.to_string();
+        tasks.spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..PER {
+                // Alternate nodes: a patient's next event goes to the other node after the ack.
+                let gw = &nodes[(k + i) % 2];
+                acked.push(measure(gw, &p, &format!("mn-{k}-{i}"), None).await);
+            }
+            (p, acked)
+        });
+    }
+    let mut order: Vec<(String, Vec<String>)> = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        order.push(r.expect("task"));
+    }
+    let total = patients.len() * PER;
+    let (s, ev) = nodes[1]
+        .get(&format!("/fhir/Subscription/{id}/$events"))
+        .await;
+    assert_eq!(s, 200, "{ev}");
+    let numbered = events_in(&ev);
+    assert_eq!(
+        numbered.iter().map(|e| e.0).collect::<Vec<_>>(),
+        (1..=total as i64).collect::<Vec<_>>(),
+        "gap-free, each number once"
+    );
+    let position: std::collections::HashMap<&str, i64> =
+        numbered.iter().map(|(n, e)| (e.as_str(), *n)).collect();
+    assert_eq!(position.len(), total, "each event numbered once");
+    for (p, acked) in &order {
+        let nums: Vec<i64> = acked.iter().map(|e| position[e.as_str()]).collect();
+        assert!(
+            nums.windows(2).all(|w| w[0] < w[1]),
+            "patient {p}: {nums:?}"
+        );
+    }
+    sink.wait_for(Duration::from_secs(30), "every event pushed", |_| {
+        delivered_events(&sink).len() >= total
+    })
+    .await;
+    let pushed: Vec<i64> = delivered_events(&sink).iter().map(|e| e.0).collect();
+    assert_eq!(
+        pushed,
+        (1..=total as i64).collect::<Vec<_>>(),
+        "in number order, once"
+    );
+}
+
+/// The `code` filter matches `code` or `system|code` of a resource in the event; other topics
+/// never see the event.
+#[tokio::test]
+async fn code_filter_and_topic_select_events() {
+    let gw = Gateway::start(&[], "").await;
+    // Endpoints that refuse connections: numbering does not depend on delivery.
+    let hook = "http://127.0.0.1:9/hook";
+    let pulse = created(
+        &gw,
+        &subscription(
+            "measurement",
+            &["code=http://loinc.org|8867-4"],
+            hook,
+            "id-only",
+            None,
+        ),
+    )
+    .await;
+    let bare = created(
+        &gw,
+        &subscription("measurement", &["code=8867-4"], hook, "id-only", None),
+    )
+    .await;
+    let weight = created(
+        &gw,
+        &subscription("measurement", &["code=29463-7"], hook, "id-only", None),
+    )
+    .await;
+    let alarms = created(&gw, &subscription("alarm", &[], hook, "id-only", None)).await;
+    let ev = measure(&gw, PATIENT, "c-1", None).await;
+    let count = |b: &Value| {
+        param(
+            &b["entry"][0]["resource"],
+            "events-since-subscription-start",
+        )["valueString"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    for (id, want) in [(&pulse, "1"), (&bare, "1"), (&weight, "0"), (&alarms, "0")] {
+        let (s, b) = gw.get(&format!("/fhir/Subscription/{id}/$status")).await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(count(&b), want, "{id}: {b}");
+    }
+    let (_, b) = gw.get(&format!("/fhir/Subscription/{pulse}/$events")).await;
+    assert_eq!(events_in(&b), vec![(1, ev)]);
+    // Unreachable endpoints: the handshake failed, so the subscriptions are in error.
+    wait_status(&gw, &pulse, "error").await;
+    let (_, b) = gw.get(&format!("/fhir/Subscription/{pulse}")).await;
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("handshake"),
+        "{b}"
     );
 }

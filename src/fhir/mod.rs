@@ -53,9 +53,10 @@ pub(crate) fn journal_error(state: &AppState, e: crate::journal::JournalError) -
     ApiError::from_journal(e, state.ingest.retry_after_s)
 }
 
-/// Tenant hook: which municipalities the caller may subscribe to or read. Today every caller
-/// may use every tenant; the tenant-filtering change restricts it here (a subscription without
-/// a `municipality` filter must then be refused or narrowed to the caller's tenants).
+/// Tenant hook: whether the caller may use `tenant` (a subscription's `municipality` filter, or
+/// the feed's; `None` = every municipality). Today every caller may use every tenant; the
+/// tenant-filtering change restricts it here. Create and the feed refuse with its error; reads,
+/// `$status`, `$events`, delete and the list hide subscriptions outside the caller's tenants.
 pub(crate) fn check_tenant_scope(
     _headers: &HeaderMap,
     _tenant: Option<&str>,
@@ -77,6 +78,18 @@ async fn topic_read(Path(name): Path<String>) -> Result<Response, ApiError> {
         .parse()
         .map_err(|_| ApiError::NotFound(format!("no SubscriptionTopic {name:?}")))?;
     Ok(fhir(StatusCode::OK, topics::topic(c)))
+}
+
+/// A subscription the caller may see (tenant hook), else `NotFound` like an unknown id.
+async fn get_scoped(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<SubscriptionRow, ApiError> {
+    let row = get_row(state, id).await?;
+    check_tenant_scope(headers, row.spec.tenant.as_deref())
+        .map_err(|_| ApiError::NotFound(format!("no Subscription {id}")))?;
+    Ok(row)
 }
 
 async fn get_row(state: &AppState, id: &str) -> Result<SubscriptionRow, ApiError> {
@@ -103,21 +116,25 @@ async fn create(
     let id = uuid::Uuid::now_v7().to_string();
     let new = subscription::parse(&value, id.clone(), crate::clock::now_ms())?;
     check_tenant_scope(&headers, new.tenant.as_deref())?;
+    // The answer is the resource as stored; the handshake may already have changed its status.
+    let body = subscription::render(&SubscriptionRow::new(new.clone()));
     state
         .journal
         .subs(SubsOp::Create(Box::new(new)))
         .await
         .map_err(|e| journal_error(&state, e))?;
     notify::WAKE.notify_one();
-    let row = get_row(&state, &id).await?;
-    let mut resp = fhir(StatusCode::CREATED, subscription::render(&row));
+    let mut resp = fhir(StatusCode::CREATED, body);
     if let Ok(v) = HeaderValue::from_str(&format!("Subscription/{id}")) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
     Ok(resp)
 }
 
-async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let SubsOut::Subs(rows) = state
         .journal
         .subs_read(SubsRead::List)
@@ -128,9 +145,10 @@ async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> 
     };
     let entries: Vec<Value> = rows
         .iter()
+        .filter(|r| check_tenant_scope(&headers, r.spec.tenant.as_deref()).is_ok())
         .map(|r| {
             json!({
-                "fullUrl": format!("urn:uuid:{}", r.id),
+                "fullUrl": format!("urn:uuid:{}", r.spec.id),
                 "resource": subscription::render(r),
                 "search": { "mode": "match" }
             })
@@ -144,16 +162,19 @@ async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> 
 
 async fn read(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let row = get_row(&state, &id).await?;
+    let row = get_scoped(&state, &headers, &id).await?;
     Ok(fhir(StatusCode::OK, subscription::render(&row)))
 }
 
 async fn delete(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    get_scoped(&state, &headers, &id).await?;
     state
         .journal
         .subs(SubsOp::Delete(id))
@@ -164,10 +185,11 @@ async fn delete(
 
 async fn status_op(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let row = get_row(&state, &id).await?;
-    let st = notify::status(&row, "query-status", &row.status, &[], &row.payload);
+    let row = get_scoped(&state, &headers, &id).await?;
+    let st = notify::status(&row, "query-status", &row.status, &[], &row.spec.payload);
     Ok(fhir(
         StatusCode::OK,
         json!({
@@ -206,14 +228,15 @@ fn number(field: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
 /// Replays numbered events straight from the journal: what a subscriber missed while down.
 async fn events_op(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
-    let row = get_row(&state, &id).await?;
+    let row = get_scoped(&state, &headers, &id).await?;
     let from = number("eventsSinceNumber", q.since.as_deref())?.unwrap_or(1);
     let to = number("eventsUntilNumber", q.until.as_deref())?.unwrap_or(row.events);
     let content = match q.content.as_deref() {
-        None => row.payload.clone(),
+        None => row.spec.payload.clone(),
         Some(c @ ("empty" | "id-only" | "full-resource")) => c.to_string(),
         Some(other) => {
             return Err(ApiError::BadRequest {

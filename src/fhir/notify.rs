@@ -18,6 +18,7 @@ use super::topics::TOPIC_BASE;
 use crate::config::RetryConfig;
 use crate::journal::subs::{SubEvent, SubOutcome, SubsOp, SubsOut, SubsRead, SubscriptionRow};
 use crate::journal::{Journal, JournalError};
+use crate::telemetry::{Telemetry, kv};
 
 pub const STATUS_PROFILE: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4";
 /// Consecutive failed notifications after which an active subscription turns `error`.
@@ -29,7 +30,8 @@ const POLL: Duration = Duration::from_millis(200);
 const LEASE_MS: i64 = 5_000;
 const CLAIM_LIMIT: usize = 32;
 
-/// Woken when a subscription is created (so the handshake goes out at once).
+/// Woken when an event is stored or a subscription created, so notifications go out at once
+/// (the poll is the fallback, e.g. for other nodes' events). Wake-ups coalesce into one claim.
 pub static WAKE: Notify = Notify::const_new();
 
 /// Retry schedule of notifications: the delivery backoff with a 30 s cap, never giving up
@@ -55,8 +57,8 @@ pub fn status(
     content: &str,
 ) -> Value {
     let mut p = vec![
-        json!({ "name": "subscription", "valueReference": { "reference": format!("Subscription/{}", row.id) } }),
-        json!({ "name": "topic", "valueCanonical": format!("{TOPIC_BASE}{}", row.topic) }),
+        json!({ "name": "subscription", "valueReference": { "reference": format!("Subscription/{}", row.spec.id) } }),
+        json!({ "name": "topic", "valueCanonical": format!("{TOPIC_BASE}{}", row.spec.topic) }),
         json!({ "name": "status", "valueCode": status }),
         json!({ "name": "type", "valueCode": kind }),
         json!({ "name": "events-since-subscription-start", "valueString": row.events.to_string() }),
@@ -95,7 +97,7 @@ pub fn bundle(
     let mut entries = vec![json!({
         "fullUrl": format!("urn:uuid:{status_id}"),
         "resource": status(row, kind, st, events, content),
-        "request": { "method": "GET", "url": format!("Subscription/{}/$status", row.id) },
+        "request": { "method": "GET", "url": format!("Subscription/{}/$status", row.spec.id) },
         "response": { "status": "200" }
     })];
     if content != "empty" {
@@ -121,7 +123,11 @@ pub fn bundle(
 }
 
 /// Runs until `stop`: claims due subscriptions and notifies each (one attempt at a time each).
-pub async fn run(journal: Arc<dyn Journal>, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    journal: Arc<dyn Journal>,
+    telemetry: Arc<Telemetry>,
+    mut stop: watch::Receiver<bool>,
+) {
     let client = match reqwest::Client::builder().build() {
         Ok(c) => c,
         Err(e) => {
@@ -129,6 +135,14 @@ pub async fn run(journal: Arc<dyn Journal>, mut stop: watch::Receiver<bool>) {
             return;
         }
     };
+    // Every series exists from the start, so rates and alerts work before the first failure.
+    for kind in ["handshake", "heartbeat", "event-notification"] {
+        for outcome in ["accepted", "failed"] {
+            telemetry
+                .subscription_notifications
+                .add(0, &[kv("type", kind), kv("outcome", outcome)]);
+        }
+    }
     let mut attempts = JoinSet::new();
     loop {
         let claimed = journal
@@ -141,7 +155,12 @@ pub async fn run(journal: Arc<dyn Journal>, mut stop: watch::Receiver<bool>) {
         match claimed {
             Ok(SubsOut::Subs(rows)) => {
                 for row in rows {
-                    attempts.spawn(attempt(Arc::clone(&journal), client.clone(), row));
+                    attempts.spawn(attempt(
+                        Arc::clone(&journal),
+                        Arc::clone(&telemetry),
+                        client.clone(),
+                        row,
+                    ));
                 }
             }
             Ok(_) => {}
@@ -159,14 +178,20 @@ pub async fn run(journal: Arc<dyn Journal>, mut stop: watch::Receiver<bool>) {
     attempts.shutdown().await;
 }
 
-async fn attempt(journal: Arc<dyn Journal>, client: reqwest::Client, row: SubscriptionRow) {
-    if let Err(e) = try_attempt(&*journal, &client, &row).await {
-        tracing::warn!(subscription = %row.id, error = %e, "subscription notification not recorded");
+async fn attempt(
+    journal: Arc<dyn Journal>,
+    telemetry: Arc<Telemetry>,
+    client: reqwest::Client,
+    row: SubscriptionRow,
+) {
+    if let Err(e) = try_attempt(&*journal, &telemetry, &client, &row).await {
+        tracing::warn!(subscription = %row.spec.id, error = %e, "subscription notification not recorded");
     }
 }
 
 async fn try_attempt(
     journal: &dyn Journal,
+    telemetry: &Telemetry,
     client: &reqwest::Client,
     row: &SubscriptionRow,
 ) -> Result<(), JournalError> {
@@ -174,13 +199,13 @@ async fn try_attempt(
     let (kind, events) = if !row.handshake_done {
         ("handshake", Vec::new())
     } else if row.events > row.delivered {
-        let to = row.delivered + i64::from(row.max_count.max(1));
+        let to = row.delivered + i64::from(row.spec.max_count.max(1));
         let out = journal
             .subs_read(SubsRead::Events {
-                id: row.id.clone(),
+                id: row.spec.id.clone(),
                 from: row.delivered + 1,
                 to,
-                limit: row.max_count.max(1) as usize,
+                limit: row.spec.max_count.max(1) as usize,
             })
             .await?;
         let SubsOut::Events(evs) = out else {
@@ -195,13 +220,13 @@ async fn try_attempt(
     } else {
         row.status.as_str()
     };
-    let body = bundle(row, kind, st, &events, &row.payload);
+    let body = bundle(row, kind, st, &events, &row.spec.payload);
     let mut req = client
-        .post(&row.endpoint)
-        .timeout(Duration::from_secs(u64::from(row.timeout_s.max(1))))
+        .post(&row.spec.endpoint)
+        .timeout(Duration::from_secs(u64::from(row.spec.timeout_s.max(1))))
         .header("content-type", "application/fhir+json")
         .body(body.to_string());
-    for h in &row.headers {
+    for h in &row.spec.headers {
         if let Some((n, v)) = h.split_once(':') {
             req = req.header(n.trim(), v.trim());
         }
@@ -221,10 +246,17 @@ async fn try_attempt(
         Err(e) => (false, Some(format!("{kind}: {}", transport_error(e))), None),
     };
     let done = crate::clock::now_ms();
+    telemetry.subscription_notifications.add(
+        1,
+        &[
+            kv("type", kind),
+            kv("outcome", if ok { "accepted" } else { "failed" }),
+        ],
+    );
     let outcome = if ok {
         let delivered = events.last().map_or(row.delivered, |e| e.number);
         SubOutcome {
-            id: row.id.clone(),
+            id: row.spec.id.clone(),
             lease_until_ms: row.lease_until_ms,
             status: "active".into(),
             handshake_done: true,
@@ -251,7 +283,7 @@ async fn try_attempt(
             row.status.as_str()
         };
         SubOutcome {
-            id: row.id.clone(),
+            id: row.spec.id.clone(),
             lease_until_ms: row.lease_until_ms,
             status: status.into(),
             handshake_done: row.handshake_done,
@@ -269,7 +301,7 @@ async fn try_attempt(
             }),
         }
     };
-    tracing::debug!(subscription = %row.id, kind, ok, events = events.len(), elapsed_ms = done - now, "notification");
+    tracing::debug!(subscription = %row.spec.id, kind, ok, events = events.len(), elapsed_ms = done - now, "notification");
     journal
         .subs(SubsOp::Outcome(Box::new(outcome)))
         .await

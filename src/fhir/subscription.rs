@@ -260,9 +260,9 @@ pub fn parse(body: &Value, id: String, now_ms: i64) -> Result<NewSubscription, A
 
 /// The stored resource with the live status (and the last error while in `error`).
 pub fn render(row: &SubscriptionRow) -> Value {
-    let mut r: Value = serde_json::from_str(&row.resource).unwrap_or_else(|_| json!({}));
+    let mut r: Value = serde_json::from_str(&row.spec.resource).unwrap_or_else(|_| json!({}));
     r["resourceType"] = json!("Subscription");
-    r["id"] = json!(row.id);
+    r["id"] = json!(row.spec.id);
     r["status"] = json!(row.status);
     r["meta"] = json!({ "profile": [PROFILE] });
     match (&row.last_error, row.status.as_str()) {

@@ -307,6 +307,7 @@ async fn ingest_inner(
             for d in &dests {
                 state.wakers.wake(d);
             }
+            crate::fhir::notify::WAKE.notify_one();
             let location = format!("/v1/admin/events/{id}");
             tagged(
                 IngestOutcome::Stored,

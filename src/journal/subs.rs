@@ -8,15 +8,19 @@
 //! Delivery (`crate::fhir::notify`) sends numbers in order and records the highest acknowledged
 //! one (`delivered`), so a restart resumes exactly where the subscriber stopped acknowledging.
 //!
+//! An event held in quarantine is numbered when it is released (with its new mapping), not when
+//! it is held.
+//!
 //! Pull feed: events in commit order, the cursor being the audit-chain position of the event's
-//! `stored` record (positions are handed out in commit order on both backends).
+//! `stored` record, or of its `released` record for an event that was held in quarantine
+//! (positions are handed out in commit order on both backends).
 
 use serde::Serialize;
 
-use crate::journal::NewEvent;
+use crate::normalise::Envelope;
 
 /// A validated subscription, ready to store (`crate::fhir::subscription` parses the resource).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct NewSubscription {
     pub id: String,
     /// Event category the topic stands for (alarm, event, measurement, medication, note).
@@ -39,21 +43,10 @@ pub struct NewSubscription {
     pub created_at_ms: i64,
 }
 
-/// A stored subscription with its delivery state.
+/// A stored subscription: what was accepted, and its delivery state.
 #[derive(Debug, Clone, Serialize)]
 pub struct SubscriptionRow {
-    pub id: String,
-    pub topic: String,
-    pub tenant: Option<String>,
-    pub patient: Option<String>,
-    pub code: Option<String>,
-    pub endpoint: String,
-    pub payload: String,
-    pub heartbeat_s: u32,
-    pub timeout_s: u32,
-    pub max_count: u32,
-    pub headers: Vec<String>,
-    pub resource: String,
+    pub spec: NewSubscription,
     /// requested | active | error
     pub status: String,
     /// Events numbered so far (the last event number).
@@ -68,7 +61,24 @@ pub struct SubscriptionRow {
     pub last_error: Option<String>,
     /// Lease (fencing token) held by the notifier working on it; 0 = free.
     pub lease_until_ms: i64,
-    pub created_at_ms: i64,
+}
+
+impl SubscriptionRow {
+    /// A just-created subscription: `requested`, nothing numbered or sent yet.
+    pub fn new(spec: NewSubscription) -> Self {
+        Self {
+            spec,
+            status: "requested".into(),
+            events: 0,
+            delivered: 0,
+            handshake_done: false,
+            failures: 0,
+            next_attempt_at_ms: 0,
+            last_sent_at_ms: 0,
+            last_error: None,
+            lease_until_ms: 0,
+        }
+    }
 }
 
 /// One numbered event of a subscription.
@@ -187,8 +197,7 @@ pub struct MatchFacts {
 }
 
 impl MatchFacts {
-    pub fn of(ev: &NewEvent) -> Self {
-        let env = &ev.envelope;
+    pub fn of(env: &Envelope) -> Self {
         Self {
             topic: env.category.as_str(),
             tenant: env.tenant.clone(),

@@ -237,10 +237,20 @@ metric!(
     [],
     "No-contact alarms raised for devices silent longer than their vendor's no_contact.heartbeat_s"
 );
+metric!(
+    SUBSCRIPTION_NOTIFICATIONS,
+    "knutepunkt.subscription.notifications",
+    "{notification}",
+    "knutepunkt_subscription_notifications_total",
+    Counter,
+    ["type", "outcome"],
+    "FHIR subscription notifications sent, by type (handshake, heartbeat, event-notification) and outcome (accepted: 2xx, failed)"
+);
 
 /// Every exported metric (the `/metrics` names are checked against this list in tests).
 pub const ALL: &[MetricDef] = &[
     INGEST_REQUESTS,
+    SUBSCRIPTION_NOTIFICATIONS,
     EVENTS_STORED,
     DELIVERY_ATTEMPTS,
     DEAD_LETTERS,

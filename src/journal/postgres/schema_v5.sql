@@ -38,4 +38,4 @@ CREATE TABLE IF NOT EXISTS feed_acks (
     reason     TEXT,
     updated_at BIGINT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS audit_stored ON audit(chain_seq) WHERE kind = 'stored';
+CREATE INDEX IF NOT EXISTS audit_feed ON audit(chain_seq) WHERE kind IN ('stored', 'released');

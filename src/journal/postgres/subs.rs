@@ -4,7 +4,9 @@ use tokio_postgres::GenericClient;
 use tokio_postgres::Row;
 
 use crate::journal::JournalError;
-use crate::journal::subs::{AckState, FeedItem, SubEvent, SubsOut, SubsRead, SubscriptionRow};
+use crate::journal::subs::{
+    AckState, FeedItem, NewSubscription, SubEvent, SubsOut, SubsRead, SubscriptionRow,
+};
 
 /// The columns `sub_row` decodes, in order.
 pub const SUB_COLS: &str = "id, topic, tenant, patient, code, endpoint, payload, heartbeat_s,
@@ -14,18 +16,21 @@ pub const SUB_COLS: &str = "id, topic, tenant, patient, code, endpoint, payload,
 pub fn sub_row(r: &Row) -> SubscriptionRow {
     let headers: String = r.get(10);
     SubscriptionRow {
-        id: r.get(0),
-        topic: r.get(1),
-        tenant: r.get(2),
-        patient: r.get(3),
-        code: r.get(4),
-        endpoint: r.get(5),
-        payload: r.get(6),
-        heartbeat_s: r.get::<_, i64>(7) as u32,
-        timeout_s: r.get::<_, i64>(8) as u32,
-        max_count: r.get::<_, i64>(9) as u32,
-        headers: serde_json::from_str(&headers).unwrap_or_default(),
-        resource: r.get(11),
+        spec: NewSubscription {
+            id: r.get(0),
+            topic: r.get(1),
+            tenant: r.get(2),
+            patient: r.get(3),
+            code: r.get(4),
+            endpoint: r.get(5),
+            payload: r.get(6),
+            heartbeat_s: r.get::<_, i64>(7) as u32,
+            timeout_s: r.get::<_, i64>(8) as u32,
+            max_count: r.get::<_, i64>(9) as u32,
+            headers: serde_json::from_str(&headers).unwrap_or_default(),
+            resource: r.get(11),
+            created_at_ms: r.get(21),
+        },
         status: r.get(12),
         events: r.get(13),
         delivered: r.get(14),
@@ -35,7 +40,6 @@ pub fn sub_row(r: &Row) -> SubscriptionRow {
         last_sent_at_ms: r.get(18),
         last_error: r.get(19),
         lease_until_ms: r.get(20),
-        created_at_ms: r.get(21),
     }
 }
 
@@ -92,10 +96,11 @@ pub async fn read(c: &impl GenericClient, q: SubsRead) -> Result<SubsOut, Journa
                         coalesce(f.state, 'registered')
                  FROM audit a JOIN events e ON e.id = a.event_id
                  LEFT JOIN feed_acks f ON f.event_id = e.id
-                 WHERE a.kind = 'stored' AND a.chain_seq > $1
+                 WHERE a.kind IN ('stored', 'released') AND a.chain_seq > $1
                    AND ($2::TEXT IS NULL OR e.tenant = $2)
-                   AND NOT EXISTS (SELECT 1 FROM quarantine q
-                                   WHERE q.event_id = e.id AND q.released_at IS NULL)
+                   -- A held event enters the feed at its release, once.
+                   AND (a.kind = 'released' OR NOT EXISTS (SELECT 1 FROM quarantine q
+                                                            WHERE q.event_id = e.id))
                  ORDER BY a.chain_seq LIMIT $3",
                 &[&after, &tenant, &(limit as i64)],
             )

@@ -425,7 +425,7 @@ async fn append(tx: &Transaction<'_>, s: &Stmts, ev: &NewEvent) -> Result<Append
     ]);
     // One statement stores the event, its deliveries, their lanes and the audit rows.
     if tx.query_opt(&s.append_event, &params).await?.is_some() {
-        subs::on_append(tx, s, ev, now).await?;
+        subs::on_append(tx, s, &ev.envelope, now).await?;
         return Ok(Appended::Stored { id: env.id.clone() });
     }
     // Another transaction stored the same vendor event first (ON CONFLICT DO NOTHING).

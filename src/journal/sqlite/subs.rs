@@ -2,7 +2,9 @@
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::journal::subs::{AckState, FeedItem, SubEvent, SubsOut, SubsRead, SubscriptionRow};
+use crate::journal::subs::{
+    AckState, FeedItem, NewSubscription, SubEvent, SubsOut, SubsRead, SubscriptionRow,
+};
 
 /// Version 4: subscriptions, their numbered events, pull-feed acknowledgements. Idempotent (runs
 /// at every start after the version-3 step, which created `audit.chain_seq`).
@@ -45,7 +47,7 @@ pub const SCHEMA_V5: &str = "
         reason     TEXT,
         updated_at INTEGER NOT NULL
     ) WITHOUT ROWID;
-    CREATE INDEX IF NOT EXISTS audit_stored ON audit(chain_seq) WHERE kind = 'stored';
+    CREATE INDEX IF NOT EXISTS audit_feed ON audit(chain_seq) WHERE kind IN ('stored', 'released');
 ";
 
 /// The columns `sub_row` decodes, in order.
@@ -56,18 +58,21 @@ pub const SUB_COLS: &str = "id, topic, tenant, patient, code, endpoint, payload,
 pub fn sub_row(r: &Row<'_>) -> Result<SubscriptionRow, rusqlite::Error> {
     let headers: String = r.get(10)?;
     Ok(SubscriptionRow {
-        id: r.get(0)?,
-        topic: r.get(1)?,
-        tenant: r.get(2)?,
-        patient: r.get(3)?,
-        code: r.get(4)?,
-        endpoint: r.get(5)?,
-        payload: r.get(6)?,
-        heartbeat_s: r.get(7)?,
-        timeout_s: r.get(8)?,
-        max_count: r.get(9)?,
-        headers: serde_json::from_str(&headers).unwrap_or_default(),
-        resource: r.get(11)?,
+        spec: NewSubscription {
+            id: r.get(0)?,
+            topic: r.get(1)?,
+            tenant: r.get(2)?,
+            patient: r.get(3)?,
+            code: r.get(4)?,
+            endpoint: r.get(5)?,
+            payload: r.get(6)?,
+            heartbeat_s: r.get(7)?,
+            timeout_s: r.get(8)?,
+            max_count: r.get(9)?,
+            headers: serde_json::from_str(&headers).unwrap_or_default(),
+            resource: r.get(11)?,
+            created_at_ms: r.get(21)?,
+        },
         status: r.get(12)?,
         events: r.get(13)?,
         delivered: r.get(14)?,
@@ -77,7 +82,6 @@ pub fn sub_row(r: &Row<'_>) -> Result<SubscriptionRow, rusqlite::Error> {
         last_sent_at_ms: r.get(18)?,
         last_error: r.get(19)?,
         lease_until_ms: r.get(20)?,
-        created_at_ms: r.get(21)?,
     })
 }
 
@@ -129,10 +133,11 @@ pub fn read(c: &Connection, q: SubsRead) -> Result<SubsOut, rusqlite::Error> {
                         coalesce(f.state, 'registered')
                  FROM audit a JOIN events e ON e.id = a.event_id
                  LEFT JOIN feed_acks f ON f.event_id = e.id
-                 WHERE a.kind = 'stored' AND a.chain_seq > ?1
+                 WHERE a.kind IN ('stored', 'released') AND a.chain_seq > ?1
                    AND (?2 IS NULL OR e.tenant = ?2)
-                   AND NOT EXISTS (SELECT 1 FROM quarantine q
-                                   WHERE q.event_id = e.id AND q.released_at IS NULL)
+                   -- A held event enters the feed at its release, once.
+                   AND (a.kind = 'released' OR NOT EXISTS (SELECT 1 FROM quarantine q
+                                                            WHERE q.event_id = e.id))
                  ORDER BY a.chain_seq LIMIT ?3",
             )?;
             let rows = stmt.query_map(params![after, tenant, limit as i64], |r| {

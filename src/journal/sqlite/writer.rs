@@ -189,7 +189,7 @@ fn append(c: &Connection, ev: &NewEvent) -> Result<Appended, JournalError> {
         Stored::Duplicate(id) => return Ok(Appended::Duplicate { id }),
     };
     route(c, seq, ev, now)?;
-    subs::on_append(c, ev, now)?;
+    subs::on_append(c, &ev.envelope, now)?;
     Ok(Appended::Stored {
         id: ev.envelope.id.clone(),
     })

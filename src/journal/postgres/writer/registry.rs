@@ -327,6 +327,7 @@ async fn release(tx: &Transaction<'_>, s: &Stmts, r: &Release) -> Result<(), Jou
         },
     )
     .await?;
+    super::subs::on_append(tx, s, env, now).await?;
     for dest in &r.destinations {
         enqueue(tx, s, seq, &env.id, dest, class, &env.key, now).await?;
     }

@@ -5,10 +5,11 @@
 use tokio_postgres::Transaction;
 
 use super::{Stmts, audit};
+use crate::journal::JournalError;
 use crate::journal::command::AuditRow;
 use crate::journal::postgres::subs::{SUB_COLS, sub_row};
 use crate::journal::subs::{MatchFacts, NewSubscription, SubOutcome, SubsOp, SubsOut};
-use crate::journal::{JournalError, NewEvent};
+use crate::normalise::Envelope;
 
 /// Prepared once per writer connection (`Stmts::subs_number`).
 pub const NUMBER_SQL: &str = "WITH s AS (
@@ -23,20 +24,13 @@ pub const NUMBER_SQL: &str = "WITH s AS (
 pub async fn on_append(
     tx: &Transaction<'_>,
     s: &Stmts,
-    ev: &NewEvent,
+    env: &Envelope,
     now: i64,
 ) -> Result<(), JournalError> {
-    let f = MatchFacts::of(ev);
+    let f = MatchFacts::of(env);
     tx.execute(
         &s.subs_number,
-        &[
-            &f.topic,
-            &f.tenant,
-            &f.patient,
-            &f.codes,
-            &ev.envelope.id,
-            &now,
-        ],
+        &[&f.topic, &f.tenant, &f.patient, &f.codes, &env.id, &now],
     )
     .await?;
     Ok(())

@@ -243,5 +243,6 @@ fn release(c: &Connection, r: &Release) -> Result<(), JournalError> {
             ..Default::default()
         },
     )?;
+    super::subs::on_append(c, env, now)?;
     route_to(c, seq, env, &r.destinations, &r.routes, now)
 }

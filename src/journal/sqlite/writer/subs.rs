@@ -3,10 +3,11 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::audit;
+use crate::journal::JournalError;
 use crate::journal::command::AuditRow;
 use crate::journal::sqlite::subs::{SUB_COLS, sub_row};
 use crate::journal::subs::{MatchFacts, NewSubscription, SubOutcome, SubsOp, SubsOut};
-use crate::journal::{JournalError, NewEvent};
+use crate::normalise::Envelope;
 
 /// The filter every numbering statement shares (`?1` topic, `?2` tenant, `?3` patient, `?4` the
 /// event's codes as a JSON array).
@@ -16,27 +17,20 @@ const MATCH: &str = "topic = ?1 AND (tenant IS NULL OR tenant = ?2)
 
 /// Gives a newly stored event the next number of every matching subscription (same
 /// transaction as the event: numbered iff stored).
-pub fn on_append(c: &Connection, ev: &NewEvent, now: i64) -> Result<(), JournalError> {
+pub fn on_append(c: &Connection, env: &Envelope, now: i64) -> Result<(), JournalError> {
     let any: bool = c
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM subscriptions WHERE topic = ?1)")?
-        .query_row([ev.envelope.category.as_str()], |r| r.get(0))?;
+        .query_row([env.category.as_str()], |r| r.get(0))?;
     if !any {
         return Ok(());
     }
-    let f = MatchFacts::of(ev);
+    let f = MatchFacts::of(env);
     let codes = serde_json::to_string(&f.codes).unwrap_or_else(|_| "[]".into());
     c.prepare_cached(&format!(
         "INSERT INTO subscription_events (sub_id, event_no, event_id, at)
          SELECT id, events + 1, ?5, ?6 FROM subscriptions WHERE {MATCH}"
     ))?
-    .execute(params![
-        f.topic,
-        f.tenant,
-        f.patient,
-        codes,
-        ev.envelope.id,
-        now
-    ])?;
+    .execute(params![f.topic, f.tenant, f.patient, codes, env.id, now])?;
     c.prepare_cached(&format!(
         "UPDATE subscriptions SET events = events + 1 WHERE {MATCH}"
     ))?
