@@ -30,14 +30,19 @@ trap drop_test_databases EXIT
 step "Chromium and playwright-core for the console browser test (tests/console.rs)"
 ./tests/browser/setup.sh
 
-step "tests on the embedded store (unit, integration over real sockets and processes, property, crash)"
-cargo test --locked --all-targets -- --test-threads 2
-
-step "independent FHIR R4 validation of every golden output (@medplum/core, pinned)"
+step "the pinned FHIR R4 validator (npm ci in conformance-tests/; tests/subscriptions.rs uses it)"
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq nodejs npm
 fi
+(cd conformance-tests && npm ci --no-audit --no-fund --prefer-offline)
+# Without this the subscriptions validation test would skip instead of failing.
+export KNUTEPUNKT_REQUIRE_VALIDATOR=1
+
+step "tests on the embedded store (unit, integration over real sockets and processes, property, crash)"
+cargo test --locked --all-targets -- --test-threads 2
+
+step "independent FHIR R4 validation of every golden output (@medplum/core, pinned)"
 ./conformance-tests/run-validator.sh
 
 step "memory stays flat under a 200k backlog (release build: debug is too slow for 200k events)"
@@ -46,4 +51,6 @@ cargo test --locked --release --test memory -- --nocapture
 step "the storage suites again on PostgreSQL"
 KNUTEPUNKT_TEST_STORAGE=postgres cargo test --locked \
   --test ingest --test delivery --test crash --test journal_model --test lifecycle --test devices \
-  --test metrics --test audit_chain -- --test-threads 2
+  --test metrics --test audit_chain --test escalation --test deactivation --test no_contact \
+  --test subscriptions --test hostile --test auth --test outbound_auth --test adapters \
+  -- --test-threads 2
