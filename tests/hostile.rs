@@ -251,7 +251,10 @@ async fn body_limits_global_and_per_vendor() {
     .expect("head");
     let chunk = format!("400\r\n{}\r\n", "<".repeat(0x400));
     for _ in 0..8 {
-        s.write_all(chunk.as_bytes()).await.expect("chunk");
+        // The gateway may answer and close before the client is done sending: that is the point.
+        if s.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
     }
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
@@ -287,7 +290,8 @@ async fn read_head(s: &mut TcpStream) -> String {
     let mut byte = [0u8; 1024];
     let read = async {
         while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut byte).await.expect("read");
+            // A reset after the answer ends the read; the caller checks what arrived.
+            let n = s.read(&mut byte).await.unwrap_or(0);
             if n == 0 {
                 break;
             }
