@@ -127,4 +127,7 @@ pub trait Journal: Send + Sync + 'static {
     /// Appends one audit record outside a delivery step (durable before it answers; sheds load
     /// with `Overloaded` like `append`).
     async fn audit_note(&self, note: AuditNote) -> Result<(), JournalError>;
+
+    /// Audit records matching `q`, newest first, with their events' facts (read side).
+    async fn audit_search(&self, q: AuditQuery) -> Result<Vec<AuditRecord>, JournalError>;
 }

@@ -10,6 +10,7 @@
 //! commands of a batch run pipelined on that connection inside one transaction.
 
 pub mod audit;
+mod audit_search;
 mod read;
 mod registry;
 mod tls;
@@ -327,6 +328,13 @@ impl Journal for PostgresJournal {
 
     async fn audit_note(&self, note: AuditNote) -> Result<(), JournalError> {
         self.queue.note(note).await
+    }
+
+    async fn audit_search(
+        &self,
+        q: crate::journal::AuditQuery,
+    ) -> Result<Vec<crate::journal::AuditRecord>, JournalError> {
+        audit_search::search(&**self.client().await?, &q).await
     }
 
     async fn liveness(&self, q: LivenessQuery) -> Result<Vec<Liveness>, JournalError> {

@@ -2,6 +2,7 @@
 //! many commands per transaction (group commit), plus a read connection for admin queries.
 
 pub mod audit;
+mod audit_search;
 mod read;
 mod registry;
 mod writer;
@@ -225,6 +226,13 @@ impl Journal for SqliteJournal {
 
     async fn audit_note(&self, note: AuditNote) -> Result<(), JournalError> {
         self.queue.note(note).await
+    }
+
+    async fn audit_search(
+        &self,
+        q: crate::journal::AuditQuery,
+    ) -> Result<Vec<crate::journal::AuditRecord>, JournalError> {
+        self.read(move |c| audit_search::search(c, &q)).await
     }
 
     async fn liveness(&self, q: LivenessQuery) -> Result<Vec<Liveness>, JournalError> {
