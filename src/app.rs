@@ -55,6 +55,12 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
         config.destinations.iter().map(|d| d.name.clone()).collect(),
         stop_rx.clone(),
     ));
+    let retention = tokio::spawn(crate::journal::retention::run(
+        Arc::clone(&journal),
+        config.ops.retention,
+        config.ops.retention_interval,
+        stop_rx.clone(),
+    ));
     let state = Arc::new(AppState {
         telemetry: Arc::clone(&telemetry),
         journal,
@@ -97,6 +103,7 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
         let _ = d.await;
     }
     let _ = snapshot.await;
+    let _ = retention.await;
     telemetry.shutdown();
     Ok(())
 }

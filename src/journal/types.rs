@@ -375,3 +375,14 @@ pub struct AuditRecord {
     /// callers allowed to see patient identity.
     pub key: Option<String>,
 }
+
+/// What one retention sweep deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RetentionReport {
+    /// Audit rows deleted (chained rows up to the anchor, plus pre-chain rows).
+    pub audit_rows: u64,
+    /// Finished events deleted (with their deliveries and released quarantine records).
+    pub events: u64,
+    /// The new anchor (chain position, hash) when chained rows were deleted.
+    pub anchor: Option<(i64, String)>,
+}

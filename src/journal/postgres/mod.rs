@@ -13,6 +13,7 @@ pub mod audit;
 mod audit_search;
 mod read;
 mod registry;
+mod retention;
 mod tls;
 mod writer;
 
@@ -335,6 +336,13 @@ impl Journal for PostgresJournal {
         q: crate::journal::AuditQuery,
     ) -> Result<Vec<crate::journal::AuditRecord>, JournalError> {
         audit_search::search(&**self.client().await?, &q).await
+    }
+
+    async fn retention_sweep(
+        &self,
+        cutoff_ms: i64,
+    ) -> Result<crate::journal::RetentionReport, JournalError> {
+        retention::sweep(&mut self.client().await?, cutoff_ms).await
     }
 
     async fn liveness(&self, q: LivenessQuery) -> Result<Vec<Liveness>, JournalError> {

@@ -5,6 +5,7 @@ pub mod audit;
 mod audit_search;
 mod read;
 mod registry;
+mod retention;
 mod writer;
 
 use std::fs::File;
@@ -35,8 +36,17 @@ const SCHEMA_V3: &str = "
     CREATE UNIQUE INDEX audit_chain ON audit(chain_seq);
 ";
 
-/// Version 4: the W3C trace context of the ingest span, so delivery spans join its trace.
-const SCHEMA_V4: &str = "ALTER TABLE events ADD COLUMN traceparent TEXT;";
+/// Version 4: the W3C trace context of the ingest span, so delivery spans join its trace; the
+/// retention anchor (the chain position and hash of the last audit row retention deleted).
+const SCHEMA_V4: &str = "
+    ALTER TABLE events ADD COLUMN traceparent TEXT;
+    CREATE TABLE IF NOT EXISTS audit_anchor (
+        id    INTEGER PRIMARY KEY CHECK (id = 1),
+        seq   INTEGER NOT NULL,
+        hash  TEXT NOT NULL,
+        at    INTEGER NOT NULL
+    );
+";
 
 pub struct SqliteJournal {
     queue: Queue,
@@ -233,6 +243,13 @@ impl Journal for SqliteJournal {
         q: crate::journal::AuditQuery,
     ) -> Result<Vec<crate::journal::AuditRecord>, JournalError> {
         self.read(move |c| audit_search::search(c, &q)).await
+    }
+
+    async fn retention_sweep(
+        &self,
+        cutoff_ms: i64,
+    ) -> Result<crate::journal::RetentionReport, JournalError> {
+        self.read(move |c| retention::sweep(c, cutoff_ms)).await
     }
 
     async fn liveness(&self, q: LivenessQuery) -> Result<Vec<Liveness>, JournalError> {
