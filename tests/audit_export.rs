@@ -144,6 +144,39 @@ async fn audit_search_and_fhir_export_are_masked_audited_and_valid() {
     );
     assert!(!v.to_string().contains(PATIENT));
 
+    // The console's audit page: the same search, masked, and audited as a console search.
+    let (s, ct, html) = get_text(
+        &gw,
+        &format!("/console/audit?event_id={id}&destination=epj"),
+    )
+    .await;
+    assert_eq!(s, 200, "{html}");
+    assert!(ct.starts_with("text/html"), "{ct}");
+    assert!(html.contains("<h1>Audit trail</h1>"), "{html}");
+    assert!(
+        html.contains(&format!("/console/events/{id}")),
+        "links the event"
+    );
+    assert!(
+        html.contains(">delivered<") && html.contains("patient:130972*****"),
+        "{html}"
+    );
+    assert!(!html.contains(PATIENT), "console leaks the identity number");
+    let (s, _, html) = get_text(&gw, "/console/audit").await;
+    assert_eq!(s, 200);
+    assert!(
+        !html.contains("<table id=\"audit\">"),
+        "no search without a filter"
+    );
+    let (s, _, _) = get_text(&gw, "/console/audit?from=soon").await;
+    assert_eq!(s, 400);
+    let (_, v) = gw.get("/v1/admin/audit?outcome=audit-read&limit=50").await;
+    assert!(
+        v.to_string()
+            .contains("console audit search by console: event_id="),
+        "console searches are audited: {v}"
+    );
+
     // Reads and their audit notes keep the chain intact.
     let out = Command::new(env!("CARGO_BIN_EXE_knutepunkt"))
         .args(["audit", "verify", "--config"])

@@ -8,6 +8,7 @@
 //! `*****`), since the console has no roles yet. Assets are embedded in the binary; the pages need
 //! no network access beyond the gateway itself.
 
+mod audit_page;
 pub mod html;
 
 use std::sync::Arc;
@@ -50,6 +51,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/console/events", get(event_search))
         .route("/console/events/{id}", get(event))
         .route("/console/quarantine", get(quarantine))
+        .route("/console/audit", get(audit_page::audit))
         .route("/console/static/console.css", get(css))
         .route("/console/static/console.js", get(js))
         .route("/console/static/icon.svg", get(icon))
@@ -116,6 +118,7 @@ enum Nav {
     DeadLetters,
     Events,
     Quarantine,
+    Audit,
 }
 
 /// The whole document around `body`.
@@ -136,6 +139,7 @@ fn page(title: &str, nav: Nav, notice: Option<&str>, body: Html) -> String {
         (Nav::DeadLetters, "/console/dead-letters", "Dead letters"),
         (Nav::Events, "/console/events", "Events"),
         (Nav::Quarantine, "/console/quarantine", "Quarantine"),
+        (Nav::Audit, "/console/audit", "Audit"),
     ] {
         h.raw(if n == nav {
             "<a class=\"active\" href=\""
