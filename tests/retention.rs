@@ -203,11 +203,12 @@ async fn a_forged_anchor_is_detected() {
     drop(journal);
     assert_eq!(verify(&gw).0, 0);
     // Moving the anchor (to hide deleted rows) breaks the walk at the first remaining row.
-    exec(
+    let changed = exec(
         &gw,
-        "UPDATE audit_anchor SET hash = 'ff' || substr(hash, 3) WHERE id = 1",
+        "UPDATE audit_anchor SET hash = '1111111111111111111111111111111111111111111111111111111111111111' WHERE id = 1",
     )
     .await;
+    assert_eq!(changed, 1);
     let (code, text) = verify(&gw);
     assert_eq!(code, 1, "{text}");
 }

@@ -16,6 +16,7 @@ use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::console::html::mask_key;
 use crate::api_error::ApiError;
 use crate::app::AppState;
 use crate::journal::registry_text::instant;
@@ -38,9 +39,10 @@ pub struct Caller {
 }
 
 impl Caller {
-    fn from_ext(ext: Option<Extension<Caller>>) -> Caller {
+    /// The request's caller, or an unnamed one (`name`) who may not see patient identity.
+    pub fn or_unnamed(ext: Option<Extension<Caller>>, name: &str) -> Caller {
         ext.map(|Extension(c)| c).unwrap_or(Caller {
-            name: "unauthenticated".into(),
+            name: name.into(),
             may_see_patient: false,
         })
     }
@@ -152,7 +154,8 @@ pub async fn audited_search(
         .map_err(|e| ApiError::from_journal(e, retry))
 }
 
-/// A record as the caller may see it: without patient identity unless allowed.
+/// A record as the caller may see it: without patient identity unless allowed (the key masked
+/// as everywhere in the console: `patient:130972*****`).
 pub fn visible(mut r: AuditRecord, caller: &Caller) -> AuditRecord {
     if !caller.may_see_patient {
         r.key = r.key.map(|k| mask_key(&k));
@@ -161,20 +164,12 @@ pub fn visible(mut r: AuditRecord, caller: &Caller) -> AuditRecord {
     r
 }
 
-/// `patient:13097248022` → `patient:130972*****`; device keys stay.
-pub fn mask_key(key: &str) -> String {
-    match key.strip_prefix("patient:") {
-        Some(id) => format!("patient:{}", identity::mask(id)),
-        None => key.to_string(),
-    }
-}
-
 async fn search(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
     Query(p): Query<AuditParams>,
 ) -> Result<Response, ApiError> {
-    let caller = Caller::from_ext(caller);
+    let caller = Caller::or_unnamed(caller, "unauthenticated");
     let q = p.query()?;
     let rows = audited_search(&state, &caller, "audit search", q).await?;
     let rows: Vec<AuditRecord> = rows.into_iter().map(|r| visible(r, &caller)).collect();
@@ -187,7 +182,7 @@ async fn export(
     headers: HeaderMap,
     Query(p): Query<AuditParams>,
 ) -> Result<Response, ApiError> {
-    let caller = Caller::from_ext(caller);
+    let caller = Caller::or_unnamed(caller, "unauthenticated");
     let ndjson = match p.format.as_deref() {
         None | Some("bundle") => headers
             .get(header::ACCEPT)

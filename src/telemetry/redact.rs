@@ -39,6 +39,8 @@ const NAME_KEYS: &[&str] = &[
     "fullname",
     "full_name",
     "displayname",
+    // HumanName.text: the whole name.
+    "text",
     // A FHIR Reference's display names its target: for `subject`/`patient`, the patient.
     "display",
 ];

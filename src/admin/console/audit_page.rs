@@ -31,10 +31,7 @@ pub(super) async fn audit(
     caller: Option<Extension<Caller>>,
     Query(p): Query<AuditParams>,
 ) -> Response {
-    let caller = caller.map(|Extension(c)| c).unwrap_or(Caller {
-        name: "console".into(),
-        may_see_patient: false,
-    });
+    let caller = Caller::or_unnamed(caller, "console");
     let values = [
         &p.event_id,
         &p.vendor,

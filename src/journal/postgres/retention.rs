@@ -15,18 +15,20 @@ pub async fn sweep(
         .get(0);
     // A prefix of the chain, up to the first row that is recent or concerns an unfinished
     // event, and never the head.
+    // Walks the chain index from the start and stops at the first blocker.
     let blocker: Option<i64> = tx
-        .query_one(
-            "SELECT min(a.chain_seq) FROM audit a
+        .query_opt(
+            "SELECT a.chain_seq FROM audit a
              WHERE a.chain_seq > 0 AND (a.at >= $1
                 OR EXISTS (SELECT 1 FROM events e JOIN deliveries d ON d.event_seq = e.seq
                            WHERE e.id = a.event_id AND d.state = 'pending')
                 OR EXISTS (SELECT 1 FROM quarantine q WHERE q.event_id = a.event_id
-                           AND q.released_at IS NULL))",
+                           AND q.released_at IS NULL))
+             ORDER BY a.chain_seq LIMIT 1",
             &[&cutoff_ms],
         )
         .await?
-        .get(0);
+        .map(|r| r.get(0));
     if let Some(head) = head {
         let upto = blocker.map_or(head, |b| b - 1).min(head - 1);
         if upto >= 1

@@ -7,13 +7,16 @@ use crate::journal::RetentionReport;
 
 /// The chained audit rows that may go: a prefix of the chain, up to (not including) the first
 /// row that is recent or concerns an unfinished event, and never the head.
+/// Walks the chain index from the start and stops at the first blocker, so a sweep reads only
+/// the rows it may delete plus one.
 const BLOCKER: &str = "
-    SELECT min(a.chain_seq) FROM audit a
+    SELECT a.chain_seq FROM audit a
     WHERE a.chain_seq > 0 AND (a.at >= ?1
        OR EXISTS (SELECT 1 FROM events e JOIN deliveries d ON d.event_seq = e.seq
                   WHERE e.id = a.event_id AND d.state = 'pending')
        OR EXISTS (SELECT 1 FROM quarantine q WHERE q.event_id = a.event_id
-                  AND q.released_at IS NULL))";
+                  AND q.released_at IS NULL))
+    ORDER BY a.chain_seq LIMIT 1";
 
 /// Finished events older than the cutoff whose audit rows are all gone.
 const DOOMED: &str = "
@@ -45,7 +48,9 @@ fn sweep_in(c: &Connection, cutoff_ms: i64) -> rusqlite::Result<RetentionReport>
         [],
         |r| r.get(0),
     )?;
-    let blocker: Option<i64> = c.query_row(BLOCKER, params![cutoff_ms], |r| r.get(0))?;
+    let blocker: Option<i64> = c
+        .query_row(BLOCKER, params![cutoff_ms], |r| r.get(0))
+        .optional()?;
     if let Some(head) = head {
         let upto = blocker.map_or(head, |b| b - 1).min(head - 1);
         if upto >= 1 {
