@@ -111,7 +111,7 @@ pub async fn verify(url: &str, tls_ca_file: Option<&Path>) -> Result<Verdict, Jo
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
-    let anchor: Option<(i64, String)> = if version.unwrap_or(0) >= 4 {
+    let anchor: Option<(i64, String)> = if version.unwrap_or(0) >= 5 {
         client
             .query_opt("SELECT seq, hash FROM audit_anchor WHERE id = 1", &[])
             .await?

@@ -35,7 +35,7 @@ use super::{
 
 /// 1: events, deliveries, lanes, audit (`schema.sql`). 2: device registry, device liveness,
 /// quarantine (`schema_v2.sql`). 3: audit hash chain (`schema_v3.sql`). 4: `events.traceparent`
-/// (`schema_v4.sql`).
+/// (`schema_v4.sql`). 5: `audit_anchor`, the retention anchor (`schema_v5.sql`).
 /// Writer connections per node unless configured (`storage.writers`).
 pub const DEFAULT_WRITERS: usize = 1;
 
@@ -50,7 +50,7 @@ pub struct PgOptions {
     pub writers: usize,
 }
 
-const SCHEMA_VERSION: i32 = 4;
+const SCHEMA_VERSION: i32 = 5;
 /// Arbitrary constant naming the migration advisory lock.
 const MIGRATION_LOCK: i64 = 0x6b6e_7574_6570_756e;
 
@@ -225,11 +225,12 @@ async fn migrate(client: &tokio_postgres::Client) -> Result<(), JournalError> {
     }
     // One step per version, each applied once, in order; a database at version 1 gets only the
     // later steps.
-    let steps: [(i32, &str); 4] = [
+    let steps: [(i32, &str); 5] = [
         (1, include_str!("schema.sql")),
         (2, include_str!("schema_v2.sql")),
         (3, include_str!("schema_v3.sql")),
         (4, include_str!("schema_v4.sql")),
+        (5, include_str!("schema_v5.sql")),
     ];
     for (version, sql) in steps {
         if current < version {

@@ -24,8 +24,8 @@ use super::{
 };
 
 /// 1: events, deliveries, lanes, audit. 2: device registry, device liveness, quarantine.
-/// 3: audit hash chain (`chain_seq`, `hash`). 4: `events.traceparent`.
-const SCHEMA_VERSION: i64 = 4;
+/// 3: audit hash chain (`chain_seq`, `hash`). 4: `events.traceparent`. 5: `audit_anchor`.
+const SCHEMA_VERSION: i64 = 5;
 
 /// Version 3: the audit hash chain. Rows written before it get a negative position (outside the
 /// chain, reported by `audit verify` as not covered).
@@ -36,10 +36,12 @@ const SCHEMA_V3: &str = "
     CREATE UNIQUE INDEX audit_chain ON audit(chain_seq);
 ";
 
-/// Version 4: the W3C trace context of the ingest span, so delivery spans join its trace; the
-/// retention anchor (the chain position and hash of the last audit row retention deleted).
-const SCHEMA_V4: &str = "
-    ALTER TABLE events ADD COLUMN traceparent TEXT;
+/// Version 4: the W3C trace context of the ingest span, so delivery spans join its trace.
+const SCHEMA_V4: &str = "ALTER TABLE events ADD COLUMN traceparent TEXT;";
+
+/// Version 5: the retention anchor (chain position and hash of the last audit row retention
+/// deleted), from which `audit verify` walks.
+const SCHEMA_V5: &str = "
     CREATE TABLE IF NOT EXISTS audit_anchor (
         id    INTEGER PRIMARY KEY CHECK (id = 1),
         seq   INTEGER NOT NULL,
@@ -137,6 +139,9 @@ fn migrate(conn: &Connection) -> Result<(), JournalError> {
     }
     if version < 4 {
         tx.execute_batch(SCHEMA_V4)?;
+    }
+    if version < 5 {
+        tx.execute_batch(SCHEMA_V5)?;
     }
     tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
     tx.commit()?;
