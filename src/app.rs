@@ -91,6 +91,12 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
         Arc::clone(&telemetry),
         stop_rx.clone(),
     ));
+    let retention = tokio::spawn(crate::journal::retention::run(
+        Arc::clone(&journal),
+        config.ops.retention,
+        config.ops.retention_interval,
+        stop_rx.clone(),
+    ));
     let state = Arc::new(AppState {
         auth,
         alarm,
@@ -157,6 +163,7 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
     let _ = snapshot.await;
     let _ = watcher.await;
     let _ = notifier.await;
+    let _ = retention.await;
     telemetry.shutdown();
     Ok(())
 }

@@ -105,7 +105,7 @@ async fn json_logs_carry_trace_ids_and_no_identity_numbers_or_names() {
     .await;
     // Let the dead letter be logged, then stop the gateway so stderr closes.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    unsafe_sigterm(child.id());
+    sigterm(child.id());
     let _ = child.wait();
     let log = captured.join().expect("stderr reader");
 
@@ -155,7 +155,7 @@ async fn json_logs_carry_trace_ids_and_no_identity_numbers_or_names() {
 }
 
 /// SIGTERM through the `kill` command (no libc dependency in the tests).
-fn unsafe_sigterm(pid: u32) {
+fn sigterm(pid: u32) {
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();

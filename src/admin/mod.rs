@@ -1,5 +1,6 @@
 //! Admin and health endpoints (documented in `docs/api.md`).
 
+pub mod audit;
 mod console;
 pub(crate) mod devices;
 
@@ -26,6 +27,7 @@ pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .merge(devices::router())
         .merge(console::router())
+        .merge(audit::router())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/admin/stats", get(stats))

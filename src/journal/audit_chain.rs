@@ -168,6 +168,17 @@ impl Default for Walker {
 }
 
 impl Walker {
+    /// A walk that starts after a retention anchor: the rows up to position `seq` were deleted
+    /// by retention and `hash` is the hash of the last of them, so the first remaining row must
+    /// be at `seq + 1` and chain onto `hash`.
+    pub fn anchored(seq: i64, hash: String) -> Self {
+        Self {
+            prev: hash,
+            expected: seq + 1,
+            ..Self::default()
+        }
+    }
+
     /// Checks the next row; `Some` at the first break.
     pub fn push(&mut self, row: ChainRow) -> Option<Verdict> {
         let Some(seq) = row.chain_seq else {

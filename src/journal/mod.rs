@@ -18,6 +18,7 @@ pub mod audit_chain;
 mod command;
 mod postgres;
 pub mod registry_text;
+pub mod retention;
 mod sqlite;
 pub mod subs;
 pub mod types;
@@ -156,4 +157,11 @@ pub trait Journal: Send + Sync + 'static {
         seen_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<Liveness>, JournalError>;
+    /// Audit records matching `q`, newest first, with their events' facts (read side).
+    async fn audit_search(&self, q: AuditQuery) -> Result<Vec<AuditRecord>, JournalError>;
+
+    /// Deletes what retention allows before `cutoff_ms` (see `retention`): a prefix of the
+    /// audit chain, anchored so `audit verify` still walks the rest, and the finished events
+    /// no remaining audit row refers to.
+    async fn retention_sweep(&self, cutoff_ms: i64) -> Result<RetentionReport, JournalError>;
 }

@@ -344,3 +344,53 @@ pub struct Release {
     /// Audit detail (never the patient's identity).
     pub detail: String,
 }
+
+/// Filter of an audit search (`GET /v1/admin/audit`, the export, the console's audit page).
+/// Every field narrows; `None` matches all. Times are Unix ms, `to_ms` exclusive.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AuditQuery {
+    pub event_id: Option<String>,
+    pub vendor: Option<String>,
+    /// A device id: matches events keyed by the device or whose FHIR names it.
+    pub device: Option<String>,
+    pub destination: Option<String>,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    /// An audit step kind (`delivered`, `dead`, `retry_scheduled`, `received`, …).
+    pub outcome: Option<String>,
+    pub limit: usize,
+}
+
+/// One audit record with the facts of its event (when it concerns one), newest first.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord {
+    pub id: i64,
+    /// Position in the hash chain (negative for rows from before the chain).
+    pub chain_seq: Option<i64>,
+    pub hash: Option<String>,
+    pub at_ms: i64,
+    pub event_id: String,
+    pub kind: String,
+    pub destination: Option<String>,
+    pub attempt: Option<i64>,
+    pub status: Option<i64>,
+    pub latency_ms: Option<f64>,
+    pub detail: Option<String>,
+    pub vendor: Option<String>,
+    pub category: Option<String>,
+    pub tenant: Option<String>,
+    /// The event's lane key (`patient:<id>` or `device:<id>`): personal data, shown only to
+    /// callers allowed to see patient identity.
+    pub key: Option<String>,
+}
+
+/// What one retention sweep deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RetentionReport {
+    /// Audit rows deleted (chained rows up to the anchor, plus pre-chain rows).
+    pub audit_rows: u64,
+    /// Finished events deleted (with their deliveries and released quarantine records).
+    pub events: u64,
+    /// The new anchor (chain position, hash) when chained rows were deleted.
+    pub anchor: Option<(i64, String)>,
+}

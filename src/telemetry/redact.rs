@@ -7,7 +7,8 @@
 //!   H-nummer, felles hjelpenummer, synthetic test numbers: no check-digit test, so a mistyped
 //!   number is masked too), also written as 6 + 5 digits with one space or hyphen between;
 //! - patient names: the string values of name-bearing keys (`family`, `given`, `name`, `text`
-//!   of a HumanName, `fornavn`, `etternavn`, `patientName`, …) in JSON or `key=value` text.
+//!   of a HumanName, `fornavn`, `etternavn`, `patientName`, a Reference's `display`, …) in JSON
+//!   or `key=value` text. Code displays are masked too: over-masking a log line is harmless.
 //!
 //! Longer digit runs (timestamps in ms, UUID parts) are left alone, so ids stay searchable.
 
@@ -38,6 +39,10 @@ const NAME_KEYS: &[&str] = &[
     "fullname",
     "full_name",
     "displayname",
+    // HumanName.text: the whole name.
+    "text",
+    // A FHIR Reference's display names its target: for `subject`/`patient`, the patient.
+    "display",
 ];
 
 /// `s` with identity numbers and names masked; borrowed when nothing was found.

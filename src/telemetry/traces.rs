@@ -83,8 +83,15 @@ pub fn init(ops: &ValidOps) -> Result<TraceGuard, opentelemetry_otlp::ExporterBu
     }
     let provider = builder.build();
     let tracer = provider.tracer("knutepunkt");
-    let filter =
+    let mut filter =
         EnvFilter::try_from_env("KNUTEPUNKT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // tokio-postgres logs every statement's parameters at debug level: raw bodies as byte
+    // arrays, which no text redaction can recognise. Never let those through.
+    for quiet in ["tokio_postgres::query=info", "tokio_postgres::prepare=info"] {
+        if let Ok(d) = quiet.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_level(true)

@@ -127,6 +127,14 @@ try {
   await checkMasked("event page (FHIR open)");
   await shot("event-fhir.png");
 
+  // Audit search for the event: its whole path with the replay, patient masked.
+  await visit(`/console/audit?event_id=${encodeURIComponent(eventId)}`, "Audit trail");
+  const steps = await page.locator("#audit tbody tr td:nth-child(3)").allTextContents();
+  if (!steps.includes("replayed") || !steps.includes("delivered")) {
+    fail(`audit page steps: ${steps.join(", ")}`);
+  }
+  await shot("audit.png");
+
   // The overview no longer counts the replayed dead letter for epj.
   await visit("/console", "Overview");
   await shot("overview-after-replay.png");

@@ -336,6 +336,9 @@ pub struct Gateway {
     http: reqwest::Client,
     /// stdout lines after the "listening on" line (e.g. the vendor port line with `[tls]`).
     pub stdout: Arc<Mutex<Vec<String>>>,
+    /// Log lines of this gateway that held an 11-digit identity number (checked on drop).
+    leaks: Arc<Mutex<Vec<String>>>,
+    log_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 pub fn repo_path(rel: &str) -> PathBuf {
@@ -387,6 +390,8 @@ impl Gateway {
             child: None,
             http,
             stdout: Arc::default(),
+            leaks: Arc::default(),
+            log_reader: None,
         };
         gw.spawn();
         gw
@@ -401,9 +406,21 @@ impl Gateway {
             .arg(&self.config)
             .env("KNUTEPUNKT_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn knutepunkt");
+        // Pass the log through to the test's stderr, noting any line with an identity number:
+        // every gateway of the suite is checked for leaks when it is dropped.
+        let stderr = child.stderr.take().expect("stderr");
+        let leaks = Arc::clone(&self.leaks);
+        self.log_reader = Some(std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                if knutepunkt::telemetry::redact::contains_identity_number(&line) {
+                    leaks.lock().expect("lock").push(line);
+                }
+            }
+        }));
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let line = lines
@@ -450,6 +467,10 @@ impl Gateway {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // The pipe closed with the process: the reader has seen every line.
+        if let Some(r) = self.log_reader.take() {
+            let _ = r.join();
         }
     }
 
@@ -541,6 +562,14 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.kill();
+        let leaks = self.leaks.lock().map(|l| l.clone()).unwrap_or_default();
+        if !leaks.is_empty() && !std::thread::panicking() {
+            panic!(
+                "the gateway logged {} line(s) with an 11-digit identity number, e.g.: {}",
+                leaks.len(),
+                leaks[0]
+            );
+        }
     }
 }
 

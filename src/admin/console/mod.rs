@@ -9,6 +9,7 @@
 //! no network access beyond the gateway itself.
 
 mod alarm;
+mod audit_page;
 pub mod html;
 
 use std::sync::Arc;
@@ -52,6 +53,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/console/events", get(event_search))
         .route("/console/events/{id}", get(event))
         .route("/console/quarantine", get(quarantine))
+        .route("/console/audit", get(audit_page::audit))
         .route("/console/static/console.css", get(css))
         .route("/console/static/console.js", get(js))
         .route("/console/static/icon.svg", get(icon))
@@ -118,6 +120,7 @@ enum Nav {
     DeadLetters,
     Events,
     Quarantine,
+    Audit,
 }
 
 /// The whole document around `body`.
@@ -138,6 +141,7 @@ fn page(title: &str, nav: Nav, notice: Option<&str>, body: Html) -> String {
         (Nav::DeadLetters, "/console/dead-letters", "Dead letters"),
         (Nav::Events, "/console/events", "Events"),
         (Nav::Quarantine, "/console/quarantine", "Quarantine"),
+        (Nav::Audit, "/console/audit", "Audit"),
     ] {
         h.raw(if n == nav {
             "<a class=\"active\" href=\""

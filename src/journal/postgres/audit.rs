@@ -111,6 +111,14 @@ pub async fn verify(url: &str, tls_ca_file: Option<&Path>) -> Result<Verdict, Jo
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
+    let anchor: Option<(i64, String)> = if version.unwrap_or(0) >= 5 {
+        client
+            .query_opt("SELECT seq, hash FROM audit_anchor WHERE id = 1", &[])
+            .await?
+            .map(|r| (r.get(0), r.get(1)))
+    } else {
+        None
+    };
     let stream = client
         .query_raw(
             &format!("SELECT {COLUMNS} FROM audit ORDER BY chain_seq NULLS LAST"),
@@ -118,7 +126,7 @@ pub async fn verify(url: &str, tls_ca_file: Option<&Path>) -> Result<Verdict, Jo
         )
         .await?;
     pin_mut!(stream);
-    let mut w = Walker::default();
+    let mut w = anchor.map_or_else(Walker::default, |(seq, hash)| Walker::anchored(seq, hash));
     while let Some(r) = stream.next().await {
         if let Some(broken) = w.push(chain_row(&r?)) {
             return Ok(broken);

@@ -11,8 +11,10 @@
 
 mod alarm;
 pub mod audit;
+mod audit_search;
 mod read;
 mod registry;
+mod retention;
 mod subs;
 mod tls;
 mod writer;
@@ -38,7 +40,7 @@ use super::{
 
 /// 1: events, deliveries, lanes, audit (`schema.sql`). 2: device registry, device liveness,
 /// quarantine (`schema_v2.sql`). 3: audit hash chain (`schema_v3.sql`). 4: `events.traceparent`
-/// (`schema_v4.sql`).
+/// (`schema_v4.sql`). 5: `audit_anchor`, the retention anchor (`schema_v5.sql`).
 /// Writer connections per node unless configured (`storage.writers`).
 pub const DEFAULT_WRITERS: usize = 1;
 
@@ -55,7 +57,8 @@ pub struct PgOptions {
 
 /// 4: escalations, device deactivations (`schema_v4.sql`).
 /// 5: FHIR subscriptions and pull feed (`schema_v5.sql`). 6: `events.traceparent` (`schema_v6.sql`).
-const SCHEMA_VERSION: i32 = 6;
+/// 7: retention anchor (`schema_v7.sql`).
+const SCHEMA_VERSION: i32 = 7;
 /// Arbitrary constant naming the migration advisory lock.
 const MIGRATION_LOCK: i64 = 0x6b6e_7574_6570_756e;
 
@@ -230,13 +233,14 @@ async fn migrate(client: &tokio_postgres::Client) -> Result<(), JournalError> {
     }
     // One step per version, each applied once, in order; a database at version 1 gets only the
     // later steps.
-    let steps: [(i32, &str); 6] = [
+    let steps: [(i32, &str); 7] = [
         (1, include_str!("schema.sql")),
         (2, include_str!("schema_v2.sql")),
         (3, include_str!("schema_v3.sql")),
         (4, include_str!("schema_v4.sql")),
         (5, include_str!("schema_v5.sql")),
         (6, include_str!("schema_v6.sql")),
+        (7, include_str!("schema_v7.sql")),
     ];
     for (version, sql) in steps {
         if current < version {
@@ -336,6 +340,20 @@ impl Journal for PostgresJournal {
 
     async fn audit_note(&self, note: AuditNote) -> Result<(), JournalError> {
         self.queue.note(note).await
+    }
+
+    async fn audit_search(
+        &self,
+        q: crate::journal::AuditQuery,
+    ) -> Result<Vec<crate::journal::AuditRecord>, JournalError> {
+        audit_search::search(&**self.client().await?, &q).await
+    }
+
+    async fn retention_sweep(
+        &self,
+        cutoff_ms: i64,
+    ) -> Result<crate::journal::RetentionReport, JournalError> {
+        retention::sweep(&mut self.client().await?, cutoff_ms).await
     }
 
     async fn liveness(&self, q: LivenessQuery) -> Result<Vec<Liveness>, JournalError> {

@@ -32,8 +32,17 @@ pub fn verify(data_dir: &Path) -> Result<Verdict, JournalError> {
         "SELECT id, chain_seq, hash, at, event_id, kind, dest, attempt, status, latency_ms, detail
          FROM audit ORDER BY chain_seq",
     )?;
+    let anchor: Option<(i64, String)> = if version >= 5 {
+        use rusqlite::OptionalExtension;
+        c.query_row("SELECT seq, hash FROM audit_anchor WHERE id = 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?
+    } else {
+        None
+    };
     let mut rows = stmt.query([])?;
-    let mut w = Walker::default();
+    let mut w = anchor.map_or_else(Walker::default, |(seq, hash)| Walker::anchored(seq, hash));
     while let Some(r) = rows.next()? {
         let row = ChainRow {
             id: r.get(0)?,

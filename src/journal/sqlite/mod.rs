@@ -3,8 +3,10 @@
 
 mod alarm;
 pub mod audit;
+mod audit_search;
 mod read;
 mod registry;
+mod retention;
 pub(super) mod subs;
 mod writer;
 
@@ -28,8 +30,8 @@ use super::{
 
 /// 1: events, deliveries, lanes, audit. 2: device registry, device liveness, quarantine.
 /// 3: audit hash chain (`chain_seq`, `hash`). 4: escalations, device deactivations (`alarm.rs`).
-/// 5: FHIR subscriptions and pull feed (`subs.rs`). 6: `events.traceparent`.
-const SCHEMA_VERSION: i64 = 6;
+/// 5: FHIR subscriptions and pull feed (`subs.rs`). 6: `events.traceparent`. 7: `audit_anchor`.
+const SCHEMA_VERSION: i64 = 7;
 
 /// Version 3: the audit hash chain. Rows written before it get a negative position (outside the
 /// chain, reported by `audit verify` as not covered).
@@ -40,8 +42,19 @@ const SCHEMA_V3: &str = "
     CREATE UNIQUE INDEX audit_chain ON audit(chain_seq);
 ";
 
-/// Version 4: the W3C trace context of the ingest span, so delivery spans join its trace.
+/// Version 6: the W3C trace context of the ingest span, so delivery spans join its trace.
 const SCHEMA_V6: &str = "ALTER TABLE events ADD COLUMN traceparent TEXT;";
+
+/// Version 7: the retention anchor (chain position and hash of the last audit row retention
+/// deleted), from which `audit verify` walks.
+const SCHEMA_V7: &str = "
+    CREATE TABLE IF NOT EXISTS audit_anchor (
+        id    INTEGER PRIMARY KEY CHECK (id = 1),
+        seq   INTEGER NOT NULL,
+        hash  TEXT NOT NULL,
+        at    INTEGER NOT NULL
+    );
+";
 
 pub struct SqliteJournal {
     queue: Queue,
@@ -143,6 +156,9 @@ fn migrate(conn: &Connection) -> Result<(), JournalError> {
     if version < 6 {
         tx.execute_batch(SCHEMA_V6)?;
     }
+    if version < 7 {
+        tx.execute_batch(SCHEMA_V7)?;
+    }
     tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
     tx.commit()?;
     if version != SCHEMA_VERSION {
@@ -241,6 +257,20 @@ impl Journal for SqliteJournal {
 
     async fn audit_note(&self, note: AuditNote) -> Result<(), JournalError> {
         self.queue.note(note).await
+    }
+
+    async fn audit_search(
+        &self,
+        q: crate::journal::AuditQuery,
+    ) -> Result<Vec<crate::journal::AuditRecord>, JournalError> {
+        self.read(move |c| audit_search::search(c, &q)).await
+    }
+
+    async fn retention_sweep(
+        &self,
+        cutoff_ms: i64,
+    ) -> Result<crate::journal::RetentionReport, JournalError> {
+        self.read(move |c| retention::sweep(c, cutoff_ms)).await
     }
 
     async fn liveness(&self, q: LivenessQuery) -> Result<Vec<Liveness>, JournalError> {
