@@ -625,3 +625,160 @@ async fn require_dpop_refuses_plain_bearer_tokens() {
     let (s, body, _) = get(&gw, path, Some(&format!("DPoP {bound}")), Some(&proof)).await;
     assert_eq!(s, 200, "{body}");
 }
+
+/// A minimal backport Subscription on the alarm topic, optionally filtered on a municipality.
+fn subscription_for(municipality: Option<&str>, endpoint: &str) -> Value {
+    const EXT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
+    let filters: Vec<Value> = municipality
+        .map(|m| json!({ "url": format!("{EXT}backport-filter-criteria"), "valueString": format!("municipality={m}") }))
+        .into_iter()
+        .collect();
+    json!({
+        "resourceType": "Subscription",
+        "meta": { "profile": [format!("{EXT}backport-subscription")] },
+        "status": "requested",
+        "reason": "EPJ",
+        "criteria": "https://knutepunkt.no/fhir/SubscriptionTopic/alarm",
+        "_criteria": { "extension": filters },
+        "channel": {
+            "type": "rest-hook",
+            "endpoint": endpoint,
+            "payload": "application/fhir+json",
+            "_payload": { "extension": [{ "url": format!("{EXT}backport-payload-content"), "valueCode": "id-only" }] }
+        }
+    })
+}
+
+async fn post_json(gw: &Gateway, path: &str, token: &str, body: &Value) -> (u16, Value) {
+    let resp = http()
+        .post(format!("{}{path}", gw.base))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/fhir+json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("post");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn fhir_api_needs_the_subscribe_scope_and_is_scoped_to_the_callers_tenants() {
+    let sink = Sink::start(Mode::Ok).await;
+    let subscriber = Sink::start(Mode::Ok).await;
+    let key = Key::ec("k1");
+    let gw = gateway(&[&key], &[Dest::new("epj", &sink.url)]).await;
+    let epj_a = key.sign(&claims("knutepunkt:subscribe knutepunkt:ingest", &["0301"]));
+    let no_scope = key.sign(&claims("knutepunkt:read", &["0301"]));
+    let ingest = key.sign(&claims("knutepunkt:ingest", &["*"]));
+    let bearer = |t: &str| format!("Bearer {t}");
+
+    // The CapabilityStatement is public; everything else under /fhir needs the subscribe scope.
+    let (s, body, _) = get(&gw, "/fhir/metadata", None, None).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["resourceType"], "CapabilityStatement");
+    let (s, _, challenge) = get(&gw, "/fhir/Subscription", None, None).await;
+    assert_eq!(s, 401);
+    assert!(challenge.contains("Bearer"), "{challenge}");
+    let (s, _, _) = get(&gw, "/fhir/Subscription", Some(&bearer(&no_scope)), None).await;
+    assert_eq!(s, 403, "the read scope is not the subscribe scope");
+
+    // A caller of municipality 0301 must filter on it: not on another, not on none.
+    let (s, body) = post_json(
+        &gw,
+        "/fhir/Subscription",
+        &epj_a,
+        &subscription_for(None, &subscriber.url),
+    )
+    .await;
+    assert_eq!(s, 403, "{body}");
+    assert_eq!(body["issue"][0]["expression"][0], "municipality", "{body}");
+    let (s, body) = post_json(
+        &gw,
+        "/fhir/Subscription",
+        &epj_a,
+        &subscription_for(Some("4601"), &subscriber.url),
+    )
+    .await;
+    assert_eq!(s, 403, "{body}");
+    let (s, body) = post_json(
+        &gw,
+        "/fhir/Subscription",
+        &epj_a,
+        &subscription_for(Some("0301"), &subscriber.url),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    let own = body["id"].as_str().expect("id").to_string();
+
+    // An all-tenant operator's unfiltered subscription is invisible to the 0301 caller.
+    let operator = key.sign(&claims("knutepunkt:subscribe", &["*"]));
+    let (s, body) = post_json(
+        &gw,
+        "/fhir/Subscription",
+        &operator,
+        &subscription_for(None, &subscriber.url),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    let others = body["id"].as_str().expect("id").to_string();
+    let (s, body, _) = get(&gw, "/fhir/Subscription", Some(&bearer(&epj_a)), None).await;
+    assert_eq!(s, 200, "{body}");
+    let ids: Vec<&str> = body["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["resource"]["id"].as_str())
+        .collect();
+    assert_eq!(ids, vec![own.as_str()], "{body}");
+    let path = format!("/fhir/Subscription/{others}/$events");
+    let (s, _, _) = get(&gw, &path, Some(&bearer(&epj_a)), None).await;
+    assert_eq!(
+        s, 404,
+        "another tenant's subscription does not exist for this caller"
+    );
+
+    // The pull feed: only with the caller's municipality; another tenant's event is unknown.
+    let mut ids = Vec::new();
+    for (tenant, vid, patient) in [("0301", "fa", "1"), ("4601", "fb", "2")] {
+        let (s, body) = gw
+            .post_as(
+                "fhir",
+                &observation(patient, vid),
+                &[("x-tenant", tenant), ("authorization", &bearer(&ingest))],
+            )
+            .await;
+        assert_eq!(s, 202, "{body}");
+        ids.push(body["id"].as_str().expect("id").to_string());
+    }
+    let (s, _, _) = get(&gw, "/fhir/Bundle", Some(&bearer(&epj_a)), None).await;
+    assert_eq!(s, 403, "an unfiltered feed would carry every municipality");
+    let (s, _, _) = get(
+        &gw,
+        "/fhir/Bundle?municipality=4601",
+        Some(&bearer(&epj_a)),
+        None,
+    )
+    .await;
+    assert_eq!(s, 403);
+    let (s, body, _) = get(
+        &gw,
+        "/fhir/Bundle?municipality=0301",
+        Some(&bearer(&epj_a)),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let seen: Vec<&str> = body["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["fullUrl"].as_str())
+        .collect();
+    assert_eq!(seen, vec![format!("urn:uuid:{}", ids[0])], "{body}");
+    let ack = json!({ "resourceType": "Parameters" });
+    let (s, body) = post_json(&gw, &format!("/fhir/Bundle/{}/$ack", ids[1]), &epj_a, &ack).await;
+    assert_eq!(s, 404, "{body}");
+    let (s, body) = post_json(&gw, &format!("/fhir/Bundle/{}/$ack", ids[0]), &epj_a, &ack).await;
+    assert_eq!(s, 200, "{body}");
+}

@@ -66,7 +66,13 @@ pub fn classify(method: &Method, path: &str) -> Family {
     if path.starts_with("/v1/vendors/") {
         return Family::Ingest;
     }
-    if path.starts_with("/v1/subscriptions") || path.starts_with("/fhir/Subscription") {
+    // The CapabilityStatement is public, as FHIR clients read it before they authenticate.
+    if path == "/fhir/metadata" {
+        return Family::Open;
+    }
+    // The EPJ-facing FHIR API (subscriptions, topics, pull feed and its journaling acks) is one
+    // family: an EPJ system holds one scope for all of it.
+    if path.starts_with("/fhir/") {
         return Family::Subscribe;
     }
     if path.starts_with("/v1/admin/audit") || path.starts_with("/console/audit") {
@@ -260,7 +266,9 @@ mod tests {
             Family::Configure
         );
         assert_eq!(classify(&get, "/v1/admin/audit"), Family::Audit);
-        assert_eq!(classify(&post, "/v1/subscriptions"), Family::Subscribe);
+        assert_eq!(classify(&post, "/fhir/Subscription"), Family::Subscribe);
+        assert_eq!(classify(&post, "/fhir/Bundle/e1/$ack"), Family::Subscribe);
+        assert_eq!(classify(&get, "/fhir/metadata"), Family::Open);
         assert_eq!(classify(&get, "/anything-new"), Family::Read);
     }
 }

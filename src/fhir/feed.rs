@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use super::{check_tenant_scope, fhir, journal_error};
 use crate::api_error::ApiError;
 use crate::app::AppState;
+use crate::auth::TenantScope;
 use crate::journal::AuditNote;
 use crate::journal::subs::{AckState, SubsOp, SubsOut, SubsRead};
 
@@ -53,7 +54,7 @@ struct FeedQuery {
 
 async fn feed(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    scope: TenantScope,
     Query(q): Query<FeedQuery>,
 ) -> Result<Response, ApiError> {
     let after = match q.cursor.as_deref() {
@@ -82,7 +83,7 @@ async fn feed(
             message: format!("{m:?} is not a 4-digit municipality number, e.g. 0301"),
         });
     }
-    check_tenant_scope(&headers, q.municipality.as_deref())?;
+    check_tenant_scope(&scope, q.municipality.as_deref())?;
     let SubsOut::Feed(items) = state
         .journal
         .subs_read(SubsRead::Feed {
@@ -165,6 +166,19 @@ fn ack_parameters(a: &AckState) -> Value {
     json!({ "resourceType": "Parameters", "parameter": p })
 }
 
+/// An event of another tenant is reported as unknown, so its existence does not leak.
+async fn visible(state: &AppState, scope: &TenantScope, id: &str) -> Result<(), ApiError> {
+    let event = state
+        .journal
+        .event(id)
+        .await
+        .map_err(|e| journal_error(state, e))?;
+    match event {
+        Some(e) if scope.allows(e.tenant.as_deref()) => Ok(()),
+        _ => Err(ApiError::NotFound(format!("no event {id}"))),
+    }
+}
+
 async fn current(state: &AppState, id: &str) -> Result<AckState, ApiError> {
     match state
         .journal
@@ -179,8 +193,10 @@ async fn current(state: &AppState, id: &str) -> Result<AckState, ApiError> {
 
 async fn ack_status(
     State(state): State<Arc<AppState>>,
+    scope: TenantScope,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    visible(&state, &scope, &id).await?;
     let a = current(&state, &id).await?;
     Ok(fhir(StatusCode::OK, ack_parameters(&a)))
 }
@@ -189,9 +205,11 @@ async fn ack_status(
 /// journaled) and optional `reason`.
 async fn ack(
     State(state): State<Arc<AppState>>,
+    scope: TenantScope,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    visible(&state, &scope, &id).await?;
     let params: Value = if body.is_empty() {
         json!({ "resourceType": "Parameters" })
     } else {

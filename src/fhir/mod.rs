@@ -12,7 +12,7 @@ pub mod topics;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 
 use crate::api_error::ApiError;
 use crate::app::AppState;
+use crate::auth::TenantScope;
 use crate::journal::subs::{SubsOp, SubsOut, SubsRead, SubscriptionRow};
 use crate::normalise::Category;
 
@@ -53,15 +54,26 @@ pub(crate) fn journal_error(state: &AppState, e: crate::journal::JournalError) -
     ApiError::from_journal(e, state.ingest.retry_after_s)
 }
 
-/// Tenant hook: whether the caller may use `tenant` (a subscription's `municipality` filter, or
-/// the feed's; `None` = every municipality). Today every caller may use every tenant; the
-/// tenant-filtering change restricts it here. Create and the feed refuse with its error; reads,
+/// Tenant isolation for subscriptions and the feed: whether the caller may use `tenant` (a
+/// subscription's `municipality` filter, or the feed's; `None` = every municipality). A caller
+/// limited to some municipalities must name one of them: an unfiltered subscription or feed would
+/// carry every municipality's events. Create and the feed refuse with this error; reads,
 /// `$status`, `$events`, delete and the list hide subscriptions outside the caller's tenants.
 pub(crate) fn check_tenant_scope(
-    _headers: &HeaderMap,
-    _tenant: Option<&str>,
+    scope: &TenantScope,
+    tenant: Option<&str>,
 ) -> Result<(), ApiError> {
-    Ok(())
+    if scope.allows(tenant) {
+        return Ok(());
+    }
+    let message = match tenant {
+        None => "this caller may only see its own municipalities: set a municipality filter".into(),
+        Some(t) => format!("municipality {t} is not one of the caller's municipalities"),
+    };
+    Err(ApiError::Forbidden {
+        field: "municipality".into(),
+        message,
+    })
 }
 
 async fn metadata() -> Response {
@@ -83,11 +95,11 @@ async fn topic_read(Path(name): Path<String>) -> Result<Response, ApiError> {
 /// A subscription the caller may see (tenant hook), else `NotFound` like an unknown id.
 async fn get_scoped(
     state: &AppState,
-    headers: &HeaderMap,
+    scope: &TenantScope,
     id: &str,
 ) -> Result<SubscriptionRow, ApiError> {
     let row = get_row(state, id).await?;
-    check_tenant_scope(headers, row.spec.tenant.as_deref())
+    check_tenant_scope(scope, row.spec.tenant.as_deref())
         .map_err(|_| ApiError::NotFound(format!("no Subscription {id}")))?;
     Ok(row)
 }
@@ -106,7 +118,7 @@ async fn get_row(state: &AppState, id: &str) -> Result<SubscriptionRow, ApiError
 
 async fn create(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    scope: TenantScope,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
@@ -115,7 +127,7 @@ async fn create(
     })?;
     let id = uuid::Uuid::now_v7().to_string();
     let new = subscription::parse(&value, id.clone(), crate::clock::now_ms())?;
-    check_tenant_scope(&headers, new.tenant.as_deref())?;
+    check_tenant_scope(&scope, new.tenant.as_deref())?;
     // The answer is the resource as stored; the handshake may already have changed its status.
     let body = subscription::render(&SubscriptionRow::new(new.clone()));
     state
@@ -133,7 +145,7 @@ async fn create(
 
 async fn list(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    scope: TenantScope,
 ) -> Result<Response, ApiError> {
     let SubsOut::Subs(rows) = state
         .journal
@@ -145,7 +157,7 @@ async fn list(
     };
     let entries: Vec<Value> = rows
         .iter()
-        .filter(|r| check_tenant_scope(&headers, r.spec.tenant.as_deref()).is_ok())
+        .filter(|r| check_tenant_scope(&scope, r.spec.tenant.as_deref()).is_ok())
         .map(|r| {
             json!({
                 "fullUrl": format!("urn:uuid:{}", r.spec.id),
@@ -162,19 +174,19 @@ async fn list(
 
 async fn read(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    scope: TenantScope,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let row = get_scoped(&state, &headers, &id).await?;
+    let row = get_scoped(&state, &scope, &id).await?;
     Ok(fhir(StatusCode::OK, subscription::render(&row)))
 }
 
 async fn delete(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    scope: TenantScope,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    get_scoped(&state, &headers, &id).await?;
+    get_scoped(&state, &scope, &id).await?;
     state
         .journal
         .subs(SubsOp::Delete(id))
@@ -185,10 +197,10 @@ async fn delete(
 
 async fn status_op(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    scope: TenantScope,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let row = get_scoped(&state, &headers, &id).await?;
+    let row = get_scoped(&state, &scope, &id).await?;
     let st = notify::status(&row, "query-status", &row.status, &[], &row.spec.payload);
     Ok(fhir(
         StatusCode::OK,
@@ -228,11 +240,11 @@ fn number(field: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
 /// Replays numbered events straight from the journal: what a subscriber missed while down.
 async fn events_op(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    scope: TenantScope,
     Path(id): Path<String>,
     Query(q): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
-    let row = get_scoped(&state, &headers, &id).await?;
+    let row = get_scoped(&state, &scope, &id).await?;
     let from = number("eventsSinceNumber", q.since.as_deref())?.unwrap_or(1);
     let to = number("eventsUntilNumber", q.until.as_deref())?.unwrap_or(row.events);
     let content = match q.content.as_deref() {
