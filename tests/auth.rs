@@ -782,3 +782,80 @@ async fn fhir_api_needs_the_subscribe_scope_and_is_scoped_to_the_callers_tenants
     let (s, body) = post_json(&gw, &format!("/fhir/Bundle/{}/$ack", ids[0]), &epj_a, &ack).await;
     assert_eq!(s, 200, "{body}");
 }
+
+#[tokio::test]
+async fn audit_reads_are_scoped_to_the_callers_tenants_and_patient_identity_needs_its_scope() {
+    let sink = Sink::start(Mode::Ok).await;
+    let key = Key::ec("k1");
+    let gw = gateway(&[&key], &[Dest::new("epj", &sink.url)]).await;
+    let ingest = key.sign(&claims("knutepunkt:ingest", &["*"]));
+    for (tenant, vid, patient) in [("0301", "au-a", "13097248022"), ("4601", "au-b", "1")] {
+        let (s, body) = gw
+            .post_as(
+                "fhir",
+                &observation(patient, vid),
+                &[
+                    ("x-tenant", tenant),
+                    ("authorization", &format!("Bearer {ingest}")),
+                ],
+            )
+            .await;
+        assert_eq!(s, 202, "{body}");
+    }
+    let records =
+        |body: &Value| -> Vec<Value> { body["records"].as_array().cloned().unwrap_or_default() };
+
+    let oslo = key.sign(&claims("knutepunkt:audit", &["0301"]));
+    let (s, body, _) = get(
+        &gw,
+        "/v1/admin/audit",
+        Some(&format!("Bearer {oslo}")),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let rows = records(&body);
+    assert!(!rows.is_empty(), "{body}");
+    assert!(
+        rows.iter().all(|r| r["tenant"] == "0301"),
+        "only municipality 0301's records: {body}"
+    );
+    assert!(
+        rows.iter().all(|r| r["key"] == "patient:130972*****"),
+        "patient identity masked without the patient scope: {body}"
+    );
+
+    let clinical = key.sign(&claims("knutepunkt:audit knutepunkt:patient", &["0301"]));
+    let (s, body, _) = get(
+        &gw,
+        "/v1/admin/audit",
+        Some(&format!("Bearer {clinical}")),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let rows = records(&body);
+    assert!(
+        !rows.is_empty() && rows.iter().all(|r| r["key"] == "patient:13097248022"),
+        "{body}"
+    );
+
+    // The reads themselves are audited, naming the caller (seen by an all-tenant auditor).
+    let auditor = key.sign(&claims("knutepunkt:audit", &["*"]));
+    let (s, body, _) = get(
+        &gw,
+        "/v1/admin/audit?outcome=audit-read",
+        Some(&format!("Bearer {auditor}")),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let reads = records(&body);
+    assert!(reads.len() >= 2, "{body}");
+    assert!(
+        reads.iter().any(|r| r["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("by tester"))),
+        "{body}"
+    );
+}

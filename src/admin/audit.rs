@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use super::console::html::mask_key;
 use crate::api_error::ApiError;
 use crate::app::AppState;
+use crate::auth::TenantScope;
 use crate::journal::registry_text::instant;
 use crate::journal::{AuditNote, AuditQuery, AuditRecord};
 use crate::normalise::datetime::{self, TimeFormat, Zone};
@@ -28,8 +29,9 @@ use crate::telemetry::redact::redact;
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 10_000;
 
-/// Who is calling, set as a request extension by authentication. Absent: an unnamed caller
-/// who may not see patient identity.
+/// Who is calling, as audit reads need it: derived from the authenticated caller (`auth`).
+/// Without authentication (open API on loopback): an unnamed caller who may not see patient
+/// identity.
 #[derive(Debug, Clone)]
 pub struct Caller {
     /// A name for the audit trail (client id, user), never a patient identifier.
@@ -39,12 +41,19 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// The request's caller, or an unnamed one (`name`) who may not see patient identity.
-    pub fn or_unnamed(ext: Option<Extension<Caller>>, name: &str) -> Caller {
-        ext.map(|Extension(c)| c).unwrap_or(Caller {
-            name: name.into(),
-            may_see_patient: false,
-        })
+    /// The request's authenticated caller, or an unnamed one (`name`) who may not see patient
+    /// identity.
+    pub fn or_unnamed(ext: Option<Extension<crate::auth::Caller>>, name: &str) -> Caller {
+        match ext {
+            Some(Extension(c)) => Caller {
+                name: c.sub,
+                may_see_patient: c.may_see_patient,
+            },
+            None => Caller {
+                name: name.into(),
+                may_see_patient: false,
+            },
+        }
     }
 }
 
@@ -95,7 +104,8 @@ fn instant_param(field: &str, v: &Option<String>) -> Result<Option<i64>, ApiErro
 }
 
 impl AuditParams {
-    pub fn query(&self) -> Result<AuditQuery, ApiError> {
+    /// The journal query, limited to the tenants the caller may see.
+    pub fn query(&self, scope: &TenantScope) -> Result<AuditQuery, ApiError> {
         Ok(AuditQuery {
             event_id: nonempty(&self.event_id),
             vendor: nonempty(&self.vendor),
@@ -105,6 +115,7 @@ impl AuditParams {
             to_ms: instant_param("to", &self.to)?,
             outcome: nonempty(&self.outcome),
             limit: self.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT),
+            tenants: scope.query_filter(),
         })
     }
 }
@@ -166,11 +177,12 @@ pub fn visible(mut r: AuditRecord, caller: &Caller) -> AuditRecord {
 
 async fn search(
     State(state): State<Arc<AppState>>,
-    caller: Option<Extension<Caller>>,
+    caller: Option<Extension<crate::auth::Caller>>,
+    scope: TenantScope,
     Query(p): Query<AuditParams>,
 ) -> Result<Response, ApiError> {
     let caller = Caller::or_unnamed(caller, "unauthenticated");
-    let q = p.query()?;
+    let q = p.query(&scope)?;
     let rows = audited_search(&state, &caller, "audit search", q).await?;
     let rows: Vec<AuditRecord> = rows.into_iter().map(|r| visible(r, &caller)).collect();
     Ok(Json(json!({ "records": rows })).into_response())
@@ -178,7 +190,8 @@ async fn search(
 
 async fn export(
     State(state): State<Arc<AppState>>,
-    caller: Option<Extension<Caller>>,
+    caller: Option<Extension<crate::auth::Caller>>,
+    scope: TenantScope,
     headers: HeaderMap,
     Query(p): Query<AuditParams>,
 ) -> Result<Response, ApiError> {
@@ -196,7 +209,7 @@ async fn export(
             });
         }
     };
-    let q = p.query()?;
+    let q = p.query(&scope)?;
     let rows = audited_search(&state, &caller, "audit export", q).await?;
     let events: Vec<Value> = rows
         .into_iter()

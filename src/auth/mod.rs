@@ -36,6 +36,8 @@ pub struct Caller {
     /// Municipality numbers from the tenant claim; `"*"` means every tenant.
     pub tenants: Vec<String>,
     pub scopes: Vec<String>,
+    /// Holds `auth.scopes.patient`: may see patient identity in audit reads.
+    pub may_see_patient: bool,
 }
 
 /// Set by the mTLS listener when the vendor presented a verified client certificate; vendor
@@ -178,10 +180,12 @@ impl Authenticator {
                 dpop_only,
             });
         }
+        let may_see_patient = claims.scopes.contains(&self.config.scopes.patient);
         Ok(Caller {
             sub: claims.sub,
             tenants: claims.tenants,
             scopes: claims.scopes,
+            may_see_patient,
         })
     }
 }

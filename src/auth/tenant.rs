@@ -61,6 +61,7 @@ mod tests {
             sub: "s".into(),
             tenants: t.iter().map(|s| s.to_string()).collect(),
             scopes: vec![],
+            may_see_patient: false,
         }
     }
 

@@ -59,6 +59,8 @@ pub struct ScopesConfig {
     pub audit: String,
     pub replay: String,
     pub configure: String,
+    /// Not an endpoint family: callers holding it see patient identity in audit reads.
+    pub patient: String,
 }
 
 impl Default for ScopesConfig {
@@ -70,6 +72,7 @@ impl Default for ScopesConfig {
             audit: "knutepunkt:audit".into(),
             replay: "knutepunkt:replay".into(),
             configure: "knutepunkt:configure".into(),
+            patient: "knutepunkt:patient".into(),
         }
     }
 }
@@ -179,6 +182,7 @@ pub fn validate_auth(
         ("audit", &s.audit),
         ("replay", &s.replay),
         ("configure", &s.configure),
+        ("patient", &s.patient),
     ] {
         if v.trim().is_empty() || v.contains(char::is_whitespace) {
             push(

@@ -359,6 +359,8 @@ pub struct AuditQuery {
     /// An audit step kind (`delivered`, `dead`, `retry_scheduled`, `received`, …).
     pub outcome: Option<String>,
     pub limit: usize,
+    /// Only records of events of these tenants (municipality numbers); `None` = every record.
+    pub tenants: Option<Vec<String>>,
 }
 
 /// One audit record with the facts of its event (when it concerns one), newest first.

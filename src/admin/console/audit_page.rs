@@ -28,7 +28,8 @@ const FIELDS: [(&str, &str, &str); 7] = [
 
 pub(super) async fn audit(
     State(state): State<Arc<AppState>>,
-    caller: Option<Extension<Caller>>,
+    caller: Option<Extension<crate::auth::Caller>>,
+    scope: crate::auth::TenantScope,
     Query(p): Query<AuditParams>,
 ) -> Response {
     let caller = Caller::or_unnamed(caller, "console");
@@ -62,7 +63,7 @@ pub(super) async fn audit(
         b.raw("<p class=\"hint\">Narrow by any field; times are ISO 8601 (UTC) or Unix ms. Each search is itself recorded in the audit trail (<code>audit-read</code>). The same filter exports FHIR AuditEvents at <code>/v1/admin/audit/export</code>.</p>");
         return html_response(StatusCode::OK, page("Audit trail", Nav::Audit, None, b));
     }
-    let q = match p.query() {
+    let q = match p.query(&scope) {
         Ok(q) => q,
         Err(e) => {
             b.raw("<p class=\"error\">").text(e).raw("</p>");

@@ -21,6 +21,7 @@ pub async fn search(
                AND ($5::BIGINT IS NULL OR a.at >= $5)
                AND ($6::BIGINT IS NULL OR a.at < $6)
                AND ($7::TEXT IS NULL OR a.kind = $7)
+               AND ($9::TEXT[] IS NULL OR e.tenant = ANY($9))
              ORDER BY a.id DESC LIMIT $8",
             &[
                 &q.event_id,
@@ -31,6 +32,7 @@ pub async fn search(
                 &q.to_ms,
                 &q.outcome,
                 &limit,
+                &q.tenants,
             ],
         )
         .await?;

@@ -16,6 +16,7 @@ pub fn search(c: &Connection, q: &AuditQuery) -> rusqlite::Result<Vec<AuditRecor
            AND (?5 IS NULL OR a.at >= ?5)
            AND (?6 IS NULL OR a.at < ?6)
            AND (?7 IS NULL OR a.kind = ?7)
+           AND (?9 IS NULL OR e.tenant IN (SELECT value FROM json_each(?9)))
          ORDER BY a.id DESC LIMIT ?8",
     )?
     .query_map(
@@ -27,7 +28,8 @@ pub fn search(c: &Connection, q: &AuditQuery) -> rusqlite::Result<Vec<AuditRecor
             q.from_ms,
             q.to_ms,
             q.outcome,
-            q.limit.max(1) as i64
+            q.limit.max(1) as i64,
+            super::read::tenants_json(q.tenants.as_deref())
         ],
         |r| {
             Ok(AuditRecord {
