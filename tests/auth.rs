@@ -290,6 +290,20 @@ async fn tokens_are_checked_for_signature_issuer_audience_time_scope_and_dpop() 
             &[("authorization", &bearer(&ingest_only))],
         )
         .await;
+    assert_eq!(
+        s, 403,
+        "a tenant-limited token must name its municipality: {body}"
+    );
+    let (s, body) = gw
+        .post_as(
+            "fhir",
+            &observation("1", "a"),
+            &[
+                ("authorization", &bearer(&ingest_only)),
+                ("x-tenant", "0301"),
+            ],
+        )
+        .await;
     assert_eq!(s, 202, "{body}");
 
     // DPoP: a bound token needs the DPoP scheme and a matching proof.
@@ -805,6 +819,21 @@ async fn audit_reads_are_scoped_to_the_callers_tenants_and_patient_identity_need
     let records =
         |body: &Value| -> Vec<Value> { body["records"].as_array().cloned().unwrap_or_default() };
 
+    // A token limited to 0301 cannot post for another municipality; the refusal is audited.
+    let oslo_ingest = key.sign(&claims("knutepunkt:ingest", &["0301"]));
+    let (s, body) = gw
+        .post_as(
+            "fhir",
+            &observation("2", "au-c"),
+            &[
+                ("x-tenant", "4601"),
+                ("authorization", &format!("Bearer {oslo_ingest}")),
+            ],
+        )
+        .await;
+    assert_eq!(s, 403, "{body}");
+    assert_eq!(body["issue"][0]["expression"][0], "X-Tenant", "{body}");
+
     let oslo = key.sign(&claims("knutepunkt:audit", &["0301"]));
     let (s, body, _) = get(
         &gw,
@@ -852,6 +881,30 @@ async fn audit_reads_are_scoped_to_the_callers_tenants_and_patient_identity_need
     assert_eq!(s, 200, "{body}");
     let reads = records(&body);
     assert!(reads.len() >= 2, "{body}");
+    let (_, body, _) = get(
+        &gw,
+        "/v1/admin/audit?outcome=refused",
+        Some(&format!("Bearer {auditor}")),
+        None,
+    )
+    .await;
+    assert_eq!(
+        records(&body).len(),
+        1,
+        "the refused post is audited: {body}"
+    );
+    let reader = key.sign(&claims("knutepunkt:read", &["*"]));
+    let (_, stats, _) = get(
+        &gw,
+        "/v1/admin/stats",
+        Some(&format!("Bearer {reader}")),
+        None,
+    )
+    .await;
+    assert_eq!(
+        stats["events"], 2,
+        "nothing of the refused post is stored: {stats}"
+    );
     assert!(
         reads.iter().any(|r| r["detail"]
             .as_str()

@@ -58,6 +58,7 @@ async fn ingest(
     Path(vendor): Path<String>,
     headers: HeaderMap,
     peer: Option<Extension<tls::VendorPeer>>,
+    scope: crate::auth::TenantScope,
     body: Body,
 ) -> Response {
     let started = std::time::Instant::now();
@@ -77,9 +78,16 @@ async fn ingest(
         &span,
         headers.get("traceparent").and_then(|v| v.to_str().ok()),
     );
-    let response = match ingest_inner(State(Arc::clone(&state)), Path(vendor), headers, peer, body)
-        .instrument(span.clone())
-        .await
+    let response = match ingest_inner(
+        State(Arc::clone(&state)),
+        Path(vendor),
+        headers,
+        peer,
+        scope,
+        body,
+    )
+    .instrument(span.clone())
+    .await
     {
         Ok(r) => r,
         Err(e) => {
@@ -120,6 +128,7 @@ async fn ingest_inner(
     Path(vendor): Path<String>,
     headers: HeaderMap,
     peer: Option<tls::VendorPeer>,
+    scope: crate::auth::TenantScope,
     body: Body,
 ) -> Result<Response, ApiError> {
     let limits = &state.ingest;
@@ -217,6 +226,19 @@ async fn ingest_inner(
             }),
             _ => None,
         };
+        // A bearer token names the municipalities its holder may post for (no token: the
+        // vendor's allow-list alone decides, checked above).
+        if !scope.allows(envelope.tenant.as_deref()) {
+            let e = ApiError::Forbidden {
+                field: "X-Tenant".into(),
+                message: format!(
+                    "the access token may not post for municipality {}",
+                    envelope.tenant.as_deref().unwrap_or("(none)")
+                ),
+            };
+            tls::refusal(&state, &spec.name, &e.to_string()).await;
+            return Err(e);
+        }
         let span = tracing::Span::current();
         span.record("category", envelope.category.as_str());
         span.record("event_id", envelope.id.as_str());
