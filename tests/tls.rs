@@ -631,14 +631,20 @@ fn check_refuses_plaintext_on_network_addresses_and_unusable_tls_files() {
         err.contains("server.listen") && err.contains("allow_plaintext"),
         "{err}"
     );
-    let (ok, err) = check("[server]\nlisten = \"0.0.0.0:8080\"\nallow_plaintext = true\n");
+    // A network address also needs [auth] (docs/security.md); with both, plain HTTP behind a
+    // TLS-terminating proxy is accepted.
+    let (ok, err) = check(
+        "[server]\nlisten = \"0.0.0.0:8080\"\nallow_plaintext = true\n\
+         [auth]\nissuer = \"https://idp.example\"\naudience = \"knutepunkt\"\n\
+         jwks_url = \"https://idp.example/jwks\"\n",
+    );
     assert!(ok, "{err}");
     let (ok, err) = check("[server]\nlisten = \"127.0.0.1:8080\"\n");
     assert!(ok, "{err}");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let (ok, err) = check(&format!(
-        "[server]\nlisten = \"0.0.0.0:8443\"\n[tls]\ncert_file = {:?}\nkey_file = \"/nonexistent/server.key\"\n",
+        "[server]\nlisten = \"127.0.0.1:8443\"\n[tls]\ncert_file = {:?}\nkey_file = \"/nonexistent/server.key\"\n",
         dir.path().join("missing.crt").display().to_string()
     ));
     assert!(!ok);
