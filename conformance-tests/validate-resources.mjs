@@ -1,6 +1,7 @@
 // R4 validation of FHIR JSON files given on the command line (one resource per file), with the
 // same pinned validator as validate.mjs. A Bundle's entry resources are validated on their own
-// too. Used by tests/subscriptions.rs for notification bundles and the CapabilityStatement.
+// too. Used by tests/subscriptions.rs (notification bundles, CapabilityStatement) and
+// tests/audit_export.rs (the AuditEvent export).
 // Exit status 1 on any error-level issue, 2 on usage errors.
 
 import { readFileSync } from 'node:fs';

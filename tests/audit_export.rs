@@ -1,7 +1,7 @@
 //! Audit reads and the FHIR AuditEvent export against the real binary: records of one event's
 //! path, patient identity masked for an unnamed caller, every read audited as `audit-read`
 //! (who and filter, no identity number), the chain still verifies, and the exported AuditEvents
-//! pass the FHIR R4 validator (conformance-tests/validate-resource.mjs) when it is installed.
+//! pass the FHIR R4 validator (conformance-tests/validate-resources.mjs) when it is installed.
 
 mod common;
 
@@ -192,6 +192,11 @@ async fn audit_search_and_fhir_export_are_masked_audited_and_valid() {
     // FHIR R4 validation of the exported AuditEvents (the pinned validator, if installed).
     let dir = repo_path("conformance-tests");
     if !dir.join("node_modules/@medplum/core").exists() {
+        // The test command installs it and sets this, so CI cannot skip the validation.
+        assert!(
+            std::env::var_os("KNUTEPUNKT_REQUIRE_VALIDATOR").is_none(),
+            "run `npm ci` in conformance-tests/"
+        );
         eprintln!(
             "note: conformance-tests/node_modules missing (run npm ci there): validator skipped"
         );
@@ -201,7 +206,7 @@ async fn audit_search_and_fhir_export_are_masked_audited_and_valid() {
     std::fs::write(&file, &text).expect("write");
     let out = Command::new("node")
         .current_dir(&dir)
-        .arg("validate-resource.mjs")
+        .arg("validate-resources.mjs")
         .arg(&file)
         .output()
         .expect("node");
