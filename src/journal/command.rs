@@ -111,28 +111,72 @@ pub fn fail(cmd: Command, msg: &str) -> Done {
     }
 }
 
-/// Drains up to `max` queued commands after `first` without waiting: the group of one commit.
-pub fn gather(first: Command, rx: &mut mpsc::Receiver<Command>, max: usize) -> Vec<Command> {
-    let mut batch = vec![first];
-    while batch.len() < max {
-        match rx.try_recv() {
-            Ok(cmd) => batch.push(cmd),
-            Err(_) => break,
+/// Other commands a batch that carries alarm work takes along: enough to keep group commit
+/// going, few enough that the alarm's commit stays short.
+const URGENT_COMPANIONS: usize = 32;
+
+/// The writer's side of the queue. Alarm work (alarm appends, alarm-lane claims and outcomes)
+/// arrives on its own channel and goes into the next commit ahead of everything queued before
+/// it, so an alarm never waits behind a backlog of measurements. Order is unaffected: a lane
+/// holds one class only, and each channel is FIFO.
+pub struct Inbox {
+    urgent: mpsc::Receiver<Command>,
+    normal: mpsc::Receiver<Command>,
+}
+
+impl Inbox {
+    /// Waits for work and returns the group of one commit (at most `max` commands); `None` when
+    /// every sender is gone.
+    pub async fn next_batch(&mut self, max: usize) -> Option<Vec<Command>> {
+        let (first, mut urgent) = tokio::select! {
+            biased;
+            Some(c) = self.urgent.recv() => (c, true),
+            Some(c) = self.normal.recv() => (c, false),
+            else => return None,
+        };
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match self.urgent.try_recv() {
+                Ok(c) => {
+                    batch.push(c);
+                    urgent = true;
+                }
+                Err(_) => break,
+            }
         }
+        let cap = if urgent {
+            max.min(batch.len() + URGENT_COMPANIONS)
+        } else {
+            max
+        };
+        while batch.len() < cap {
+            match self.normal.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        Some(batch)
     }
-    batch
 }
 
 /// The caller side of the queue.
 #[derive(Clone)]
 pub struct Queue {
     tx: mpsc::Sender<Command>,
+    urgent: mpsc::Sender<Command>,
 }
 
 impl Queue {
-    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Command>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (Self { tx }, rx)
+    pub fn new(capacity: usize) -> (Self, Inbox) {
+        let (tx, normal) = mpsc::channel(capacity);
+        let (urgent_tx, urgent) = mpsc::channel(capacity);
+        (
+            Self {
+                tx,
+                urgent: urgent_tx,
+            },
+            Inbox { urgent, normal },
+        )
     }
 
     /// Enqueues a command and waits for its committed answer. With `shed`, a full queue fails at
@@ -142,22 +186,38 @@ impl Queue {
         make: impl FnOnce(Reply<T>) -> Command,
         shed: bool,
     ) -> Result<T, JournalError> {
+        self.call_on(false, make, shed).await
+    }
+
+    /// `call` on the alarm channel when `urgent` (see [`Inbox`]).
+    async fn call_on<T>(
+        &self,
+        urgent: bool,
+        make: impl FnOnce(Reply<T>) -> Command,
+        shed: bool,
+    ) -> Result<T, JournalError> {
         let (reply, rx) = oneshot::channel();
         let cmd = make(reply);
+        let tx = if urgent { &self.urgent } else { &self.tx };
         if shed {
-            self.tx.try_send(cmd).map_err(|e| match e {
+            tx.try_send(cmd).map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => JournalError::Overloaded,
                 mpsc::error::TrySendError::Closed(_) => writer_gone(),
             })?;
         } else {
-            self.tx.send(cmd).await.map_err(|_| writer_gone())?;
+            tx.send(cmd).await.map_err(|_| writer_gone())?;
         }
         rx.await.map_err(|_| writer_gone())?
     }
 
     pub async fn append(&self, event: NewEvent) -> Result<Appended, JournalError> {
-        self.call(|reply| Command::Append(Box::new(event), reply), true)
-            .await
+        let urgent = event.envelope.category.lane_class() == LaneClass::Alarm;
+        self.call_on(
+            urgent,
+            |reply| Command::Append(Box::new(event), reply),
+            true,
+        )
+        .await
     }
 
     pub async fn claim(
@@ -168,7 +228,8 @@ impl Queue {
         now_ms: i64,
     ) -> Result<Claimed, JournalError> {
         let dest = dest.to_string();
-        self.call(
+        self.call_on(
+            class == LaneClass::Alarm,
             |reply| Command::Claim {
                 dest,
                 class,
@@ -182,8 +243,13 @@ impl Queue {
     }
 
     pub async fn record(&self, attempt: AttemptRecord) -> Result<(), JournalError> {
-        self.call(|reply| Command::Record(Box::new(attempt), reply), false)
-            .await
+        let urgent = attempt.task.class == LaneClass::Alarm;
+        self.call_on(
+            urgent,
+            |reply| Command::Record(Box::new(attempt), reply),
+            false,
+        )
+        .await
     }
 
     pub async fn replay(&self, filter: ReplayFilter) -> Result<Vec<Replayed>, JournalError> {
@@ -297,4 +363,49 @@ pub struct AuditRow<'a> {
     pub status: Option<u16>,
     pub latency_ms: Option<f64>,
     pub detail: Option<&'a str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ping() -> (Command, oneshot::Receiver<Result<(), JournalError>>) {
+        let (reply, rx) = oneshot::channel();
+        (Command::Ping(reply), rx)
+    }
+
+    /// Alarm work queued behind a backlog goes into the very next batch, first, and that batch
+    /// takes only a few of the queued others along.
+    #[tokio::test]
+    async fn alarm_work_overtakes_the_backlog_in_a_short_batch() {
+        let (queue, mut inbox) = Queue::new(1024);
+        let mut waiting = Vec::new();
+        for _ in 0..600 {
+            let (cmd, rx) = ping();
+            queue.tx.try_send(cmd).expect("normal");
+            waiting.push(rx);
+        }
+        let (cmd, mut alarm_rx) = ping();
+        queue.urgent.try_send(cmd).expect("urgent");
+
+        let batch = inbox.next_batch(512).await.expect("batch");
+        assert_eq!(batch.len(), 1 + URGENT_COMPANIONS);
+        // The first command is the alarm's: answering it answers the alarm caller.
+        let mut batch = batch.into_iter();
+        if let Some(Command::Ping(r)) = batch.next() {
+            let _ = r.send(Ok(()));
+        }
+        assert!(matches!(alarm_rx.try_recv(), Ok(Ok(()))));
+
+        // Without alarm work, batches are full size again, in FIFO order.
+        let rest = inbox.next_batch(512).await.expect("batch");
+        assert_eq!(rest.len(), 512);
+        let last = inbox.next_batch(512).await.expect("batch");
+        assert_eq!(last.len(), 600 - URGENT_COMPANIONS - 512);
+        drop(queue);
+        assert!(
+            inbox.next_batch(512).await.is_none(),
+            "closed when every sender is gone"
+        );
+    }
 }

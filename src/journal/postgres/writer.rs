@@ -24,13 +24,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, Statement, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::db_error_text;
-use crate::journal::command::{AuditRow, Command, Done, fail, gather};
+use crate::journal::command::{AuditRow, Command, Done, Inbox, fail};
 use crate::journal::{
     Appended, AttemptRecord, Claimed, DeliveryTask, JournalError, LaneClass, NewEvent,
     ReplayFilter, Replayed, Verdict,
@@ -70,7 +70,7 @@ struct Conn {
 pub async fn run(
     config: Config,
     tls: MakeRustlsConnect,
-    rx: Arc<Mutex<mpsc::Receiver<Command>>>,
+    inbox: Arc<Mutex<Inbox>>,
     max_batch: usize,
     lease: Duration,
 ) {
@@ -78,10 +78,8 @@ pub async fn run(
     let mut conn: Option<Conn> = None;
     let mut last_sweep = Instant::now();
     loop {
-        let batch = {
-            let mut rx = rx.lock().await;
-            let Some(first) = rx.recv().await else { break };
-            gather(first, &mut rx, max_batch)
+        let Some(batch) = inbox.lock().await.next_batch(max_batch).await else {
+            break;
         };
         if conn.as_ref().is_none_or(|c| c.client.is_closed()) {
             conn = match open(&config, tls.clone()).await {

@@ -11,32 +11,30 @@ pub use registry::assignment_row;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use tokio::sync::mpsc;
 
 use crate::journal::audit_chain::{Content, GENESIS, row_hash};
-use crate::journal::command::{AuditRow, Command, Done, fail, gather};
+use crate::journal::command::{AuditRow, Command, Done, Inbox, fail};
 use crate::journal::{
     Appended, AttemptRecord, Claimed, DeliveryTask, JournalError, LaneClass, NewEvent,
     ReplayFilter, Replayed, Verdict,
 };
 
-pub fn spawn(
-    conn: Connection,
-    rx: mpsc::Receiver<Command>,
-    max_batch: usize,
-) -> Result<(), JournalError> {
+pub fn spawn(conn: Connection, inbox: Inbox, max_batch: usize) -> Result<(), JournalError> {
+    // The writer is a plain thread (SQLite calls block); this runtime only waits on the inbox.
+    let waiter = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| JournalError::Unavailable(format!("writer runtime: {e}")))?;
     std::thread::Builder::new()
         .name("journal-writer".into())
-        .spawn(move || run(conn, rx, max_batch))
+        .spawn(move || run(conn, inbox, &waiter, max_batch))
         .map(|_| ())
         .map_err(|e| JournalError::Unavailable(format!("spawn writer: {e}")))
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize) {
+fn run(mut conn: Connection, mut inbox: Inbox, waiter: &tokio::runtime::Runtime, max_batch: usize) {
     let tokens = &LEASE_TOKENS;
     tokens.fetch_max(lease_epoch(), Ordering::Relaxed);
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = gather(first, &mut rx, max_batch);
+    while let Some(mut batch) = waiter.block_on(inbox.next_batch(max_batch)) {
         let mut done = Vec::with_capacity(batch.len());
         let commit = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         {
