@@ -111,18 +111,6 @@ pub async fn silent_devices(
         .await?;
     Ok(rows
         .iter()
-        .map(|r| {
-            let seen: i64 = r.get(3);
-            Liveness {
-                vendor: r.get(0),
-                device_id: r.get(1),
-                tenant: r.get(2),
-                last_seen_at_ms: seen,
-                last_seen_age_ms: (now - seen).max(0),
-                last_kind: r.get(4),
-                reported_at_ms: r.get(5),
-                beats: r.get(6),
-            }
-        })
+        .map(|r| super::registry::liveness_row(r, now))
         .collect())
 }

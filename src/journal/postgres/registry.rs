@@ -72,22 +72,23 @@ pub async fn liveness(
             &[&q.vendor, &q.device_id, &limit, &q.tenants],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let seen: i64 = r.get(3);
-            Liveness {
-                vendor: r.get(0),
-                device_id: r.get(1),
-                tenant: r.get(2),
-                last_seen_at_ms: seen,
-                last_seen_age_ms: (now - seen).max(0),
-                last_kind: r.get(4),
-                reported_at_ms: r.get(5),
-                beats: r.get(6),
-            }
-        })
-        .collect())
+    Ok(rows.iter().map(|r| liveness_row(r, now)).collect())
+}
+
+/// The columns `vendor, device_id, tenant, last_seen_at, last_kind, reported_at, beats` of
+/// `device_liveness`, aged at `now`.
+pub(super) fn liveness_row(r: &tokio_postgres::Row, now: i64) -> Liveness {
+    let seen: i64 = r.get(3);
+    Liveness {
+        vendor: r.get(0),
+        device_id: r.get(1),
+        tenant: r.get(2),
+        last_seen_at_ms: seen,
+        last_seen_age_ms: (now - seen).max(0),
+        last_kind: r.get(4),
+        reported_at_ms: r.get(5),
+        beats: r.get(6),
+    }
 }
 
 const QUARANTINE_COLUMNS: &str = "q.event_id, e.vendor, q.device_id, e.category, q.reason,

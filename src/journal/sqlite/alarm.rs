@@ -131,17 +131,7 @@ pub fn silent_devices(
          ORDER BY last_seen_at DESC LIMIT ?3",
     )?
     .query_map(params![vendor, before, limit.max(1) as i64], |r| {
-        let seen: i64 = r.get(3)?;
-        Ok(Liveness {
-            vendor: r.get(0)?,
-            device_id: r.get(1)?,
-            tenant: r.get(2)?,
-            last_seen_at_ms: seen,
-            last_seen_age_ms: (now - seen).max(0),
-            last_kind: r.get(4)?,
-            reported_at_ms: r.get(5)?,
-            beats: r.get(6)?,
-        })
+        super::registry::liveness_row(r, now)
     })?
     .collect()
 }

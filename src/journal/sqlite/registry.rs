@@ -61,19 +61,25 @@ pub fn liveness(c: &Connection, q: &LivenessQuery) -> rusqlite::Result<Vec<Liven
          ORDER BY last_seen_at LIMIT ?3",
     )?
     .query_map(params![q.vendor, q.device_id, limit, tenants], |r| {
-        let seen: i64 = r.get(3)?;
-        Ok(Liveness {
-            vendor: r.get(0)?,
-            device_id: r.get(1)?,
-            tenant: r.get(2)?,
-            last_seen_at_ms: seen,
-            last_seen_age_ms: (now - seen).max(0),
-            last_kind: r.get(4)?,
-            reported_at_ms: r.get(5)?,
-            beats: r.get(6)?,
-        })
+        liveness_row(r, now)
     })?
     .collect()
+}
+
+/// The columns `vendor, device_id, tenant, last_seen_at, last_kind, reported_at, beats` of
+/// `device_liveness`, aged at `now`.
+pub(super) fn liveness_row(r: &rusqlite::Row<'_>, now: i64) -> rusqlite::Result<Liveness> {
+    let seen: i64 = r.get(3)?;
+    Ok(Liveness {
+        vendor: r.get(0)?,
+        device_id: r.get(1)?,
+        tenant: r.get(2)?,
+        last_seen_at_ms: seen,
+        last_seen_age_ms: (now - seen).max(0),
+        last_kind: r.get(4)?,
+        reported_at_ms: r.get(5)?,
+        beats: r.get(6)?,
+    })
 }
 
 const QUARANTINE_COLUMNS: &str = "q.event_id, e.vendor, q.device_id, e.category, q.reason,
