@@ -173,6 +173,11 @@ async fn get(
     (status, resp.json().await.unwrap_or(Value::Null), challenge)
 }
 
+/// GET with `Authorization: Bearer {token}`; as `get`.
+async fn get_bearer(gw: &Gateway, path: &str, token: &str) -> (u16, Value, String) {
+    get(gw, path, Some(&format!("Bearer {token}")), None).await
+}
+
 async fn post(gw: &Gateway, path: &str, token: &str) -> (u16, Value) {
     let resp = http()
         .post(format!("{}{path}", gw.base))
@@ -835,13 +840,7 @@ async fn audit_reads_are_scoped_to_the_callers_tenants_and_patient_identity_need
     assert_eq!(body["issue"][0]["expression"][0], "X-Tenant", "{body}");
 
     let oslo = key.sign(&claims("knutepunkt:audit", &["0301"]));
-    let (s, body, _) = get(
-        &gw,
-        "/v1/admin/audit",
-        Some(&format!("Bearer {oslo}")),
-        None,
-    )
-    .await;
+    let (s, body, _) = get_bearer(&gw, "/v1/admin/audit", &oslo).await;
     assert_eq!(s, 200, "{body}");
     let rows = records(&body);
     assert!(!rows.is_empty(), "{body}");
@@ -855,13 +854,7 @@ async fn audit_reads_are_scoped_to_the_callers_tenants_and_patient_identity_need
     );
 
     let clinical = key.sign(&claims("knutepunkt:audit knutepunkt:patient", &["0301"]));
-    let (s, body, _) = get(
-        &gw,
-        "/v1/admin/audit",
-        Some(&format!("Bearer {clinical}")),
-        None,
-    )
-    .await;
+    let (s, body, _) = get_bearer(&gw, "/v1/admin/audit", &clinical).await;
     assert_eq!(s, 200, "{body}");
     let rows = records(&body);
     assert!(
@@ -871,36 +864,18 @@ async fn audit_reads_are_scoped_to_the_callers_tenants_and_patient_identity_need
 
     // The reads themselves are audited, naming the caller (seen by an all-tenant auditor).
     let auditor = key.sign(&claims("knutepunkt:audit", &["*"]));
-    let (s, body, _) = get(
-        &gw,
-        "/v1/admin/audit?outcome=audit-read",
-        Some(&format!("Bearer {auditor}")),
-        None,
-    )
-    .await;
+    let (s, body, _) = get_bearer(&gw, "/v1/admin/audit?outcome=audit-read", &auditor).await;
     assert_eq!(s, 200, "{body}");
     let reads = records(&body);
     assert!(reads.len() >= 2, "{body}");
-    let (_, body, _) = get(
-        &gw,
-        "/v1/admin/audit?outcome=refused",
-        Some(&format!("Bearer {auditor}")),
-        None,
-    )
-    .await;
+    let (_, body, _) = get_bearer(&gw, "/v1/admin/audit?outcome=refused", &auditor).await;
     assert_eq!(
         records(&body).len(),
         1,
         "the refused post is audited: {body}"
     );
     let reader = key.sign(&claims("knutepunkt:read", &["*"]));
-    let (_, stats, _) = get(
-        &gw,
-        "/v1/admin/stats",
-        Some(&format!("Bearer {reader}")),
-        None,
-    )
-    .await;
+    let (_, stats, _) = get_bearer(&gw, "/v1/admin/stats", &reader).await;
     assert_eq!(
         stats["events"], 2,
         "nothing of the refused post is stored: {stats}"
