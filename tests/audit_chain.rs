@@ -4,26 +4,10 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Dest, Gateway, Mode, Sink, observation};
 use tokio::task::JoinSet;
-
-/// Runs `knutepunkt audit verify`; returns (exit code, stdout + stderr).
-fn verify(gw: &Gateway) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_knutepunkt"))
-        .args(["audit", "verify", "--config"])
-        .arg(&gw.config)
-        .output()
-        .expect("run audit verify");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
 
 /// Direct access to the gateway's store, as someone tampering with it would have.
 enum Store {
@@ -131,7 +115,7 @@ async fn audit_verify_finds_exactly_the_tampered_row() {
     run_events_allowing_dead(&gw, n).await;
 
     // The gateway keeps running while the chain is verified (read-only), then stops.
-    let (code, out) = verify(&gw);
+    let (code, out) = gw.audit_verify();
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ok: audit chain intact"), "{out}");
     gw.kill();
@@ -144,7 +128,7 @@ async fn audit_verify_finds_exactly_the_tampered_row() {
         chain.len() as i64,
         "gapless positions"
     );
-    let (code, out) = verify(&gw);
+    let (code, out) = gw.audit_verify();
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains(&format!("{} row(s)", chain.len())),
@@ -161,7 +145,7 @@ async fn audit_verify_finds_exactly_the_tampered_row() {
             .await,
         1
     );
-    let (code, out) = verify(&gw);
+    let (code, out) = gw.audit_verify();
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains(&format!(
@@ -176,7 +160,7 @@ async fn audit_verify_finds_exactly_the_tampered_row() {
             "UPDATE audit SET at = at - 1 WHERE id = {edited_id}"
         ))
         .await;
-    let (code, out) = verify(&gw);
+    let (code, out) = gw.audit_verify();
     assert_eq!(code, 0, "{out}");
 
     // Delete the newest row: PostgreSQL's chain head row says where the chain must end; SQLite
@@ -185,7 +169,7 @@ async fn audit_verify_finds_exactly_the_tampered_row() {
     store
         .exec(&format!("DELETE FROM audit WHERE id = {last_id}"))
         .await;
-    let (code, out) = verify(&gw);
+    let (code, out) = gw.audit_verify();
     if common::on_postgres() {
         assert_eq!(code, 1, "{out}");
         assert!(
@@ -209,7 +193,7 @@ async fn audit_verify_finds_exactly_the_tampered_row() {
             .await,
         1
     );
-    let (code, out) = verify(&gw);
+    let (code, out) = gw.audit_verify();
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains(&format!(
@@ -228,7 +212,7 @@ async fn audit_verify_finds_exactly_the_tampered_row() {
         store
             .exec("INSERT INTO audit (at, event_id, kind) VALUES (1, 'forged', 'received')")
             .await;
-        verify(&gw)
+        gw.audit_verify()
     };
     assert_eq!(code, 1);
 }
@@ -283,7 +267,7 @@ async fn untampered_chain_verifies_after_restart() {
     assert_eq!(status, 202, "{resp}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     gw.kill();
-    let (code, out) = verify(&gw);
+    let (code, out) = gw.audit_verify();
     assert_eq!(code, 0, "{out}");
 }
 
@@ -344,12 +328,12 @@ async fn nodes_writing_concurrently_keep_one_chain() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Verified while the nodes still run (one snapshot), then again after they stop.
-    let (code, out) = verify(&nodes[1]);
+    let (code, out) = nodes[1].audit_verify();
     assert_eq!(code, 0, "{out}");
     for gw in &mut nodes {
         gw.kill();
     }
-    let (code, out) = verify(&nodes[2]);
+    let (code, out) = nodes[2].audit_verify();
     assert_eq!(code, 0, "{out}");
     let store = Store::open(&nodes[0]).await;
     let chain = store.chain().await;

@@ -178,16 +178,8 @@ async fn audit_search_and_fhir_export_are_masked_audited_and_valid() {
     );
 
     // Reads and their audit notes keep the chain intact.
-    let out = Command::new(env!("CARGO_BIN_EXE_knutepunkt"))
-        .args(["audit", "verify", "--config"])
-        .arg(&gw.config)
-        .output()
-        .expect("verify");
-    assert!(
-        out.status.success(),
-        "audit verify: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (code, verified) = gw.audit_verify();
+    assert_eq!(code, 0, "audit verify: {verified}");
 
     // FHIR R4 validation of the exported AuditEvents (the pinned validator, if installed).
     let dir = repo_path("conformance-tests");

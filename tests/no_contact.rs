@@ -32,13 +32,7 @@ async fn heartbeat(gw: &Gateway, cid: &str, r: &str) {
     let xml = format!(
         "<mrq><ref>{r}</ref><mty>PI</mty><cid>{cid}</cid><dty>0002</dty><stc>0102</stc></mrq>"
     );
-    let resp = reqwest::Client::new()
-        .post(format!("{}/v1/vendors/scaip/events", gw.base))
-        .header("content-type", "application/scaip+xml")
-        .body(xml)
-        .send()
-        .await
-        .expect("post");
+    let resp = common::post_scaip(gw, xml).await;
     assert_eq!(resp.status().as_u16(), 200);
 }
 

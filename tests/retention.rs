@@ -6,26 +6,11 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Dest, Gateway, Mode, Sink, observation};
 use knutepunkt::journal::{Journal, PgOptions, PostgresJournal, SqliteJournal, retention};
-
-fn verify(gw: &Gateway) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_knutepunkt"))
-        .args(["audit", "verify", "--config"])
-        .arg(&gw.config)
-        .output()
-        .expect("run audit verify");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
 
 fn pg_url(gw: &Gateway) -> String {
     let cfg = std::fs::read_to_string(&gw.config).expect("config");
@@ -109,7 +94,7 @@ async fn sweep_deletes_finished_prefix_and_the_chain_still_verifies() {
     })
     .await;
     gw.kill();
-    assert_eq!(verify(&gw).0, 0, "intact before the sweep");
+    assert_eq!(gw.audit_verify().0, 0, "intact before the sweep");
 
     let journal = open(&gw).await;
     // Retention zero: everything before now is old; only finished events may go.
@@ -168,7 +153,7 @@ async fn sweep_deletes_finished_prefix_and_the_chain_still_verifies() {
     );
     drop(journal);
 
-    let (code, text) = verify(&gw);
+    let (code, text) = gw.audit_verify();
     assert_eq!(code, 0, "verify walks from the anchor: {text}");
     // Deleting the first row after the anchor is still detected.
     let first = anchor_seq + 1;
@@ -176,7 +161,7 @@ async fn sweep_deletes_finished_prefix_and_the_chain_still_verifies() {
         exec(&gw, &format!("DELETE FROM audit WHERE chain_seq = {first}")).await,
         1
     );
-    let (code, text) = verify(&gw);
+    let (code, text) = gw.audit_verify();
     assert_eq!(code, 1, "{text}");
     assert!(text.contains(&format!("chain position {first}")), "{text}");
 }
@@ -201,7 +186,7 @@ async fn a_forged_anchor_is_detected() {
         .expect("sweep");
     assert!(report.anchor.is_some(), "{report:?}");
     drop(journal);
-    assert_eq!(verify(&gw).0, 0);
+    assert_eq!(gw.audit_verify().0, 0);
     // Moving the anchor (to hide deleted rows) breaks the walk at the first remaining row.
     let changed = exec(
         &gw,
@@ -209,6 +194,6 @@ async fn a_forged_anchor_is_detected() {
     )
     .await;
     assert_eq!(changed, 1);
-    let (code, text) = verify(&gw);
+    let (code, text) = gw.audit_verify();
     assert_eq!(code, 1, "{text}");
 }

@@ -518,13 +518,8 @@ async fn metadata_topics_validation_and_delete() {
     assert_eq!(s, 404);
     assert_eq!(b["resourceType"], "OperationOutcome");
     // The subscription's audit records (created, status changes, deleted) join the hash chain.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_knutepunkt"))
-        .args(["audit", "verify", "--config"])
-        .arg(&gw.config)
-        .output()
-        .expect("run audit verify");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success() && text.starts_with("ok"), "{text}");
+    let (code, text) = gw.audit_verify();
+    assert!(code == 0 && text.starts_with("ok"), "{text}");
     let rows: u64 = text
         .split("intact: ")
         .nth(1)

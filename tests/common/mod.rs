@@ -368,6 +368,21 @@ pub fn config_text(dests: &[Dest], extra: &str) -> String {
 }
 
 impl Gateway {
+    /// Runs `knutepunkt audit verify` on this gateway's config; (exit code, stdout + stderr).
+    pub fn audit_verify(&self) -> (i32, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_knutepunkt"))
+            .args(["audit", "verify", "--config"])
+            .arg(&self.config)
+            .output()
+            .expect("run audit verify");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
+
     /// Writes the config (data dir inside a fresh temp dir) and starts the gateway.
     pub async fn start(dests: &[Dest], extra: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -623,14 +638,19 @@ pub async fn scaip_alarm(gw: &Gateway, cid: &str, reference: &str) -> String {
     let xml = format!(
         "<mrq><ref>{reference}</ref><mty>ME</mty><cid>{cid}</cid><dty>0004</dty><stc>0010</stc></mrq>"
     );
-    let resp = reqwest::Client::new()
+    let resp = post_scaip(gw, xml).await;
+    assert_eq!(resp.status().as_u16(), 202);
+    let v: Value = resp.json().await.expect("json");
+    v["id"].as_str().expect("id").to_string()
+}
+
+/// Posts a SCAIP XML message as vendor `scaip`.
+pub async fn post_scaip(gw: &Gateway, xml: String) -> reqwest::Response {
+    reqwest::Client::new()
         .post(format!("{}/v1/vendors/scaip/events", gw.base))
         .header("content-type", "application/scaip+xml")
         .body(xml)
         .send()
         .await
-        .expect("post");
-    assert_eq!(resp.status().as_u16(), 202);
-    let v: Value = resp.json().await.expect("json");
-    v["id"].as_str().expect("id").to_string()
+        .expect("post")
 }
