@@ -19,6 +19,22 @@ use crate::journal::{
     ReplayFilter, Replayed, Verdict,
 };
 
+// The writer's lookups on the hot path, named so that a test can check their query plans.
+const FIND_BY_VENDOR_ID: &str = "SELECT id FROM events WHERE vendor = ?1 AND vendor_event_id = ?2";
+const FIND_BY_IDEM_KEY: &str = "SELECT id FROM events WHERE vendor = ?1 AND idem_key = ?2";
+const READY_LANES: &str = "SELECT lane_key, head_id FROM lanes
+                 WHERE dest = ?1 AND class = ?2 AND leased = 0 AND next_attempt_at <= ?3
+                 ORDER BY next_attempt_at LIMIT ?4";
+const HEAD_TASK: &str = "SELECT d.event_id, d.attempts, d.created_at, e.fhir, e.traceparent
+                     FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id = ?1";
+const NEXT_DUE: &str = "SELECT min(next_attempt_at) FROM lanes
+             WHERE dest = ?1 AND class = ?2 AND leased = 0 AND next_attempt_at > ?3";
+const LANE_HOLDER: &str =
+    "SELECT leased FROM lanes WHERE dest = ?1 AND class = ?2 AND lane_key = ?3";
+const NEXT_PENDING: &str =
+    "SELECT id FROM deliveries WHERE dest = ?1 AND class = ?2 AND lane_key = ?3
+             AND state = 'pending' ORDER BY id LIMIT 1";
+
 pub fn spawn(conn: Connection, inbox: Inbox, max_batch: usize) -> Result<(), JournalError> {
     // The writer is a plain thread (SQLite calls block); this runtime only waits on the inbox.
     let waiter = tokio::runtime::Builder::new_current_thread()
@@ -198,7 +214,7 @@ fn store(c: &Connection, ev: &NewEvent) -> Result<Stored, JournalError> {
     let env = &ev.envelope;
     if let Some(vid) = &env.vendor_event_id {
         let found: Option<String> = c
-            .prepare_cached("SELECT id FROM events WHERE vendor = ?1 AND vendor_event_id = ?2")?
+            .prepare_cached(FIND_BY_VENDOR_ID)?
             .query_row(params![env.vendor, vid], |r| r.get(0))
             .optional()?;
         if let Some(id) = found {
@@ -207,7 +223,7 @@ fn store(c: &Connection, ev: &NewEvent) -> Result<Stored, JournalError> {
     }
     if let Some(key) = &ev.idempotency_key {
         let found: Option<String> = c
-            .prepare_cached("SELECT id FROM events WHERE vendor = ?1 AND idem_key = ?2")?
+            .prepare_cached(FIND_BY_IDEM_KEY)?
             .query_row(params![env.vendor, key], |r| r.get(0))
             .optional()?;
         if let Some(id) = found {
@@ -349,11 +365,7 @@ fn claim(
     let mut tasks = Vec::new();
     if limit > 0 {
         let ready: Vec<(String, i64)> = c
-            .prepare_cached(
-                "SELECT lane_key, head_id FROM lanes
-                 WHERE dest = ?1 AND class = ?2 AND leased = 0 AND next_attempt_at <= ?3
-                 ORDER BY next_attempt_at LIMIT ?4",
-            )?
+            .prepare_cached(READY_LANES)?
             .query_map(params![dest, class.as_i64(), now_ms, limit as i64], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })?
@@ -371,10 +383,7 @@ fn claim(
                 String,
                 Option<String>,
             ) = c
-                .prepare_cached(
-                    "SELECT d.event_id, d.attempts, d.created_at, e.fhir, e.traceparent
-                     FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id = ?1",
-                )?
+                .prepare_cached(HEAD_TASK)?
                 .query_row(params![head_id], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                 })?;
@@ -393,10 +402,7 @@ fn claim(
         }
     }
     let next_due_ms: Option<i64> = c
-        .prepare_cached(
-            "SELECT min(next_attempt_at) FROM lanes
-             WHERE dest = ?1 AND class = ?2 AND leased = 0 AND next_attempt_at > ?3",
-        )?
+        .prepare_cached(NEXT_DUE)?
         .query_row(params![dest, class.as_i64(), now_ms], |r| r.get(0))?;
     Ok(Claimed { tasks, next_due_ms })
 }
@@ -404,9 +410,7 @@ fn claim(
 fn record(c: &Connection, rec: &AttemptRecord) -> Result<(), JournalError> {
     let t = &rec.task;
     let holder: Option<i64> = c
-        .prepare_cached(
-            "SELECT leased FROM lanes WHERE dest = ?1 AND class = ?2 AND lane_key = ?3",
-        )?
+        .prepare_cached(LANE_HOLDER)?
         .query_row(params![t.dest, t.class.as_i64(), t.lane_key], |r| r.get(0))
         .optional()?;
     if holder != Some(t.lease) {
@@ -507,10 +511,7 @@ fn record(c: &Connection, rec: &AttemptRecord) -> Result<(), JournalError> {
 /// The head is finished: the next pending delivery becomes head, or the lane disappears.
 fn advance(c: &Connection, t: &DeliveryTask, at: i64) -> Result<(), JournalError> {
     let next: Option<i64> = c
-        .prepare_cached(
-            "SELECT id FROM deliveries WHERE dest = ?1 AND class = ?2 AND lane_key = ?3
-             AND state = 'pending' ORDER BY id LIMIT 1",
-        )?
+        .prepare_cached(NEXT_PENDING)?
         .query_row(params![t.dest, t.class.as_i64(), t.lane_key], |r| r.get(0))
         .optional()?;
     match next {
@@ -603,4 +604,58 @@ fn replay(c: &Connection, f: &ReplayFilter) -> Result<Vec<Replayed>, JournalErro
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plan lines of `sql` on a fresh journal connection (parameters left unbound: with the
+    /// planner's stability guarantee on, the plan cannot depend on their values).
+    fn plan(c: &Connection, sql: &str) -> Vec<String> {
+        let mut stmt = c
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .expect("explain");
+        let mut rows = stmt.raw_query();
+        let mut lines = Vec::new();
+        while let Some(r) = rows.next().expect("plan row") {
+            lines.push(r.get::<_, String>(3).expect("detail"));
+        }
+        lines
+    }
+
+    /// Every hot lookup of the writer searches an index; none scans a table. This guards the
+    /// plans now that SQLite may no longer re-plan with the bound values.
+    #[test]
+    fn hot_statements_use_indexes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = super::super::open_conn(&dir.path().join("journal.sqlite3")).expect("open");
+        super::super::migrate(&c).expect("migrate");
+        assert!(
+            c.db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG)
+                .expect("db config"),
+            "journal connections run with the query planner stability guarantee"
+        );
+        // The check itself can fail: an unindexed column is scanned.
+        assert!(
+            plan(&c, "SELECT id FROM deliveries WHERE last_error = ?1")
+                .iter()
+                .any(|l| l.starts_with("SCAN")),
+        );
+        for sql in [
+            FIND_BY_VENDOR_ID,
+            FIND_BY_IDEM_KEY,
+            READY_LANES,
+            HEAD_TASK,
+            NEXT_DUE,
+            LANE_HOLDER,
+            NEXT_PENDING,
+        ] {
+            let lines = plan(&c, sql);
+            assert!(
+                !lines.is_empty() && lines.iter().all(|l| l.starts_with("SEARCH")),
+                "{sql}\n=> {lines:?}"
+            );
+        }
+    }
 }
