@@ -31,10 +31,28 @@ use classify::Class;
 /// this much latency.
 const POLL: Duration = Duration::from_millis(500);
 
-/// Handles to wake dispatchers when new work is journaled.
+/// Handles to wake dispatchers when new work is journaled: one per destination and lane class,
+/// so that new measurements never start an alarm-lane claim and an alarm never waits for a
+/// claim of the normal class to come back.
 #[derive(Clone, Default)]
 pub struct Wakers {
-    by_dest: Arc<HashMap<String, Arc<Notify>>>,
+    by_dest: Arc<HashMap<String, ClassWake>>,
+}
+
+/// The two wake-ups of one destination's dispatcher, one per claim loop.
+#[derive(Clone, Default)]
+struct ClassWake {
+    alarm: Arc<Notify>,
+    normal: Arc<Notify>,
+}
+
+impl ClassWake {
+    fn of(&self, class: LaneClass) -> &Arc<Notify> {
+        match class {
+            LaneClass::Alarm => &self.alarm,
+            LaneClass::Normal => &self.normal,
+        }
+    }
 }
 
 impl Wakers {
@@ -43,20 +61,31 @@ impl Wakers {
             by_dest: Arc::new(
                 names
                     .into_iter()
-                    .map(|n| (n, Arc::new(Notify::new())))
+                    .map(|n| (n, ClassWake::default()))
                     .collect(),
             ),
         }
     }
+    /// Wakes both claim loops of `dest` (work of either class, or not known which).
     pub fn wake(&self, dest: &str) {
-        if let Some(n) = self.by_dest.get(dest) {
-            n.notify_one();
+        if let Some(w) = self.by_dest.get(dest) {
+            w.alarm.notify_one();
+            w.normal.notify_one();
+        }
+    }
+    /// Wakes the claim loop of `dest` for lanes of `class`.
+    pub fn wake_class(&self, dest: &str, class: LaneClass) {
+        if let Some(w) = self.by_dest.get(dest) {
+            w.of(class).notify_one();
         }
     }
     pub fn wake_all(&self) {
-        self.by_dest.values().for_each(|n| n.notify_one());
+        self.by_dest.values().for_each(|w| {
+            w.alarm.notify_one();
+            w.normal.notify_one();
+        });
     }
-    fn get(&self, dest: &str) -> Arc<Notify> {
+    fn get(&self, dest: &str) -> ClassWake {
         self.by_dest.get(dest).cloned().unwrap_or_default()
     }
 }
@@ -65,7 +94,7 @@ pub struct Dispatcher {
     dest: ValidDestination,
     journal: Arc<dyn Journal>,
     client: reqwest::Client,
-    wake: Arc<Notify>,
+    wake: ClassWake,
     telemetry: Arc<Telemetry>,
     /// Access tokens for destinations with `[destination.oauth]`.
     oauth: Option<oauth::TokenSource>,
@@ -115,54 +144,26 @@ impl Dispatcher {
     }
 
     /// Runs until `shutdown` turns true, then waits up to `grace` for attempts in flight.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>, grace: Duration) {
+    pub async fn run(self, shutdown: watch::Receiver<bool>, grace: Duration) {
         let this = Arc::new(self);
         let alarm_slots = Arc::new(Semaphore::new(this.dest.alarm_concurrency));
         let normal_slots = Arc::new(Semaphore::new(this.dest.concurrency));
-        let classes = [
+        // One claim loop per class: an alarm claim is never queued behind a claim of the normal
+        // class, whose journal round trip waits behind every measurement queued before it.
+        let loops = [
             (LaneClass::Alarm, &alarm_slots),
             (LaneClass::Normal, &normal_slots),
-        ];
-        while !*shutdown.borrow() {
-            let now = now_ms();
-            let mut next_due: Option<i64> = None;
-            let mut failed = false;
-            for (class, slots) in classes {
-                let free = slots.available_permits();
-                match this.journal.claim(&this.dest.name, class, free, now).await {
-                    Ok(claimed) => {
-                        next_due = min_opt(next_due, claimed.next_due_ms);
-                        for task in claimed.tasks {
-                            let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
-                                // Cannot happen (only this loop takes slots); the lease is
-                                // released on restart at worst, never lost.
-                                tracing::error!(dest = %this.dest.name, "no free slot for a claimed lane");
-                                break;
-                            };
-                            let me = Arc::clone(&this);
-                            tokio::spawn(async move {
-                                me.attempt(task).await;
-                                drop(permit);
-                                me.wake.notify_one();
-                            });
-                        }
-                    }
-                    Err(e) => {
-                        failed = true;
-                        tracing::warn!(dest = %this.dest.name, error = %e, "claim failed");
-                    }
-                }
-            }
-            let mut wait = POLL;
-            if failed {
-                wait = Duration::from_secs(1);
-            } else if let Some(due) = next_due {
-                wait = wait.min(Duration::from_millis((due - now_ms()).max(0) as u64));
-            }
-            tokio::select! {
-                _ = this.wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => {}
+        ]
+        .map(|(class, slots)| {
+            tokio::spawn(Arc::clone(&this).claim_loop(
+                class,
+                Arc::clone(slots),
+                shutdown.clone(),
+            ))
+        });
+        for l in loops {
+            if let Err(e) = l.await {
+                tracing::error!(dest = %this.dest.name, error = %e, "claim loop ended abnormally");
             }
         }
         // Let attempts in flight finish and record their outcome; past the grace period their
@@ -178,6 +179,52 @@ impl Dispatcher {
         };
         if tokio::time::timeout(grace, drained).await.is_err() {
             tracing::warn!(dest = %this.dest.name, slots = all, "shutdown grace ran out with attempts in flight");
+        }
+    }
+
+    /// Claims ready heads of `class` into free `slots` and starts their attempts, until
+    /// `shutdown` turns true.
+    async fn claim_loop(
+        self: Arc<Self>,
+        class: LaneClass,
+        slots: Arc<Semaphore>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let wake = Arc::clone(self.wake.of(class));
+        while !*shutdown.borrow() {
+            let now = now_ms();
+            let free = slots.available_permits();
+            let wait = match self.journal.claim(&self.dest.name, class, free, now).await {
+                Ok(claimed) => {
+                    for task in claimed.tasks {
+                        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                            // Cannot happen (only this loop takes these slots); the lease is
+                            // released on restart at worst, never lost.
+                            tracing::error!(dest = %self.dest.name, "no free slot for a claimed lane");
+                            break;
+                        };
+                        let me = Arc::clone(&self);
+                        let wake = Arc::clone(&wake);
+                        tokio::spawn(async move {
+                            me.attempt(task).await;
+                            drop(permit);
+                            wake.notify_one();
+                        });
+                    }
+                    claimed.next_due_ms.map_or(POLL, |due| {
+                        POLL.min(Duration::from_millis((due - now_ms()).max(0) as u64))
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(dest = %self.dest.name, ?class, error = %e, "claim failed");
+                    Duration::from_secs(1)
+                }
+            };
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+            }
         }
     }
 
@@ -331,14 +378,6 @@ fn load_identity(
     pem.push(b'\n');
     pem.extend(read(key)?);
     reqwest::Identity::from_pem(&pem).map_err(|e| BuildError::Identity(e.to_string()))
-}
-
-fn min_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
-    match (a, b) {
-        (Some(x), Some(y)) => Some(x.min(y)),
-        (x, None) => x,
-        (None, y) => y,
-    }
 }
 
 #[cfg(test)]

@@ -294,14 +294,14 @@ async fn ingest_inner(
         if let ((Appended::Stored { id }, _), Some(d)) = (&appended, &deactivated) {
             crate::alarm::deactivation::note(&state, id, d).await;
         }
-        Ok::<_, ApiError>(Stored::Event(appended, dests))
+        Ok::<_, ApiError>(Stored::Event(appended, dests, category.lane_class()))
     };
-    let (appended, dests) = match tokio::time::timeout(limits.request_timeout, work)
+    let (appended, dests, class) = match tokio::time::timeout(limits.request_timeout, work)
         .await
         .map_err(|_| ApiError::Timeout {
             retry_after_s: limits.retry_after_s,
         })?? {
-        Stored::Event(appended, dests) => (appended, dests),
+        Stored::Event(appended, dests, class) => (appended, dests, class),
         Stored::Heartbeat(device_key) => {
             return Ok(tagged(
                 IngestOutcome::Heartbeat,
@@ -327,7 +327,7 @@ async fn ingest_inner(
     Ok(match appended {
         Appended::Stored { id } => {
             for d in &dests {
-                state.wakers.wake(d);
+                state.wakers.wake_class(d, class);
             }
             crate::fhir::notify::WAKE.notify_one();
             let location = format!("/v1/admin/events/{id}");
@@ -352,7 +352,12 @@ async fn ingest_inner(
 
 enum Stored {
     /// The journal's answer; with `Some(reason)` when the event was quarantined.
-    Event((Appended, Option<String>), Vec<String>),
+    /// With the event's destinations and the class of its lanes (whose claim loops to wake).
+    Event(
+        (Appended, Option<String>),
+        Vec<String>,
+        crate::journal::LaneClass,
+    ),
     Heartbeat(String),
 }
 
