@@ -155,11 +155,7 @@ impl Dispatcher {
             (LaneClass::Normal, &normal_slots),
         ]
         .map(|(class, slots)| {
-            tokio::spawn(Arc::clone(&this).claim_loop(
-                class,
-                Arc::clone(slots),
-                shutdown.clone(),
-            ))
+            tokio::spawn(Arc::clone(&this).claim_loop(class, Arc::clone(slots), shutdown.clone()))
         });
         for l in loops {
             if let Err(e) = l.await {

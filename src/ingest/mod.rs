@@ -299,8 +299,8 @@ async fn ingest_inner(
     let (appended, dests, class) = match tokio::time::timeout(limits.request_timeout, work)
         .await
         .map_err(|_| ApiError::Timeout {
-            retry_after_s: limits.retry_after_s,
-        })?? {
+        retry_after_s: limits.retry_after_s,
+    })?? {
         Stored::Event(appended, dests, class) => (appended, dests, class),
         Stored::Heartbeat(device_key) => {
             return Ok(tagged(

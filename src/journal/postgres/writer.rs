@@ -77,6 +77,7 @@ pub async fn run(
     let lease_ms = lease.as_millis() as i64;
     let mut conn: Option<Conn> = None;
     let mut last_sweep = Instant::now();
+    let mut last_replan = Instant::now();
     loop {
         let Some(batch) = inbox.lock().await.next_batch(max_batch).await else {
             break;
@@ -112,6 +113,14 @@ pub async fn run(
                 tracing::warn!(error = %db_error_text(&e), "lane sweep failed");
             }
         }
+        if last_replan.elapsed() > REPLAN_EVERY
+            && let Some(c) = conn.as_ref()
+        {
+            last_replan = Instant::now();
+            if let Err(e) = c.client.batch_execute("DISCARD PLANS").await {
+                tracing::warn!(error = %db_error_text(&e), "discarding cached plans failed");
+            }
+        }
     }
 }
 
@@ -120,6 +129,13 @@ async fn open(config: &Config, tls: MakeRustlsConnect) -> Result<Conn, JournalEr
     let s = Stmts::prepare(&client).await?;
     Ok(Conn { client, s })
 }
+
+/// How often a writer drops its prepared statements' cached plans. PostgreSQL keeps a generic
+/// plan until the table's statistics change, and without ANALYZE (autovacuum off, or not yet
+/// run) a plan made while a table was nearly empty stays a sequential scan as the table grows:
+/// loading claimed lane heads scanned the whole deliveries table on every claim, and the
+/// bench's throughput fell with the journal's size. Re-planning reads the current table sizes.
+const REPLAN_EVERY: Duration = Duration::from_secs(5);
 
 /// Attempts per batch when PostgreSQL aborts it for a deadlock or serialization failure between
 /// nodes; the batch was rolled back, so running it again is safe.
