@@ -45,7 +45,6 @@ use knutepunkt::journal::{
     Appended, AttemptRecord, Claimed, DeliveryTask, Journal, JournalError, LaneClass, LaneQuery,
     NewEvent, PostgresJournal, ReplayFilter, SqliteJournal, Verdict,
 };
-use knutepunkt::normalise::{Category, Envelope, Priority};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::Config;
@@ -307,35 +306,8 @@ fn writer_threads() -> usize {
 }
 
 fn new_event(id: &str, vendor_id: &str, key: &str, alarm: bool, dests: &[&str]) -> NewEvent {
-    let fhir = format!(r#"{{"resourceType":"Bundle","id":"{id}"}}"#);
-    NewEvent {
-        envelope: Envelope {
-            id: id.to_string(),
-            vendor: "model".into(),
-            vendor_event_id: Some(vendor_id.to_string()),
-            category: if alarm {
-                Category::Alarm
-            } else {
-                Category::Measurement
-            },
-            priority: Priority::Normal,
-            tenant: None,
-            key: key.to_string(),
-            mapping_version: "1".into(),
-            fhir,
-        },
-        raw: b"{}".to_vec(),
-        content_type: "application/fhir+json".into(),
-        idempotency_key: None,
-        received_at_ms: wall(),
-        destinations: dests.iter().map(|d| d.to_string()).collect(),
-        routes: vec!["r".into()],
-        traceparent: Some(TRACEPARENT.into()),
-    }
+    common::journal_event("model", id, vendor_id, key, alarm, dests)
 }
-
-/// Stored with every model event; every claimed task must carry it back (trace continuity).
-const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 fn class(alarm: bool) -> LaneClass {
     if alarm {
@@ -459,7 +431,7 @@ impl Harness {
             let lane = lane_of(t);
             prop_assert_eq!(&t.dest, dest);
             prop_assert_eq!(t.class, class);
-            prop_assert_eq!(t.traceparent.as_deref(), Some(TRACEPARENT));
+            prop_assert_eq!(t.traceparent.as_deref(), Some(common::TRACEPARENT));
             prop_assert!(
                 ready.contains(&lane),
                 "claimed lane {:?} is not ready (leased or not due or empty): {:?}",

@@ -5,6 +5,11 @@
 //! hanging destination never holds up another. Within a destination, each lane holds at most one
 //! attempt at a time (the journal hands out only unleased heads), so a failing key blocks only
 //! itself. Alarm lanes are claimed first and have their own slots.
+//!
+//! A lane head that is ready when the journal writer commits it (a new lane, or the next event
+//! of a lane whose head just finished) is leased by the writer itself and handed straight to
+//! the dispatcher with one of its free slots (`journal::handoff`), saving a claim round trip;
+//! everything else (retries coming due, work found after a restart, no free slot) is claimed.
 
 pub mod adapter;
 pub mod backoff;
@@ -17,11 +22,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::Instrument;
 
 use crate::clock::now_ms;
 use crate::config::ValidDestination;
+use crate::journal::handoff::{Handed, Handoff};
 use crate::journal::{AttemptRecord, DeliveryTask, Journal, JournalError, LaneClass, Verdict};
 use crate::telemetry::Telemetry;
 use crate::telemetry::events::{AttemptOutcome, DeadReason, DeliveryAttempted};
@@ -150,13 +156,28 @@ impl Dispatcher {
         let normal_slots = Arc::new(Semaphore::new(this.dest.concurrency));
         // One claim loop per class: an alarm claim is never queued behind a claim of the normal
         // class, whose journal round trip waits behind every measurement queued before it.
-        let loops = [
+        let mut loops: Vec<_> = [
             (LaneClass::Alarm, &alarm_slots),
             (LaneClass::Normal, &normal_slots),
         ]
+        .into_iter()
         .map(|(class, slots)| {
             tokio::spawn(Arc::clone(&this).claim_loop(class, Arc::clone(slots), shutdown.clone()))
-        });
+        })
+        .collect();
+        // Lane heads the journal writer leased for us as it committed them (no claim needed).
+        if let Some(handoff) = this.journal.handoff() {
+            let rx = handoff.register(
+                &this.dest.name,
+                Arc::clone(&alarm_slots),
+                Arc::clone(&normal_slots),
+            );
+            loops.push(tokio::spawn(Arc::clone(&this).take_handoffs(
+                handoff,
+                rx,
+                shutdown.clone(),
+            )));
+        }
         for l in loops {
             if let Err(e) = l.await {
                 tracing::error!(dest = %this.dest.name, error = %e, "claim loop ended abnormally");
@@ -193,19 +214,19 @@ impl Dispatcher {
             let wait = match self.journal.claim(&self.dest.name, class, free, now).await {
                 Ok(claimed) => {
                     for task in claimed.tasks {
-                        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                            // Cannot happen (only this loop takes these slots); the lease is
-                            // released on restart at worst, never lost.
-                            tracing::error!(dest = %self.dest.name, "no free slot for a claimed lane");
-                            break;
-                        };
-                        let me = Arc::clone(&self);
-                        let wake = Arc::clone(&wake);
-                        tokio::spawn(async move {
-                            me.attempt(task).await;
-                            drop(permit);
-                            wake.notify_one();
-                        });
+                        match Arc::clone(&slots).try_acquire_owned() {
+                            Ok(permit) => self.start(task, permit),
+                            // The journal's writer took the slot for a hand-off meanwhile: this
+                            // lease waits for the next free slot (at most `free` tasks wait).
+                            Err(_) => {
+                                let (me, slots) = (Arc::clone(&self), Arc::clone(&slots));
+                                tokio::spawn(async move {
+                                    if let Ok(permit) = slots.acquire_owned().await {
+                                        me.start(task, permit);
+                                    }
+                                });
+                            }
+                        }
                     }
                     claimed.next_due_ms.map_or(POLL, |due| {
                         POLL.min(Duration::from_millis((due - now_ms()).max(0) as u64))
@@ -221,6 +242,42 @@ impl Dispatcher {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
             }
+        }
+    }
+
+    /// Runs one attempt in its own task; when it is recorded, the slot is freed and the claim
+    /// loop of its class looks for more work.
+    fn start(self: &Arc<Self>, task: DeliveryTask, permit: OwnedSemaphorePermit) {
+        let me = Arc::clone(self);
+        let wake = Arc::clone(self.wake.of(task.class));
+        tokio::spawn(async move {
+            me.attempt(task).await;
+            drop(permit);
+            wake.notify_one();
+        });
+    }
+
+    /// Starts every lane head the journal hands over, until `shutdown`; then stops the hand-offs
+    /// and starts those already sent, so that none is left leased without an attempt.
+    async fn take_handoffs(
+        self: Arc<Self>,
+        handoff: Arc<Handoff>,
+        mut rx: mpsc::UnboundedReceiver<Handed>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        while !*shutdown.borrow() {
+            tokio::select! {
+                got = rx.recv() => match got {
+                    Some(h) => self.start(h.task, h.permit),
+                    None => break,
+                },
+                _ = shutdown.changed() => {}
+            }
+        }
+        handoff.unregister(&self.dest.name);
+        rx.close();
+        while let Some(h) = rx.recv().await {
+            self.start(h.task, h.permit);
         }
     }
 

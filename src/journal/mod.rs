@@ -16,6 +16,7 @@
 pub mod alarm;
 pub mod audit_chain;
 mod command;
+pub mod handoff;
 mod postgres;
 pub mod registry_text;
 pub mod retention;
@@ -79,6 +80,12 @@ pub trait Journal: Send + Sync + 'static {
 
     /// A durable no-op write: proves the store is writable (readiness).
     async fn ping(&self) -> Result<(), JournalError>;
+
+    /// Where dispatchers register to receive lane heads leased by the writer itself (see
+    /// `handoff`); `None` for a backend that only hands work out through `claim`.
+    fn handoff(&self) -> Option<std::sync::Arc<handoff::Handoff>> {
+        None
+    }
 
     async fn lanes(&self, query: LaneQuery) -> Result<Vec<LaneInfo>, JournalError>;
     async fn destinations(&self) -> Result<Vec<DestinationStats>, JournalError>;

@@ -654,3 +654,43 @@ pub async fn post_scaip(gw: &Gateway, xml: String) -> reqwest::Response {
         .await
         .expect("post")
 }
+
+/// Stored with every event built by [`journal_event`]; tasks must carry it back.
+pub const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// An event for the journal API directly (no HTTP, no mapping): a minimal FHIR Bundle with id
+/// `id`, keyed by `key`, of the alarm or measurement category, routed to `dests`.
+pub fn journal_event(
+    vendor: &str,
+    id: &str,
+    vendor_id: &str,
+    key: &str,
+    alarm: bool,
+    dests: &[&str],
+) -> knutepunkt::journal::NewEvent {
+    use knutepunkt::normalise::{Category, Envelope, Priority};
+    knutepunkt::journal::NewEvent {
+        envelope: Envelope {
+            id: id.to_string(),
+            vendor: vendor.into(),
+            vendor_event_id: Some(vendor_id.to_string()),
+            category: if alarm {
+                Category::Alarm
+            } else {
+                Category::Measurement
+            },
+            priority: Priority::Normal,
+            tenant: None,
+            key: key.to_string(),
+            mapping_version: "1".into(),
+            fhir: format!(r#"{{"resourceType":"Bundle","id":"{id}"}}"#),
+        },
+        raw: b"{}".to_vec(),
+        content_type: "application/fhir+json".into(),
+        idempotency_key: None,
+        received_at_ms: knutepunkt::clock::now_ms(),
+        destinations: dests.iter().map(|d| d.to_string()).collect(),
+        routes: vec!["r".into()],
+        traceparent: Some(TRACEPARENT.into()),
+    }
+}

@@ -22,6 +22,7 @@ use super::alarm::{
     AlarmOp, AlarmOut, Deactivation, DeactivationQuery, Escalation, EscalationQuery,
 };
 use super::command::Queue;
+use super::handoff::Handoff;
 use super::{
     Appended, Assignment, AssignmentQuery, AttemptRecord, AuditNote, Claimed, DeadLetter,
     DeadLetterQuery, DestinationStats, DeviceBeat, EventDetail, Journal, JournalError,
@@ -60,6 +61,8 @@ const SCHEMA_V7: &str = "
 pub struct SqliteJournal {
     queue: Queue,
     reader: Arc<Mutex<Connection>>,
+    /// Dispatchers that take lane heads straight from the writer (see `journal::handoff`).
+    handoff: Arc<Handoff>,
     /// Held for the process lifetime: a second gateway on the same data dir is refused.
     _lock: File,
 }
@@ -93,10 +96,12 @@ impl SqliteJournal {
         // grow with the journal.
         reader.execute_batch("PRAGMA cache_size = -2048; PRAGMA temp_store = FILE;")?;
         let (queue, rx) = Queue::new(queue_capacity);
-        writer::spawn(conn, rx, max_batch)?;
+        let handoff = Arc::new(Handoff::default());
+        writer::spawn(conn, rx, max_batch, Arc::clone(&handoff))?;
         Ok(Self {
             queue,
             reader: Arc::new(Mutex::new(reader)),
+            handoff,
             _lock: lock,
         })
     }
@@ -203,6 +208,10 @@ impl Journal for SqliteJournal {
 
     async fn ping(&self) -> Result<(), JournalError> {
         self.queue.ping().await
+    }
+
+    fn handoff(&self) -> Option<Arc<Handoff>> {
+        Some(Arc::clone(&self.handoff))
     }
 
     async fn lanes(&self, query: LaneQuery) -> Result<Vec<LaneInfo>, JournalError> {

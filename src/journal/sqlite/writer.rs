@@ -8,12 +8,14 @@ mod subs;
 
 pub use registry::assignment_row;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::journal::audit_chain::{Content, GENESIS, row_hash};
 use crate::journal::command::{AuditRow, Command, Done, Inbox, fail};
+use crate::journal::handoff::{Handed, Handoff};
 use crate::journal::{
     Appended, AttemptRecord, Claimed, DeliveryTask, JournalError, LaneClass, NewEvent,
     ReplayFilter, Replayed, Verdict,
@@ -35,28 +37,41 @@ const NEXT_PENDING: &str =
     "SELECT id FROM deliveries WHERE dest = ?1 AND class = ?2 AND lane_key = ?3
              AND state = 'pending' ORDER BY id LIMIT 1";
 
-pub fn spawn(conn: Connection, inbox: Inbox, max_batch: usize) -> Result<(), JournalError> {
+pub fn spawn(
+    conn: Connection,
+    inbox: Inbox,
+    max_batch: usize,
+    handoff: Arc<Handoff>,
+) -> Result<(), JournalError> {
     // The writer is a plain thread (SQLite calls block); this runtime only waits on the inbox.
     let waiter = tokio::runtime::Builder::new_current_thread()
         .build()
         .map_err(|e| JournalError::Unavailable(format!("writer runtime: {e}")))?;
     std::thread::Builder::new()
         .name("journal-writer".into())
-        .spawn(move || run(conn, inbox, &waiter, max_batch))
+        .spawn(move || run(conn, inbox, &waiter, max_batch, &handoff))
         .map(|_| ())
         .map_err(|e| JournalError::Unavailable(format!("spawn writer: {e}")))
 }
 
-fn run(mut conn: Connection, mut inbox: Inbox, waiter: &tokio::runtime::Runtime, max_batch: usize) {
+fn run(
+    mut conn: Connection,
+    mut inbox: Inbox,
+    waiter: &tokio::runtime::Runtime,
+    max_batch: usize,
+    handoff: &Handoff,
+) {
     let tokens = &LEASE_TOKENS;
     tokens.fetch_max(lease_epoch(), Ordering::Relaxed);
     while let Some(mut batch) = waiter.block_on(inbox.next_batch(max_batch)) {
         let mut done = Vec::with_capacity(batch.len());
+        let mut handed = Vec::new();
+        let w = Writes { tokens, handoff };
         let commit = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         {
             Ok(mut tx) => {
                 for cmd in batch.drain(..) {
-                    done.push(apply(&mut tx, cmd, tokens));
+                    done.push(apply(&mut tx, cmd, &w, &mut handed));
                 }
                 tx.commit().map_err(|e| e.to_string())
             }
@@ -68,10 +83,16 @@ fn run(mut conn: Connection, mut inbox: Inbox, waiter: &tokio::runtime::Runtime,
                 Err(msg)
             }
         };
-        if let Err(e) = &commit {
-            tracing::error!(error = %e, "journal commit failed");
-            // The batch's audit rows are gone: read the head from the table again.
-            CHAIN_HEAD.with(|h| h.borrow_mut().take());
+        match &commit {
+            // Hand-offs first: their deliveries start while the callers are being answered.
+            Ok(()) => handoff.send(handed),
+            Err(e) => {
+                tracing::error!(error = %e, "journal commit failed");
+                // The batch's audit rows are gone: read the head from the table again.
+                CHAIN_HEAD.with(|h| h.borrow_mut().take());
+                // Their leases were rolled back with the batch; dropping them frees the slots.
+                drop(handed);
+            }
         }
         for d in done {
             d.send(&commit);
@@ -88,9 +109,103 @@ fn lease_epoch() -> i64 {
     crate::clock::now_ms().saturating_mul(1000)
 }
 
-fn apply(tx: &mut Transaction<'_>, cmd: Command, tokens: &AtomicI64) -> Done {
+/// What a batch's commands share besides the transaction: the lease tokens and the lane heads
+/// leased for direct hand-off, sent to their dispatchers only once the batch has committed.
+#[derive(Clone, Copy)]
+struct Writes<'a> {
+    tokens: &'a AtomicI64,
+    handoff: &'a Handoff,
+}
+
+impl Writes<'_> {
+    /// Leases the new head `head_id` of a lane and queues it for hand-off, if its dispatcher has
+    /// a free slot; otherwise leaves the lane to be claimed.
+    fn hand_over(
+        self,
+        c: &Connection,
+        t: Lane<'_>,
+        head_id: i64,
+        task: impl FnOnce() -> Result<HeadTask, JournalError>,
+        handed: &mut Vec<Handed>,
+    ) -> Result<(), JournalError> {
+        let Some(permit) = self.handoff.reserve(t.dest, t.class) else {
+            return Ok(());
+        };
+        let lease = self.tokens.fetch_add(1, Ordering::Relaxed);
+        c.prepare_cached(
+            "UPDATE lanes SET leased = ?4 WHERE dest = ?1 AND class = ?2 AND lane_key = ?3",
+        )?
+        .execute(params![t.dest, t.class.as_i64(), t.key, lease])?;
+        let h = task()?;
+        handed.push(Handed {
+            task: DeliveryTask {
+                delivery_id: head_id,
+                event_id: h.event_id,
+                dest: t.dest.to_string(),
+                class: t.class,
+                lane_key: t.key.to_string(),
+                attempts: h.attempts,
+                created_at_ms: h.created_at_ms,
+                fhir: h.fhir,
+                lease,
+                traceparent: h.traceparent,
+            },
+            permit,
+        });
+        Ok(())
+    }
+}
+
+/// A lane, named by destination, class and key.
+#[derive(Clone, Copy)]
+struct Lane<'a> {
+    dest: &'a str,
+    class: LaneClass,
+    key: &'a str,
+}
+
+/// What a delivery task needs from the journal besides its lane.
+struct HeadTask {
+    event_id: String,
+    attempts: u32,
+    created_at_ms: i64,
+    fhir: Arc<str>,
+    traceparent: Option<String>,
+}
+
+/// The head delivery `head_id` as a task's facts.
+fn head_task(c: &Connection, head_id: i64) -> Result<HeadTask, JournalError> {
+    Ok(c.prepare_cached(HEAD_TASK)?
+        .query_row(params![head_id], |r| {
+            Ok(HeadTask {
+                event_id: r.get(0)?,
+                attempts: r.get(1)?,
+                created_at_ms: r.get(2)?,
+                fhir: r.get::<_, String>(3)?.into(),
+                traceparent: r.get(4)?,
+            })
+        })?)
+}
+
+/// Runs `f` in a savepoint with its own list of hand-offs, kept only if the command succeeds
+/// (a rolled-back command's leases are undone with it).
+fn with_handoffs<T>(
+    tx: &mut Transaction<'_>,
+    handed: &mut Vec<Handed>,
+    f: impl FnOnce(&Connection, &mut Vec<Handed>) -> Result<T, JournalError>,
+) -> Result<T, JournalError> {
+    let mut mine = Vec::new();
+    let out = in_savepoint(tx, |t| f(t, &mut mine))?;
+    handed.append(&mut mine);
+    Ok(out)
+}
+
+fn apply(tx: &mut Transaction<'_>, cmd: Command, w: &Writes<'_>, handed: &mut Vec<Handed>) -> Done {
+    let (w, tokens) = (*w, w.tokens);
     match cmd {
-        Command::Append(ev, r) => Done::Append(r, in_savepoint(tx, |t| append(t, &ev))),
+        Command::Append(ev, r) => {
+            Done::Append(r, with_handoffs(tx, handed, |t, h| append(t, &ev, w, h)))
+        }
         Command::Claim {
             dest,
             class,
@@ -101,7 +216,9 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command, tokens: &AtomicI64) -> Done {
             reply,
             in_savepoint(tx, |t| claim(t, &dest, class, limit, now_ms, tokens)),
         ),
-        Command::Record(rec, r) => Done::Unit(r, in_savepoint(tx, |t| record(t, &rec))),
+        Command::Record(rec, r) => {
+            Done::Unit(r, with_handoffs(tx, handed, |t, h| record(t, &rec, w, h)))
+        }
         Command::Replay(f, r) => Done::Replay(r, in_savepoint(tx, |t| replay(t, &f))),
         Command::Ping(r) => Done::Unit(r, Ok(())),
         Command::Registry(op, r) => Done::Registry(r, in_savepoint(tx, |t| registry::apply(t, op))),
@@ -197,13 +314,38 @@ enum Stored {
     Duplicate(String),
 }
 
-fn append(c: &Connection, ev: &NewEvent) -> Result<Appended, JournalError> {
+fn append(
+    c: &Connection,
+    ev: &NewEvent,
+    w: Writes<'_>,
+    handed: &mut Vec<Handed>,
+) -> Result<Appended, JournalError> {
     let (seq, now) = match store(c, ev)? {
         Stored::New { seq, now } => (seq, now),
         Stored::Duplicate(id) => return Ok(Appended::Duplicate { id }),
     };
-    route(c, seq, ev, now)?;
+    let new_lanes = route(c, seq, ev, now)?;
     subs::on_append(c, &ev.envelope, now)?;
+    // A delivery that opened its lane is ready now: hand it straight to its dispatcher instead
+    // of waiting for a claim (a second commit) before it goes out.
+    let env = &ev.envelope;
+    for (dest, head_id) in new_lanes {
+        let lane = Lane {
+            dest,
+            class: env.category.lane_class(),
+            key: &env.key,
+        };
+        let task = || {
+            Ok(HeadTask {
+                event_id: env.id.clone(),
+                attempts: 0,
+                created_at_ms: now,
+                fhir: Arc::from(env.fhir.as_str()),
+                traceparent: ev.traceparent.clone(),
+            })
+        };
+        w.hand_over(c, lane, head_id, task, handed)?;
+    }
     Ok(Appended::Stored {
         id: ev.envelope.id.clone(),
     })
@@ -282,22 +424,32 @@ fn store(c: &Connection, ev: &NewEvent) -> Result<Stored, JournalError> {
     Ok(Stored::New { seq, now })
 }
 
-/// Queues the event's deliveries (or records that no route matched).
-fn route(c: &Connection, seq: i64, ev: &NewEvent, now: i64) -> Result<(), JournalError> {
+/// Queues the event's deliveries (or records that no route matched); returns the deliveries
+/// that opened their lane, by destination.
+fn route<'e>(
+    c: &Connection,
+    seq: i64,
+    ev: &'e NewEvent,
+    now: i64,
+) -> Result<Vec<(&'e str, i64)>, JournalError> {
     route_to(c, seq, &ev.envelope, &ev.destinations, &ev.routes, now)
 }
 
-fn route_to(
+fn route_to<'d>(
     c: &Connection,
     seq: i64,
     env: &crate::normalise::Envelope,
-    destinations: &[String],
+    destinations: &'d [String],
     routes: &[String],
     now: i64,
-) -> Result<(), JournalError> {
+) -> Result<Vec<(&'d str, i64)>, JournalError> {
     let class = env.category.lane_class();
+    let mut new_lanes = Vec::new();
     for dest in destinations {
-        enqueue(c, seq, &env.id, dest, class, &env.key, now)?;
+        let (id, opened) = enqueue(c, seq, &env.id, dest, class, &env.key, now)?;
+        if opened {
+            new_lanes.push((dest.as_str(), id));
+        }
     }
     if destinations.is_empty() {
         audit(
@@ -327,10 +479,11 @@ fn route_to(
             },
         )?;
     }
-    Ok(())
+    Ok(new_lanes)
 }
 
 /// Appends a pending delivery at the tail of its lane, creating the lane if it is empty.
+/// Returns the delivery's id and whether it opened the lane (is its head).
 fn enqueue(
     c: &Connection,
     seq: i64,
@@ -339,19 +492,20 @@ fn enqueue(
     class: LaneClass,
     key: &str,
     now: i64,
-) -> Result<i64, JournalError> {
+) -> Result<(i64, bool), JournalError> {
     c.prepare_cached(
         "INSERT INTO deliveries (event_seq, event_id, dest, class, lane_key, state, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)",
     )?
     .execute(params![seq, event_id, dest, class.as_i64(), key, now])?;
     let id = c.last_insert_rowid();
-    c.prepare_cached(
-        "INSERT INTO lanes (dest, class, lane_key, head_id, next_attempt_at, leased)
-         VALUES (?1, ?2, ?3, ?4, ?5, 0) ON CONFLICT (dest, class, lane_key) DO NOTHING",
-    )?
-    .execute(params![dest, class.as_i64(), key, id, now])?;
-    Ok(id)
+    let opened = c
+        .prepare_cached(
+            "INSERT INTO lanes (dest, class, lane_key, head_id, next_attempt_at, leased)
+             VALUES (?1, ?2, ?3, ?4, ?5, 0) ON CONFLICT (dest, class, lane_key) DO NOTHING",
+        )?
+        .execute(params![dest, class.as_i64(), key, id, now])?;
+    Ok((id, opened == 1))
 }
 
 fn claim(
@@ -376,28 +530,18 @@ fn claim(
                 "UPDATE lanes SET leased = ?4 WHERE dest = ?1 AND class = ?2 AND lane_key = ?3",
             )?
             .execute(params![dest, class.as_i64(), lane_key, lease])?;
-            let (event_id, attempts, created_at_ms, fhir, traceparent): (
-                String,
-                u32,
-                i64,
-                String,
-                Option<String>,
-            ) = c
-                .prepare_cached(HEAD_TASK)?
-                .query_row(params![head_id], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                })?;
+            let h = head_task(c, head_id)?;
             tasks.push(DeliveryTask {
                 delivery_id: head_id,
-                event_id,
+                event_id: h.event_id,
                 dest: dest.to_string(),
                 class,
                 lane_key,
-                attempts,
-                created_at_ms,
-                fhir: fhir.into(),
+                attempts: h.attempts,
+                created_at_ms: h.created_at_ms,
+                fhir: h.fhir,
                 lease,
-                traceparent,
+                traceparent: h.traceparent,
             });
         }
     }
@@ -407,7 +551,12 @@ fn claim(
     Ok(Claimed { tasks, next_due_ms })
 }
 
-fn record(c: &Connection, rec: &AttemptRecord) -> Result<(), JournalError> {
+fn record(
+    c: &Connection,
+    rec: &AttemptRecord,
+    w: Writes<'_>,
+    handed: &mut Vec<Handed>,
+) -> Result<(), JournalError> {
     let t = &rec.task;
     let holder: Option<i64> = c
         .prepare_cached(LANE_HOLDER)?
@@ -452,7 +601,7 @@ fn record(c: &Connection, rec: &AttemptRecord) -> Result<(), JournalError> {
                     ..Default::default()
                 },
             )?;
-            advance(c, t, at)
+            advance(c, t, at, w, handed)
         }
         Verdict::Retry { next_attempt_ms } => {
             c.prepare_cached(
@@ -503,13 +652,21 @@ fn record(c: &Connection, rec: &AttemptRecord) -> Result<(), JournalError> {
                     ..Default::default()
                 },
             )?;
-            advance(c, t, at)
+            advance(c, t, at, w, handed)
         }
     }
 }
 
 /// The head is finished: the next pending delivery becomes head, or the lane disappears.
-fn advance(c: &Connection, t: &DeliveryTask, at: i64) -> Result<(), JournalError> {
+/// The next head is handed straight to the dispatcher when it has a free slot, which saves the
+/// lane a claim (one more commit) per event while it has a backlog.
+fn advance(
+    c: &Connection,
+    t: &DeliveryTask,
+    at: i64,
+    w: Writes<'_>,
+    handed: &mut Vec<Handed>,
+) -> Result<(), JournalError> {
     let next: Option<i64> = c
         .prepare_cached(NEXT_PENDING)?
         .query_row(params![t.dest, t.class.as_i64(), t.lane_key], |r| r.get(0))
@@ -521,6 +678,12 @@ fn advance(c: &Connection, t: &DeliveryTask, at: i64) -> Result<(), JournalError
                  WHERE dest = ?1 AND class = ?2 AND lane_key = ?3",
             )?
             .execute(params![t.dest, t.class.as_i64(), t.lane_key, head, at])?;
+            let lane = Lane {
+                dest: &t.dest,
+                class: t.class,
+                key: &t.lane_key,
+            };
+            w.hand_over(c, lane, head, || head_task(c, head), handed)?;
         }
         None => {
             c.prepare_cached("DELETE FROM lanes WHERE dest = ?1 AND class = ?2 AND lane_key = ?3")?
@@ -574,7 +737,7 @@ fn replay(c: &Connection, f: &ReplayFilter) -> Result<Vec<Replayed>, JournalErro
     for (dead_id, seq, event_id, dest, class, key) in rows {
         c.prepare_cached("UPDATE deliveries SET state = 'replayed' WHERE id = ?1")?
             .execute(params![dead_id])?;
-        let new_id = enqueue(
+        let (new_id, _) = enqueue(
             c,
             seq,
             &event_id,

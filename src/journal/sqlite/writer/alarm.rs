@@ -78,7 +78,7 @@ fn escalate(
             .collect::<Result<_, _>>()?;
         for (delivery_id, seq, event_id, key, stored_at, state) in due {
             let fallback_id = match &rule.fallback {
-                Some(f) => Some(enqueue(c, seq, &event_id, f, LaneClass::Alarm, &key, now)?),
+                Some(f) => Some(enqueue(c, seq, &event_id, f, LaneClass::Alarm, &key, now)?.0),
                 None => None,
             };
             c.prepare_cached(

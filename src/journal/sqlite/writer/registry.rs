@@ -244,5 +244,6 @@ fn release(c: &Connection, r: &Release) -> Result<(), JournalError> {
         },
     )?;
     super::subs::on_append(c, env, now)?;
-    route_to(c, seq, env, &r.destinations, &r.routes, now)
+    // Released events are claimed as usual (no direct hand-off).
+    route_to(c, seq, env, &r.destinations, &r.routes, now).map(|_| ())
 }
