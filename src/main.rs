@@ -72,6 +72,12 @@ enum AuditAction {
     },
 }
 
+/// mimalloc instead of the system allocator: the gateway allocates and frees many short-lived
+/// buffers per event (JSON, HTTP), and glibc's malloc/free took about a tenth of its CPU under
+/// load (BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
