@@ -36,6 +36,7 @@ fn outcome(task: DeliveryTask, verdict: Verdict) -> AttemptRecord {
 
 struct Setup {
     journal: SqliteJournal,
+    id: u64,
     rx: UnboundedReceiver<Handed>,
     alarm: Arc<Semaphore>,
     normal: Arc<Semaphore>,
@@ -48,13 +49,14 @@ fn open(dir: &std::path::Path, alarm_slots: usize, normal_slots: usize) -> Setup
         Arc::new(Semaphore::new(alarm_slots)),
         Arc::new(Semaphore::new(normal_slots)),
     );
-    let rx = journal
+    let registration = journal
         .handoff()
         .expect("the embedded store hands off")
         .register("a", Arc::clone(&alarm), Arc::clone(&normal));
     Setup {
         journal,
-        rx,
+        id: registration.id,
+        rx: registration.rx,
         alarm,
         normal,
     }
@@ -254,7 +256,7 @@ async fn without_a_free_slot_or_a_registration_nothing_is_handed_over() {
 
     // Unregistered (a dispatcher that stopped): claimed as usual even with slots free.
     let handoff = s.journal.handoff().expect("handoff");
-    handoff.unregister("a");
+    handoff.unregister("a", s.id);
     s.alarm.add_permits(4);
     s.journal
         .append(event("x3", "patient:3", true, &["a"]))

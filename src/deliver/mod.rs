@@ -22,12 +22,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tracing::Instrument;
 
 use crate::clock::now_ms;
 use crate::config::ValidDestination;
-use crate::journal::handoff::{Handed, Handoff};
+use crate::journal::handoff::{Handoff, Registration};
 use crate::journal::{AttemptRecord, DeliveryTask, Journal, JournalError, LaneClass, Verdict};
 use crate::telemetry::Telemetry;
 use crate::telemetry::events::{AttemptOutcome, DeadReason, DeliveryAttempted};
@@ -167,14 +167,14 @@ impl Dispatcher {
         .collect();
         // Lane heads the journal writer leased for us as it committed them (no claim needed).
         if let Some(handoff) = this.journal.handoff() {
-            let rx = handoff.register(
+            let registration = handoff.register(
                 &this.dest.name,
                 Arc::clone(&alarm_slots),
                 Arc::clone(&normal_slots),
             );
             loops.push(tokio::spawn(Arc::clone(&this).take_handoffs(
                 handoff,
-                rx,
+                registration,
                 shutdown.clone(),
             )));
         }
@@ -262,7 +262,7 @@ impl Dispatcher {
     async fn take_handoffs(
         self: Arc<Self>,
         handoff: Arc<Handoff>,
-        mut rx: mpsc::UnboundedReceiver<Handed>,
+        Registration { id, mut rx }: Registration,
         mut shutdown: watch::Receiver<bool>,
     ) {
         while !*shutdown.borrow() {
@@ -274,7 +274,7 @@ impl Dispatcher {
                 _ = shutdown.changed() => {}
             }
         }
-        handoff.unregister(&self.dest.name);
+        handoff.unregister(&self.dest.name, id);
         rx.close();
         while let Some(h) = rx.recv().await {
             self.start(h.task, h.permit);

@@ -11,6 +11,7 @@
 //! slot permits, so it never holds more than the destination's slots.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -28,9 +29,18 @@ pub struct Handed {
 #[derive(Default)]
 pub struct Handoff {
     by_dest: RwLock<HashMap<String, Taker>>,
+    next_id: AtomicU64,
+}
+
+/// A dispatcher's registration: its id (for [`Handoff::unregister`]) and what it receives.
+pub struct Registration {
+    pub id: u64,
+    pub rx: mpsc::UnboundedReceiver<Handed>,
 }
 
 struct Taker {
+    /// Tells registrations apart, so a stopping dispatcher removes only its own.
+    id: u64,
     alarm: Arc<Semaphore>,
     normal: Arc<Semaphore>,
     tx: mpsc::UnboundedSender<Handed>,
@@ -44,16 +54,26 @@ impl Handoff {
         dest: &str,
         alarm: Arc<Semaphore>,
         normal: Arc<Semaphore>,
-    ) -> mpsc::UnboundedReceiver<Handed> {
+    ) -> Registration {
         let (tx, rx) = mpsc::unbounded_channel();
-        let taker = Taker { alarm, normal, tx };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let taker = Taker {
+            id,
+            alarm,
+            normal,
+            tx,
+        };
         self.write().insert(dest.to_string(), taker);
-        rx
+        Registration { id, rx }
     }
 
-    /// Stops hand-offs to `dest` (its dispatcher is stopping).
-    pub fn unregister(&self, dest: &str) {
-        self.write().remove(dest);
+    /// Stops hand-offs to `dest` under registration `id` (its dispatcher is stopping); a newer
+    /// registration for `dest` stays.
+    pub fn unregister(&self, dest: &str, id: u64) {
+        let mut map = self.write();
+        if map.get(dest).is_some_and(|t| t.id == id) {
+            map.remove(dest);
+        }
     }
 
     /// A free slot of `dest` for a lane of `class`, if its dispatcher is registered and has one.
@@ -120,7 +140,7 @@ mod tests {
         assert!(h.reserve("a", LaneClass::Alarm).is_none(), "not registered");
         let alarm = Arc::new(Semaphore::new(1));
         let normal = Arc::new(Semaphore::new(0));
-        let _rx = h.register("a", Arc::clone(&alarm), normal);
+        let reg = h.register("a", Arc::clone(&alarm), normal);
         let held = h.reserve("a", LaneClass::Alarm).expect("one alarm slot");
         assert_eq!(alarm.available_permits(), 0);
         assert!(h.reserve("a", LaneClass::Alarm).is_none(), "slot taken");
@@ -130,7 +150,12 @@ mod tests {
         );
         drop(held);
         assert!(h.reserve("a", LaneClass::Alarm).is_some(), "slot back");
-        h.unregister("a");
+        h.unregister("a", reg.id + 1);
+        assert!(
+            h.reserve("a", LaneClass::Alarm).is_some(),
+            "someone else's id"
+        );
+        h.unregister("a", reg.id);
         assert!(h.reserve("a", LaneClass::Alarm).is_none(), "unregistered");
     }
 
@@ -138,7 +163,9 @@ mod tests {
     fn sends_to_the_registered_dispatcher_with_the_slot() {
         let h = Handoff::default();
         let alarm = Arc::new(Semaphore::new(1));
-        let mut rx = h.register("a", Arc::clone(&alarm), Arc::new(Semaphore::new(1)));
+        let mut rx = h
+            .register("a", Arc::clone(&alarm), Arc::new(Semaphore::new(1)))
+            .rx;
         let permit = h.reserve("a", LaneClass::Alarm).expect("slot");
         h.send(vec![Handed {
             task: task("a"),
