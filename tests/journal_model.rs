@@ -13,6 +13,12 @@
 //! - `replay` re-queues dead letters at their lane's tail, oldest first;
 //! - repeats of a vendor event id are `Duplicate` and store nothing;
 //! - stats, per-destination counts and the lanes read model match the model;
+//! - direct hand-off (embedded store; `journal::handoff`): destination `a` is registered with
+//!   [`ALARM_SLOTS`] and [`NORMAL_SLOTS`] slots, held by the test like a dispatcher holds them
+//!   (until the outcome of the task is recorded). An append that opens a lane of `a`, and an
+//!   outcome (delivered or dead) that leaves a next head in a lane of `a`, must hand exactly that
+//!   head over when a slot of its class is free, and nothing otherwise; no other call hands
+//!   anything over. Handed-over tasks are then held like claimed ones;
 //! - restart (drop, wait for the writer thread to stop, reopen the same directory) keeps
 //!   everything but the leases. Decision: tasks held across a restart are not dropped silently
 //!   from the test; they become stale and recording them must answer `Conflict`, while their
@@ -37,10 +43,11 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use knutepunkt::journal::handoff::Handed;
 use knutepunkt::journal::{
     Appended, AttemptRecord, Claimed, DeliveryTask, Journal, JournalError, LaneClass, LaneQuery,
     NewEvent, PostgresJournal, ReplayFilter, SqliteJournal, Verdict,
@@ -48,8 +55,14 @@ use knutepunkt::journal::{
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::Config;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 const DESTS: [&str; 2] = ["a", "b"];
+/// The destination registered for direct hand-off (where the backend offers it), and its slots:
+/// few, so that both a free and a full class occur often.
+const HANDOFF_DEST: &str = "a";
+const ALARM_SLOTS: usize = 1;
+const NORMAL_SLOTS: usize = 2;
 const KEYS: [&str; 3] = ["patient:1", "patient:2", "device:3"];
 
 #[derive(Debug, Clone)]
@@ -322,6 +335,44 @@ struct Harness {
     journal: Option<Arc<dyn Journal>>,
     m: Model,
     restarts: usize,
+    /// The test's side of the hand-off to `HANDOFF_DEST`, where the backend offers it.
+    taker: Option<Taker>,
+}
+
+/// What a dispatcher registered for hand-off holds: the channel, its slots, and the slot of each
+/// handed-over task until its outcome is recorded.
+struct Taker {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Handed>,
+    alarm: Arc<Semaphore>,
+    normal: Arc<Semaphore>,
+    permits: HashMap<i64, OwnedSemaphorePermit>,
+}
+
+impl Taker {
+    /// Registers with `journal`, if it hands off.
+    fn register(journal: &dyn Journal) -> Option<Taker> {
+        let handoff = journal.handoff()?;
+        let (alarm, normal) = (
+            Arc::new(Semaphore::new(ALARM_SLOTS)),
+            Arc::new(Semaphore::new(NORMAL_SLOTS)),
+        );
+        let rx = handoff
+            .register(HANDOFF_DEST, Arc::clone(&alarm), Arc::clone(&normal))
+            .rx;
+        Some(Taker {
+            rx,
+            alarm,
+            normal,
+            permits: HashMap::new(),
+        })
+    }
+
+    fn free(&self, class: LaneClass) -> usize {
+        match class {
+            LaneClass::Alarm => self.alarm.available_permits(),
+            LaneClass::Normal => self.normal.available_permits(),
+        }
+    }
 }
 
 impl Harness {
@@ -329,8 +380,82 @@ impl Harness {
         self.journal.as_deref().expect("open")
     }
 
+    /// Whether a new head of `lane` would be handed over now: its destination takes hand-offs
+    /// and has a free slot of its class.
+    fn would_hand_over(&self, lane: &LaneId) -> bool {
+        lane.0 == HANDOFF_DEST && self.taker.as_ref().is_some_and(|t| t.free(lane.1) > 0)
+    }
+
+    /// Checks that task `t` (claimed or handed over) is the head of `lane` with its event's
+    /// Bundle and a lease token never seen before, and notes the head's journal id.
+    fn hand_out(&mut self, t: &DeliveryTask, lane: &LaneId) -> Result<(), TestCaseError> {
+        let h = self.m.head(lane).expect("a lane handed out has a head");
+        let head = &self.m.dels[h];
+        prop_assert_eq!(&t.event_id, &head.event_id, "not the head of {:?}", lane);
+        prop_assert_eq!(t.attempts, head.attempts);
+        if let Some(sql) = head.sql_id {
+            prop_assert_eq!(t.delivery_id, sql);
+        }
+        let fhir = &self
+            .m
+            .events
+            .iter()
+            .find(|e| e.0 == t.event_id)
+            .expect("event")
+            .2;
+        prop_assert_eq!(&*t.fhir, fhir.as_str());
+        prop_assert!(
+            self.m.tokens.insert(t.lease),
+            "lease token {} handed out twice",
+            t.lease
+        );
+        self.m.dels[h].sql_id = Some(t.delivery_id);
+        Ok(())
+    }
+
+    /// Everything handed over since the last look (the writer sends before it answers).
+    fn handed(&mut self) -> Vec<Handed> {
+        match self.taker.as_mut() {
+            Some(t) => std::iter::from_fn(|| t.rx.try_recv().ok()).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Checks that `got` is the head of `lane` (or nothing, when `expected` is false) and holds
+    /// it like a claimed task, with its slot.
+    fn take_over(
+        &mut self,
+        lane: &LaneId,
+        expected: bool,
+        got: Vec<Handed>,
+    ) -> Result<(), TestCaseError> {
+        prop_assert_eq!(
+            got.len(),
+            usize::from(expected),
+            "hand-off of lane {:?}: {:?}",
+            lane,
+            got.iter().map(|h| &h.task.event_id).collect::<Vec<_>>()
+        );
+        let Some(Handed { task, permit }) = got.into_iter().next() else {
+            return Ok(());
+        };
+        prop_assert_eq!(&lane_of(&task), lane);
+        prop_assert_eq!(task.traceparent.as_deref(), Some(common::TRACEPARENT));
+        self.hand_out(&task, lane)?;
+        let lease_ms = self.m.lease_ms.unwrap_or(0);
+        let l = self.m.lanes.get_mut(lane).expect("lane");
+        prop_assert!(l.leased.is_none(), "hand-off of a leased lane {:?}", lane);
+        l.leased = Some(task.lease);
+        l.lease_until = self.m.now + lease_ms;
+        if let Some(t) = self.taker.as_mut() {
+            t.permits.insert(task.lease, permit);
+        }
+        self.m.held.push(task);
+        Ok(())
+    }
+
     async fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
-        match op {
+        (match op {
             Op::Append { key, dests, alarm } => self.append(*key, *dests, *alarm).await,
             Op::AppendDup(i) => self.append_dup(i).await,
             Op::Claim { dest, alarm, limit } => self.claim(*dest, *alarm, *limit).await,
@@ -343,7 +468,16 @@ impl Harness {
                 Ok(())
             }
             Op::Restart => self.restart().await,
-        }
+        })?;
+        // Only appends and outcomes hand anything over (checked where they run).
+        let stray = self.handed();
+        prop_assert!(
+            stray.is_empty(),
+            "{:?} handed over {:?}",
+            op,
+            stray.iter().map(|h| &h.task.event_id).collect::<Vec<_>>()
+        );
+        Ok(())
     }
 
     async fn append(&mut self, key: usize, dests: u8, alarm: bool) -> Result<(), TestCaseError> {
@@ -359,10 +493,15 @@ impl Harness {
             .collect();
         let ev = new_event(&id, &vid, KEYS[key], alarm, &dest_names);
         let fhir = ev.envelope.fhir.clone();
+        let handoff_lane: LaneId = (HANDOFF_DEST.into(), class(alarm), KEYS[key].into());
+        let expect_handoff = dest_names.contains(&HANDOFF_DEST)
+            && !self.m.lanes.contains_key(&handoff_lane)
+            && self.would_hand_over(&handoff_lane);
         let lo = wall();
         let got = self.j().append(ev).await;
         let hi = wall();
         prop_assert_eq!(got.ok(), Some(Appended::Stored { id: id.clone() }));
+        let handed = self.handed();
         self.m.events.push((id.clone(), vid, fhir));
         for d in dest_names {
             let del = Del {
@@ -376,7 +515,7 @@ impl Harness {
             };
             self.m.enqueue(del, lo, hi);
         }
-        Ok(())
+        self.take_over(&handoff_lane, expect_handoff, handed)
     }
 
     async fn append_dup(&mut self, i: &Index) -> Result<(), TestCaseError> {
@@ -440,31 +579,7 @@ impl Harness {
             );
             prop_assert!(!taken.contains(&lane), "lane {:?} handed out twice", lane);
             taken.push(lane.clone());
-            let h = self.m.head(&lane).expect("ready lane has a head");
-            let head = &self.m.dels[h];
-            prop_assert_eq!(
-                &t.event_id,
-                &head.event_id,
-                "claim returned a delivery that is not the lane head"
-            );
-            prop_assert_eq!(t.attempts, head.attempts);
-            if let Some(sql) = head.sql_id {
-                prop_assert_eq!(t.delivery_id, sql);
-            }
-            let fhir = &self
-                .m
-                .events
-                .iter()
-                .find(|e| e.0 == t.event_id)
-                .expect("event")
-                .2;
-            prop_assert_eq!(&*t.fhir, fhir.as_str());
-            prop_assert!(
-                self.m.tokens.insert(t.lease),
-                "lease token {} handed out twice",
-                t.lease
-            );
-            self.m.dels[h].sql_id = Some(t.delivery_id);
+            self.hand_out(t, &lane)?;
         }
         // Oldest due first.
         for r in &taken {
@@ -542,8 +657,12 @@ impl Harness {
             at_ms: at,
             verdict: verdict.clone(),
         };
+        // The task's own slot is still held while its outcome is recorded (as in a dispatcher).
+        let may_hand_over =
+            !matches!(verdict, Verdict::Retry { .. }) && self.would_hand_over(&lane);
         let got = self.j().record(rec).await;
         prop_assert!(got.is_ok(), "record of a held lease failed: {:?}", got);
+        let handed = self.handed();
         self.m.dels[h].attempts = attempt;
         match verdict {
             Verdict::Delivered => {
@@ -559,6 +678,11 @@ impl Harness {
                 l.leased = None;
                 l.due = Due::At(next_attempt_ms);
             }
+        }
+        let next_head = self.m.lanes.contains_key(&lane) && self.m.lanes[&lane].leased.is_none();
+        self.take_over(&lane, may_hand_over && next_head, handed)?;
+        if let Some(t) = self.taker.as_mut() {
+            t.permits.remove(&task.lease);
         }
         self.m.spent.push(task);
         Ok(())
@@ -676,12 +800,15 @@ impl Harness {
     }
 
     async fn restart(&mut self) -> Result<(), TestCaseError> {
+        // The dispatcher goes with the process: its slots and channel too.
+        drop(self.taker.take());
         drop(self.journal.take());
         self.restarts += 1;
         if self.m.lease_ms.is_some() {
             // PostgreSQL: another node opens the same database. Leases are rows and outlive the
             // node that took them; they end only by expiring (or being released).
             self.journal = Some(self.store.open().await);
+            self.taker = Taker::register(self.j());
             return Ok(());
         }
         // The writer thread stops once its queue is closed; wait for it so the old connection is
@@ -692,6 +819,7 @@ impl Harness {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         self.journal = Some(self.store.open().await);
+        self.taker = Taker::register(self.j());
         for l in self.m.lanes.values_mut() {
             l.leased = None;
         }
@@ -779,6 +907,7 @@ impl Harness {
 async fn run(ops: Vec<Op>) -> Result<usize, TestCaseError> {
     let store = Store::create().await;
     let journal = Some(store.open().await);
+    let taker = journal.as_deref().and_then(Taker::register);
     let mut h = Harness {
         m: Model {
             // Far ahead of the wall clock: lanes due "now" at append are always ready.
@@ -789,6 +918,7 @@ async fn run(ops: Vec<Op>) -> Result<usize, TestCaseError> {
         store,
         journal,
         restarts: 0,
+        taker,
     };
     let mut result = Ok(());
     for (n, op) in ops.iter().enumerate() {
