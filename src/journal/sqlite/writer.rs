@@ -109,8 +109,9 @@ fn lease_epoch() -> i64 {
     crate::clock::now_ms().saturating_mul(1000)
 }
 
-/// What a batch's commands share besides the transaction: the lease tokens and the lane heads
-/// leased for direct hand-off, sent to their dispatchers only once the batch has committed.
+/// What a batch's commands share besides the transaction: the lease token source and the
+/// dispatchers registered for direct hand-off. The heads a command hands over are collected per
+/// batch and sent only once the batch has committed.
 #[derive(Clone, Copy)]
 struct Writes<'a> {
     tokens: &'a AtomicI64,
