@@ -62,6 +62,16 @@ fn open(dir: &std::path::Path, alarm_slots: usize, normal_slots: usize) -> Setup
     }
 }
 
+impl Setup {
+    /// Appends a new event (must be stored).
+    async fn append(&self, id: &str, key: &str, alarm: bool, dests: &[&str]) {
+        self.journal
+            .append(event(id, key, alarm, dests))
+            .await
+            .expect("append");
+    }
+}
+
 /// The writer sends hand-offs before it answers the batch's callers, so whatever was handed
 /// over for an append or an outcome is in the channel once that call returns.
 fn taken(rx: &mut UnboundedReceiver<Handed>) -> Vec<Handed> {
@@ -72,10 +82,7 @@ fn taken(rx: &mut UnboundedReceiver<Handed>) -> Vec<Handed> {
 async fn a_new_lane_is_handed_over_with_a_slot_and_claims_skip_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut s = open(dir.path(), 1, 4);
-    s.journal
-        .append(event("e1", "patient:1", true, &["a", "b"]))
-        .await
-        .expect("append");
+    s.append("e1", "patient:1", true, &["a", "b"]).await;
     let handed = taken(&mut s.rx);
     assert_eq!(handed.len(), 1, "only the registered destination takes it");
     let h = &handed[0];
@@ -122,10 +129,7 @@ async fn a_busy_lane_keeps_its_order_and_the_next_head_follows_the_outcome() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut s = open(dir.path(), 2, 2);
     for id in ["m1", "m2", "m3"] {
-        s.journal
-            .append(event(id, "patient:7", false, &["a"]))
-            .await
-            .expect("append");
+        s.append(id, "patient:7", false, &["a"]).await;
     }
     // Only the first opened the lane; the others queue behind it, whatever the free slots.
     let first = taken(&mut s.rx);
@@ -166,10 +170,7 @@ async fn a_busy_lane_keeps_its_order_and_the_next_head_follows_the_outcome() {
 async fn retries_are_claimed_and_restart_releases_handed_over_leases() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut s = open(dir.path(), 1, 1);
-    s.journal
-        .append(event("r1", "device:1", false, &["a"]))
-        .await
-        .expect("append");
+    s.append("r1", "device:1", false, &["a"]).await;
     let h = taken(&mut s.rx).into_iter().next().expect("handed over");
     drop(h.permit);
     // A retry puts the head back on a schedule: it is not handed over again, a claim takes it
@@ -197,10 +198,7 @@ async fn retries_are_claimed_and_restart_releases_handed_over_leases() {
     );
 
     // A second lane handed over, then the process "ends" with that lease held.
-    s.journal
-        .append(event("r2", "device:2", false, &["a"]))
-        .await
-        .expect("append");
+    s.append("r2", "device:2", false, &["a"]).await;
     let held = taken(&mut s.rx);
     assert_eq!(held.len(), 1);
     assert_eq!(held[0].task.event_id, "r2");
@@ -232,14 +230,8 @@ async fn retries_are_claimed_and_restart_releases_handed_over_leases() {
 async fn without_a_free_slot_or_a_registration_nothing_is_handed_over() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut s = open(dir.path(), 0, 0);
-    s.journal
-        .append(event("x1", "patient:1", true, &["a"]))
-        .await
-        .expect("append");
-    s.journal
-        .append(event("x2", "patient:2", false, &["a"]))
-        .await
-        .expect("append");
+    s.append("x1", "patient:1", true, &["a"]).await;
+    s.append("x2", "patient:2", false, &["a"]).await;
     assert!(taken(&mut s.rx).is_empty());
     let now = knutepunkt::clock::now_ms() + 1;
     let alarm = s
@@ -258,10 +250,7 @@ async fn without_a_free_slot_or_a_registration_nothing_is_handed_over() {
     let handoff = s.journal.handoff().expect("handoff");
     handoff.unregister("a", s.id);
     s.alarm.add_permits(4);
-    s.journal
-        .append(event("x3", "patient:3", true, &["a"]))
-        .await
-        .expect("append");
+    s.append("x3", "patient:3", true, &["a"]).await;
     assert!(taken(&mut s.rx).is_empty());
     let c = s
         .journal

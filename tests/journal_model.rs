@@ -387,8 +387,10 @@ impl Harness {
     }
 
     /// Checks that task `t` (claimed or handed over) is the head of `lane` with its event's
-    /// Bundle and a lease token never seen before, and notes the head's journal id.
+    /// Bundle and trace context and a lease token never seen before, and notes the head's
+    /// journal id.
     fn hand_out(&mut self, t: &DeliveryTask, lane: &LaneId) -> Result<(), TestCaseError> {
+        prop_assert_eq!(t.traceparent.as_deref(), Some(common::TRACEPARENT));
         let h = self.m.head(lane).expect("a lane handed out has a head");
         let head = &self.m.dels[h];
         prop_assert_eq!(&t.event_id, &head.event_id, "not the head of {:?}", lane);
@@ -440,7 +442,6 @@ impl Harness {
             return Ok(());
         };
         prop_assert_eq!(&lane_of(&task), lane);
-        prop_assert_eq!(task.traceparent.as_deref(), Some(common::TRACEPARENT));
         self.hand_out(&task, lane)?;
         let lease_ms = self.m.lease_ms.unwrap_or(0);
         let l = self.m.lanes.get_mut(lane).expect("lane");
@@ -570,7 +571,6 @@ impl Harness {
             let lane = lane_of(t);
             prop_assert_eq!(&t.dest, dest);
             prop_assert_eq!(t.class, class);
-            prop_assert_eq!(t.traceparent.as_deref(), Some(common::TRACEPARENT));
             prop_assert!(
                 ready.contains(&lane),
                 "claimed lane {:?} is not ready (leased or not due or empty): {:?}",

@@ -53,6 +53,10 @@ struct ClassWake {
 }
 
 impl ClassWake {
+    fn both(&self) {
+        self.alarm.notify_one();
+        self.normal.notify_one();
+    }
     fn of(&self, class: LaneClass) -> &Arc<Notify> {
         match class {
             LaneClass::Alarm => &self.alarm,
@@ -75,8 +79,7 @@ impl Wakers {
     /// Wakes both claim loops of `dest` (work of either class, or not known which).
     pub fn wake(&self, dest: &str) {
         if let Some(w) = self.by_dest.get(dest) {
-            w.alarm.notify_one();
-            w.normal.notify_one();
+            w.both();
         }
     }
     /// Wakes the claim loop of `dest` for lanes of `class`.
@@ -86,10 +89,7 @@ impl Wakers {
         }
     }
     pub fn wake_all(&self) {
-        self.by_dest.values().for_each(|w| {
-            w.alarm.notify_one();
-            w.normal.notify_one();
-        });
+        self.by_dest.values().for_each(ClassWake::both);
     }
     fn get(&self, dest: &str) -> ClassWake {
         self.by_dest.get(dest).cloned().unwrap_or_default()

@@ -71,7 +71,7 @@ fn run(
         {
             Ok(mut tx) => {
                 for cmd in batch.drain(..) {
-                    done.push(apply(&mut tx, cmd, &w, &mut handed));
+                    done.push(apply(&mut tx, cmd, w, &mut handed));
                 }
                 tx.commit().map_err(|e| e.to_string())
             }
@@ -124,37 +124,46 @@ impl Writes<'_> {
     fn hand_over(
         self,
         c: &Connection,
-        t: Lane<'_>,
+        lane: Lane<'_>,
         head_id: i64,
         task: impl FnOnce() -> Result<HeadTask, JournalError>,
         handed: &mut Vec<Handed>,
     ) -> Result<(), JournalError> {
-        let Some(permit) = self.handoff.reserve(t.dest, t.class) else {
+        let Some(permit) = self.handoff.reserve(lane.dest, lane.class) else {
             return Ok(());
         };
-        let lease = self.tokens.fetch_add(1, Ordering::Relaxed);
-        c.prepare_cached(
-            "UPDATE lanes SET leased = ?4 WHERE dest = ?1 AND class = ?2 AND lane_key = ?3",
-        )?
-        .execute(params![t.dest, t.class.as_i64(), t.key, lease])?;
-        let h = task()?;
-        handed.push(Handed {
-            task: DeliveryTask {
-                delivery_id: head_id,
-                event_id: h.event_id,
-                dest: t.dest.to_string(),
-                class: t.class,
-                lane_key: t.key.to_string(),
-                attempts: h.attempts,
-                created_at_ms: h.created_at_ms,
-                fhir: h.fhir,
-                lease,
-                traceparent: h.traceparent,
-            },
-            permit,
-        });
+        let task = lease(c, self.tokens, lane, head_id, task()?)?;
+        handed.push(Handed { task, permit });
         Ok(())
     }
+}
+
+/// Leases `lane` with a fresh token and returns its head `head_id` as a delivery task: the one
+/// way a head is handed out, by a claim or by a hand-off.
+fn lease(
+    c: &Connection,
+    tokens: &AtomicI64,
+    lane: Lane<'_>,
+    head_id: i64,
+    h: HeadTask,
+) -> Result<DeliveryTask, JournalError> {
+    let lease = tokens.fetch_add(1, Ordering::Relaxed);
+    c.prepare_cached(
+        "UPDATE lanes SET leased = ?4 WHERE dest = ?1 AND class = ?2 AND lane_key = ?3",
+    )?
+    .execute(params![lane.dest, lane.class.as_i64(), lane.key, lease])?;
+    Ok(DeliveryTask {
+        delivery_id: head_id,
+        event_id: h.event_id,
+        dest: lane.dest.to_string(),
+        class: lane.class,
+        lane_key: lane.key.to_string(),
+        attempts: h.attempts,
+        created_at_ms: h.created_at_ms,
+        fhir: h.fhir,
+        lease,
+        traceparent: h.traceparent,
+    })
 }
 
 /// A lane, named by destination, class and key.
@@ -201,8 +210,7 @@ fn with_handoffs<T>(
     Ok(out)
 }
 
-fn apply(tx: &mut Transaction<'_>, cmd: Command, w: &Writes<'_>, handed: &mut Vec<Handed>) -> Done {
-    let (w, tokens) = (*w, w.tokens);
+fn apply(tx: &mut Transaction<'_>, cmd: Command, w: Writes<'_>, handed: &mut Vec<Handed>) -> Done {
     match cmd {
         Command::Append(ev, r) => {
             Done::Append(r, with_handoffs(tx, handed, |t, h| append(t, &ev, w, h)))
@@ -215,7 +223,7 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command, w: &Writes<'_>, handed: &mut Ve
             reply,
         } => Done::Claim(
             reply,
-            in_savepoint(tx, |t| claim(t, &dest, class, limit, now_ms, tokens)),
+            in_savepoint(tx, |t| claim(t, &dest, class, limit, now_ms, w.tokens)),
         ),
         Command::Record(rec, r) => {
             Done::Unit(r, with_handoffs(tx, handed, |t, h| record(t, &rec, w, h)))
@@ -526,24 +534,12 @@ fn claim(
             })?
             .collect::<Result<_, _>>()?;
         for (lane_key, head_id) in ready {
-            let lease = tokens.fetch_add(1, Ordering::Relaxed);
-            c.prepare_cached(
-                "UPDATE lanes SET leased = ?4 WHERE dest = ?1 AND class = ?2 AND lane_key = ?3",
-            )?
-            .execute(params![dest, class.as_i64(), lane_key, lease])?;
-            let h = head_task(c, head_id)?;
-            tasks.push(DeliveryTask {
-                delivery_id: head_id,
-                event_id: h.event_id,
-                dest: dest.to_string(),
+            let lane = Lane {
+                dest,
                 class,
-                lane_key,
-                attempts: h.attempts,
-                created_at_ms: h.created_at_ms,
-                fhir: h.fhir,
-                lease,
-                traceparent: h.traceparent,
-            });
+                key: &lane_key,
+            };
+            tasks.push(lease(c, tokens, lane, head_id, head_task(c, head_id)?)?);
         }
     }
     let next_due_ms: Option<i64> = c
