@@ -15,6 +15,7 @@
 //! Any store error rolls the whole batch back and every caller gets `Unavailable`.
 
 mod alarm;
+mod bulk;
 mod registry;
 mod subs;
 
@@ -33,7 +34,7 @@ use super::db_error_text;
 use crate::journal::command::{AuditRow, Command, Done, Inbox, fail};
 use crate::journal::{
     Appended, AttemptRecord, Claimed, DeliveryTask, JournalError, LaneClass, NewEvent,
-    ReplayFilter, Replayed, Verdict,
+    ReplayFilter, Replayed,
 };
 
 /// How often emptied lane rows are removed.
@@ -246,7 +247,7 @@ async fn run_batch(
             }
             break;
         }
-        let outs: Vec<Out> = join_all(batch.iter().map(|cmd| apply(&tx, s, cmd, lease_ms))).await;
+        let outs = apply_batch(&tx, s, &batch, lease_ms).await;
         // Report the root cause, not the "transaction is aborted" errors it caused in the others.
         let errors: Vec<&str> = outs.iter().filter_map(Out::store_error).collect();
         let root = errors
@@ -295,9 +296,64 @@ async fn run_batch(
     )
 }
 
+/// Runs a batch's commands on its transaction: all appends as one statement, all attempt
+/// records as another, the rest one by one; all of them pipelined. Results are in batch order.
+async fn apply_batch(
+    tx: &Transaction<'_>,
+    s: &Stmts,
+    batch: &[Command],
+    lease_ms: i64,
+) -> Vec<Out> {
+    let mut appends = Vec::new();
+    let mut records = Vec::new();
+    let mut rest = Vec::new();
+    for (i, cmd) in batch.iter().enumerate() {
+        match cmd {
+            Command::Append(ev, _) => appends.push((i, &**ev)),
+            Command::Record(rec, _) => records.push((i, &**rec)),
+            _ => rest.push((i, cmd)),
+        }
+    }
+    let evs: Vec<&NewEvent> = appends.iter().map(|a| a.1).collect();
+    let recs: Vec<&AttemptRecord> = records.iter().map(|r| r.1).collect();
+    let (appended, recorded, others) = tokio::join!(
+        bulk::append_all(tx, s, &evs),
+        bulk::record_all(tx, s, &recs),
+        join_all(rest.iter().map(|(_, cmd)| apply(tx, s, cmd, lease_ms))),
+    );
+    let mut outs: Vec<Option<Out>> = batch.iter().map(|_| None).collect();
+    for ((i, _), r) in appends.iter().zip(appended) {
+        outs[*i] = Some(Out::Append(r));
+    }
+    for ((i, _), r) in records.iter().zip(recorded) {
+        outs[*i] = Some(Out::Unit(r));
+    }
+    for ((i, _), o) in rest.iter().zip(others) {
+        outs[*i] = Some(o);
+    }
+    outs.into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| {
+                Out::Unit(Err(JournalError::Unavailable(
+                    "internal error: command without result".into(),
+                )))
+            })
+        })
+        .collect()
+}
+
+/// The only result of a one-element bulk call.
+fn only<T>(v: Vec<Result<T, JournalError>>) -> Result<T, JournalError> {
+    v.into_iter().next().unwrap_or_else(|| {
+        Err(JournalError::Unavailable(
+            "internal error: command without result".into(),
+        ))
+    })
+}
+
 async fn apply(tx: &Transaction<'_>, s: &Stmts, cmd: &Command, lease_ms: i64) -> Out {
     match cmd {
-        Command::Append(ev, _) => Out::Append(append(tx, s, ev).await),
+        Command::Append(ev, _) => Out::Append(only(bulk::append_all(tx, s, &[&**ev]).await)),
         Command::Claim {
             dest,
             class,
@@ -305,7 +361,7 @@ async fn apply(tx: &Transaction<'_>, s: &Stmts, cmd: &Command, lease_ms: i64) ->
             now_ms,
             ..
         } => Out::Claim(claim(tx, s, dest, *class, *limit, *now_ms, lease_ms).await),
-        Command::Record(rec, _) => Out::Unit(record(tx, s, rec).await),
+        Command::Record(rec, _) => Out::Unit(only(bulk::record_all(tx, s, &[&**rec]).await)),
         Command::Replay(f, _) => Out::Replay(replay(tx, s, f).await),
         Command::Registry(op, _) => Out::Registry(registry::apply(tx, s, op).await),
         Command::Subs(op, _) => Out::Subs(subs::apply(tx, s, op).await),
@@ -406,49 +462,6 @@ impl<'a> EventRow<'a> {
     }
 }
 
-async fn append(tx: &Transaction<'_>, s: &Stmts, ev: &NewEvent) -> Result<Appended, JournalError> {
-    if let Some(id) = find_existing(tx, s, ev).await? {
-        return Ok(Appended::Duplicate { id });
-    }
-    let env = &ev.envelope;
-    let now = crate::clock::now_ms();
-    // The audit rows of this step, in order: received, stored, routed (or unrouted).
-    let stored = format!("mapping {}", env.mapping_version);
-    let routing = if ev.destinations.is_empty() {
-        ("unrouted", "no route matched".to_string())
-    } else {
-        (
-            "routed",
-            format!(
-                "routes [{}] -> [{}]",
-                ev.routes.join(","),
-                ev.destinations.join(",")
-            ),
-        )
-    };
-    let audit_at: Vec<i64> = vec![ev.received_at_ms, now, now];
-    let audit_kind: Vec<&str> = vec!["received", "stored", routing.0];
-    let audit_detail: Vec<&str> = vec![&env.vendor, &stored, &routing.1];
-    let row = EventRow::new(ev, ev.destinations.len(), now);
-    let mut params: Vec<&(dyn ToSql + Sync)> = row.params().to_vec();
-    params.extend([
-        &ev.destinations as &(dyn ToSql + Sync),
-        &audit_at,
-        &audit_kind,
-        &audit_detail,
-    ]);
-    // One statement stores the event, its deliveries, their lanes and the audit rows.
-    if tx.query_opt(&s.append_event, &params).await?.is_some() {
-        subs::on_append(tx, s, &ev.envelope, now).await?;
-        return Ok(Appended::Stored { id: env.id.clone() });
-    }
-    // Another transaction stored the same vendor event first (ON CONFLICT DO NOTHING).
-    let id = find_existing(tx, s, ev).await?.ok_or_else(|| {
-        JournalError::Conflict("event conflicts with a stored event but none matches".into())
-    })?;
-    Ok(Appended::Duplicate { id })
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn enqueue(
     tx: &Transaction<'_>,
@@ -520,49 +533,6 @@ async fn claim(
     Ok(Claimed { tasks, next_due_ms })
 }
 
-async fn record(tx: &Transaction<'_>, s: &Stmts, rec: &AttemptRecord) -> Result<(), JournalError> {
-    let t = &rec.task;
-    let class = t.class.as_i64() as i16;
-    let holder: Option<i64> = tx
-        .query_opt(&s.lock_lane, &[&t.dest, &class, &t.lane_key])
-        .await?
-        .map(|r| r.get(0));
-    if holder != Some(t.lease) {
-        return Err(JournalError::Conflict(format!(
-            "stale lease for delivery {} (lane no longer held by this worker)",
-            t.delivery_id
-        )));
-    }
-    let attempt = rec.attempt as i32;
-    let status = rec.status.map(i32::from);
-    // One statement per verdict: the delivery row, the attempt's audit rows and the lane.
-    let (stmt, detail, next): (&Statement, String, i64) = match &rec.verdict {
-        Verdict::Delivered => (&s.record_delivered, String::new(), rec.at_ms),
-        Verdict::Retry { next_attempt_ms } => (
-            &s.record_retry,
-            format!("next attempt in {} ms", next_attempt_ms - rec.at_ms),
-            *next_attempt_ms,
-        ),
-        Verdict::DeadLetter { reason } => (&s.record_dead, reason.clone(), rec.at_ms),
-    };
-    let params: [&(dyn ToSql + Sync); 12] = [
-        &t.dest,
-        &class,
-        &t.lane_key,
-        &t.delivery_id,
-        &attempt,
-        &status,
-        &rec.at_ms,
-        &t.event_id,
-        &rec.latency_ms,
-        &rec.error,
-        &detail,
-        &next,
-    ];
-    tx.execute(stmt, &params).await?;
-    Ok(())
-}
-
 async fn replay(
     tx: &Transaction<'_>,
     s: &Stmts,
@@ -631,10 +601,9 @@ struct Stmts {
     find_vid: Statement,
     find_idem: Statement,
     insert_event: Statement,
-    append_event: Statement,
-    record_delivered: Statement,
-    record_retry: Statement,
-    record_dead: Statement,
+    /// A batch's appends and attempt records (`bulk`).
+    append_all: Statement,
+    record_all: Statement,
     insert_delivery: Statement,
     lock_lanes: Statement,
     upsert_lane: Statement,
@@ -642,7 +611,6 @@ struct Stmts {
     claim: Statement,
     load_heads: Statement,
     next_due: Statement,
-    lock_lane: Statement,
     find_dead: Statement,
     mark_replayed: Statement,
     sweep: Statement,
@@ -664,90 +632,8 @@ impl Stmts {
                      ON CONFLICT DO NOTHING RETURNING seq",
                 )
                 .await?,
-            append_event: c
-                .prepare(
-                    // Data-modifying CTE: one round trip instead of about seven. Deliveries and
-                    // audit rows are inserted in array order, so their ids keep that order (lane
-                    // order and the audit chain rely on it). The lanes were locked by lock_lanes.
-                    "WITH ev AS (
-                        INSERT INTO events (id, vendor, vendor_event_id, idem_key, category, priority,
-                            tenant, key, lane_class, mapping_version, content_type, raw, fhir,
-                            routed_to, received_at, stored_at, traceparent)
-                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-                        ON CONFLICT DO NOTHING RETURNING seq
-                     ), dl AS (
-                        INSERT INTO deliveries (event_seq, event_id, dest, class, lane_key, state, created_at)
-                        SELECT ev.seq, $1, d.dest, $9, $8, 'pending', $16
-                        FROM ev, unnest($18::TEXT[]) WITH ORDINALITY AS d(dest, n)
-                        ORDER BY d.n
-                        RETURNING id, dest
-                     ), ln AS (
-                        INSERT INTO lanes (dest, class, lane_key, head_id, next_attempt_at)
-                        SELECT dl.dest, $9, $8, dl.id, $16 FROM dl
-                        ON CONFLICT (dest, class, lane_key) DO UPDATE SET
-                          head_id = CASE WHEN lanes.head_id = 0 THEN EXCLUDED.head_id ELSE lanes.head_id END,
-                          next_attempt_at = CASE WHEN lanes.head_id = 0 THEN EXCLUDED.next_attempt_at
-                                                 ELSE lanes.next_attempt_at END
-                     ), au AS (
-                        INSERT INTO audit (at, event_id, kind, detail)
-                        SELECT a.at, $1, a.kind, a.detail
-                        FROM ev, unnest($19::BIGINT[], $20::TEXT[], $21::TEXT[]) WITH ORDINALITY
-                            AS a(at, kind, detail, n)
-                        ORDER BY a.n
-                     )
-                     SELECT seq FROM ev",
-                )
-                .await?,
-            record_delivered: c
-                .prepare(
-                    // CTE parts share one snapshot, so the advance must skip this delivery
-                    // explicitly: it still reads as pending there.
-                    "WITH d AS (
-                        UPDATE deliveries SET state = 'delivered', attempts = $5, last_status = $6,
-                            last_error = NULL, delivered_at = $7 WHERE id = $4
-                     ), a AS (
-                        INSERT INTO audit (at, event_id, kind, dest, attempt, status, latency_ms, detail)
-                        VALUES ($7, $8, 'attempt', $1, $5, $6, $9, $10),
-                               ($7, $8, 'delivered', $1, $5, $6, NULL, NULLIF($11, ''))
-                     )
-                     UPDATE lanes SET
-                       head_id = COALESCE((SELECT min(id) FROM deliveries WHERE dest = $1 AND class = $2
-                                           AND lane_key = $3 AND state = 'pending' AND id <> $4), 0),
-                       leased = 0, lease_until = 0, next_attempt_at = $12
-                     WHERE dest = $1 AND class = $2 AND lane_key = $3",
-                )
-                .await?,
-            record_retry: c
-                .prepare(
-                    "WITH d AS (
-                        UPDATE deliveries SET attempts = $5, last_status = $6, last_error = $10
-                        WHERE id = $4
-                     ), a AS (
-                        INSERT INTO audit (at, event_id, kind, dest, attempt, status, latency_ms, detail)
-                        VALUES ($7, $8, 'attempt', $1, $5, $6, $9, $10),
-                               ($7, $8, 'retry_scheduled', $1, $5, $6, NULL, $11)
-                     )
-                     UPDATE lanes SET leased = 0, lease_until = 0, next_attempt_at = $12
-                     WHERE dest = $1 AND class = $2 AND lane_key = $3",
-                )
-                .await?,
-            record_dead: c
-                .prepare(
-                    "WITH d AS (
-                        UPDATE deliveries SET state = 'dead', attempts = $5, last_status = $6,
-                            last_error = $11, dead_at = $7 WHERE id = $4
-                     ), a AS (
-                        INSERT INTO audit (at, event_id, kind, dest, attempt, status, latency_ms, detail)
-                        VALUES ($7, $8, 'attempt', $1, $5, $6, $9, $10),
-                               ($7, $8, 'dead_lettered', $1, $5, $6, NULL, $11)
-                     )
-                     UPDATE lanes SET
-                       head_id = COALESCE((SELECT min(id) FROM deliveries WHERE dest = $1 AND class = $2
-                                           AND lane_key = $3 AND state = 'pending' AND id <> $4), 0),
-                       leased = 0, lease_until = 0, next_attempt_at = $12
-                     WHERE dest = $1 AND class = $2 AND lane_key = $3",
-                )
-                .await?,
+            append_all: c.prepare(bulk::APPEND_ALL_SQL).await?,
+            record_all: c.prepare(bulk::RECORD_ALL_SQL).await?,
             insert_delivery: c
                 .prepare(
                     "INSERT INTO deliveries (event_seq, event_id, dest, class, lane_key, state, created_at)
@@ -803,9 +689,6 @@ impl Stmts {
                      WHERE dest = $1 AND class = $2 AND head_id <> 0 AND next_attempt_at > $3
                        AND (leased = 0 OR lease_until < $3)",
                 )
-                .await?,
-            lock_lane: c
-                .prepare("SELECT leased FROM lanes WHERE dest = $1 AND class = $2 AND lane_key = $3 FOR UPDATE")
                 .await?,
             find_dead: c
                 .prepare(

@@ -1,0 +1,200 @@
+//! Many commands in one writer batch, on the backend under test (`KNUTEPUNKT_TEST_STORAGE`).
+//! The journal model test sends one command at a time; here appends and outcomes arrive
+//! together so that each batch holds many of them (PostgreSQL stores a batch's appends with one
+//! statement and its outcomes with another). Checked: repeats inside one batch are recognised,
+//! per-lane order is the order of the appends, outcomes with a stale lease are refused while the
+//! rest of their batch applies, every step is audited and the audit chain verifies.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use knutepunkt::journal::audit_chain::Verdict as ChainVerdict;
+use knutepunkt::journal::{
+    Appended, AttemptRecord, DeliveryTask, Journal, JournalError, LaneClass, PostgresJournal,
+    SqliteJournal, Verdict,
+};
+
+const KEYS: usize = 24;
+const PER_KEY: usize = 12;
+const DESTS: [&str; 2] = ["a", "b"];
+
+enum Store {
+    Sqlite(tempfile::TempDir),
+    Postgres(String),
+}
+
+impl Store {
+    async fn open() -> (Store, Arc<dyn Journal>) {
+        if common::on_postgres() {
+            let url = common::fresh_database().await;
+            let j = PostgresJournal::open(&url, None, 2, Duration::from_secs(60), 256, 4096)
+                .await
+                .expect("open journal");
+            (Store::Postgres(url), Arc::new(j))
+        } else {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let j = SqliteJournal::open(dir.path(), 256, 4096).expect("open journal");
+            (Store::Sqlite(dir), Arc::new(j))
+        }
+    }
+
+    async fn verify_audit(&self) -> ChainVerdict {
+        match self {
+            Store::Sqlite(dir) => knutepunkt::journal::verify_sqlite_audit(dir.path()),
+            Store::Postgres(url) => knutepunkt::journal::verify_postgres_audit(url, None).await,
+        }
+        .expect("verify audit chain")
+    }
+}
+
+fn delivered(task: DeliveryTask) -> AttemptRecord {
+    AttemptRecord {
+        attempt: task.attempts + 1,
+        task,
+        status: Some(200),
+        error: None,
+        latency_ms: 2.5,
+        at_ms: knutepunkt::clock::now_ms(),
+        verdict: Verdict::Delivered,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_appends_and_outcomes_keep_order_and_audit() {
+    let (store, journal) = Store::open().await;
+
+    // One task per key appends its events one after another (so each key has a defined order)
+    // while all keys run at once (so batches mix keys). Every third event is sent three times at
+    // once under different event ids: the copies share a batch and only one may be stored.
+    let per_key = join_all((0..KEYS).map(|k| {
+        let journal = Arc::clone(&journal);
+        async move {
+            let key = format!("patient:{k}");
+            let mut stored = Vec::new();
+            for i in 0..PER_KEY {
+                let vendor_id = format!("v-{k}-{i}");
+                let copies = if i % 3 == 0 { 3 } else { 1 };
+                let results = join_all((0..copies).map(|c| {
+                    let ev = common::journal_event(
+                        "test",
+                        &format!("e-{k}-{i}-{c}"),
+                        &vendor_id,
+                        &key,
+                        false,
+                        &DESTS,
+                    );
+                    journal.append(ev)
+                }))
+                .await;
+                let mut new = Vec::new();
+                let mut repeats = Vec::new();
+                for r in results {
+                    match r.expect("append") {
+                        Appended::Stored { id } => new.push(id),
+                        Appended::Duplicate { id } => repeats.push(id),
+                    }
+                }
+                assert_eq!(new.len(), 1, "{vendor_id}: exactly one copy is stored");
+                assert!(
+                    repeats.iter().all(|id| id == &new[0]),
+                    "{vendor_id}: repeats name the stored event: {repeats:?} vs {new:?}"
+                );
+                stored.push(new.remove(0));
+            }
+            (key, stored)
+        }
+    }))
+    .await;
+    let expected: HashMap<String, Vec<String>> = per_key.into_iter().collect();
+    let stats = journal.stats().await.expect("stats");
+    assert_eq!(stats.events, (KEYS * PER_KEY) as i64, "no copy stored twice");
+
+    // Drain both destinations: claim every ready head, then record all outcomes at once (one
+    // batch), together with one outcome whose lease is stale.
+    let mut seen: HashMap<(String, String), Vec<String>> = HashMap::new();
+    let far = knutepunkt::clock::now_ms() + 3_600_000;
+    let mut rounds = 0;
+    for _round in 0..(PER_KEY * 4) {
+        let mut tasks = Vec::new();
+        for dest in DESTS {
+            let claimed = journal
+                .claim(dest, LaneClass::Normal, 1000, far)
+                .await
+                .expect("claim");
+            tasks.extend(claimed.tasks);
+        }
+        if tasks.is_empty() {
+            break;
+        }
+        let mut stale = tasks[0].clone();
+        stale.lease += 1_000_000_007;
+        for t in &tasks {
+            seen.entry((t.dest.clone(), t.lane_key.clone()))
+                .or_default()
+                .push(t.event_id.clone());
+        }
+        let mut outcomes: Vec<AttemptRecord> = tasks.into_iter().map(delivered).collect();
+        outcomes.insert(outcomes.len() / 2, delivered(stale));
+        let results = join_all(outcomes.into_iter().map(|o| journal.record(o))).await;
+        let mut refused = 0;
+        for r in results {
+            match r {
+                Err(JournalError::Conflict(_)) => refused += 1,
+                Ok(()) => {}
+                Err(e) => panic!("outcome: {e}"),
+            }
+        }
+        assert_eq!(refused, 1, "only the stale outcome is refused");
+        rounds += 1;
+    }
+    assert_eq!(rounds, PER_KEY, "one lane head per key and destination per round");
+
+    for dest in DESTS {
+        for (key, ids) in &expected {
+            assert_eq!(
+                seen.get(&(dest.to_string(), key.clone())),
+                Some(ids),
+                "{dest}/{key}: each event handed out once, in append order"
+            );
+        }
+    }
+    let stats = journal.stats().await.expect("stats");
+    assert_eq!(stats.events, (KEYS * PER_KEY) as i64);
+
+    // Every stored event: received, stored, routed, then per destination an attempt and its
+    // delivery, with the attempt's status and latency.
+    for ids in expected.values() {
+        for id in ids {
+            let ev = journal.event(id).await.expect("event").expect("stored");
+            let kinds: Vec<&str> = ev.audit.iter().map(|a| a.kind.as_str()).collect();
+            assert_eq!(&kinds[..3], ["received", "stored", "routed"], "{id}");
+            for dest in DESTS {
+                let steps: Vec<_> = ev
+                    .audit
+                    .iter()
+                    .filter(|a| a.destination.as_deref() == Some(dest))
+                    .collect();
+                assert_eq!(steps.len(), 2, "{id} -> {dest}: {steps:?}");
+                assert_eq!(steps[0].kind, "attempt");
+                assert_eq!(steps[0].status, Some(200));
+                assert_eq!(steps[0].latency_ms, Some(2.5));
+                assert_eq!(steps[1].kind, "delivered");
+            }
+            assert!(ev.deliveries.iter().all(|d| d.state == "delivered"), "{id}");
+        }
+    }
+    drop(journal);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    match store.verify_audit().await {
+        ChainVerdict::Intact { rows, .. } => assert_eq!(
+            rows,
+            (KEYS * PER_KEY * (3 + 2 * DESTS.len())) as u64,
+            "one chained audit row per step"
+        ),
+        broken => panic!("audit chain: {broken:?}"),
+    }
+}
