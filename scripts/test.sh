@@ -53,4 +53,5 @@ KNUTEPUNKT_TEST_STORAGE=postgres cargo test --locked \
   --test ingest --test delivery --test crash --test journal_model --test lifecycle --test devices \
   --test metrics --test audit_chain --test escalation --test deactivation --test no_contact \
   --test subscriptions --test hostile --test auth --test outbound_auth --test adapters \
+  --test journal_batches \
   -- --test-threads 2

@@ -111,7 +111,11 @@ async fn batched_appends_and_outcomes_keep_order_and_audit() {
     .await;
     let expected: HashMap<String, Vec<String>> = per_key.into_iter().collect();
     let stats = journal.stats().await.expect("stats");
-    assert_eq!(stats.events, (KEYS * PER_KEY) as i64, "no copy stored twice");
+    assert_eq!(
+        stats.events,
+        (KEYS * PER_KEY) as i64,
+        "no copy stored twice"
+    );
 
     // Drain both destinations: claim every ready head, then record all outcomes at once (one
     // batch), together with one outcome whose lease is stale.
@@ -151,7 +155,10 @@ async fn batched_appends_and_outcomes_keep_order_and_audit() {
         assert_eq!(refused, 1, "only the stale outcome is refused");
         rounds += 1;
     }
-    assert_eq!(rounds, PER_KEY, "one lane head per key and destination per round");
+    assert_eq!(
+        rounds, PER_KEY,
+        "one lane head per key and destination per round"
+    );
 
     for dest in DESTS {
         for (key, ids) in &expected {

@@ -1,14 +1,15 @@
 //! The audit hash chain on PostgreSQL.
 //!
 //! Several writers per node and several nodes append audit rows concurrently, so the chain
-//! cannot be kept per writer or per node. Rows are inserted without a chain position; just before
-//! its transaction commits, a writer *seals* its own rows: it locks the single
-//! `audit_chain_head` row (`FOR UPDATE`), hashes its unsealed rows in id order onto the head,
-//! writes their positions and hashes, moves the head, and commits, which releases the lock. The
-//! chain is therefore in commit order, gapless and global, and a transaction that rolls back
-//! leaves no trace in it. Only batches that wrote audit rows take the lock (claims do not).
-//! Cost: sealing and committing are serialised across the cluster (the other work of a batch is
-//! not); see docs/operations.md.
+//! cannot be kept per writer or per node. A transaction that writes audit rows locks the single
+//! `audit_chain_head` row (`FOR UPDATE`) and holds it until commit, so the chain is global,
+//! gapless and in commit order, and a transaction that rolls back leaves no trace in it.
+//! Appends and delivery outcomes hash their rows onto the head as they insert them
+//! (`writer/bulk.rs`); rows other commands insert without a position are *sealed* here, last,
+//! right before `COMMIT`: hashed in id order onto the head, their positions and hashes written,
+//! the head moved. Only batches that wrote audit rows take the lock (claims do not). Cost: the
+//! chained part of a batch and its commit are serialised across the cluster; see
+//! docs/operations.md.
 
 use std::path::Path;
 
@@ -39,7 +40,8 @@ fn chain_row(r: &tokio_postgres::Row) -> ChainRow {
     }
 }
 
-/// Seals this transaction's audit rows into the chain (call last, right before `COMMIT`).
+/// Seals this transaction's unchained audit rows into the chain (call last, right before
+/// `COMMIT`).
 pub async fn seal(tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
     let unsealed = format!("SELECT {COLUMNS} FROM audit WHERE chain_seq IS NULL ORDER BY id");
     // Without the lock first: most batches that wrote nothing to the audit skip it.

@@ -5,12 +5,14 @@
 //! - an emptied lane keeps its row with `head_id = 0`; an append fills an empty head in the same
 //!   upsert that locks the row, and advancing a lane sets the head to the smallest pending id in a
 //!   single statement; whichever order these run in, no pending delivery is left without a head;
-//! - `record` locks the lane row first (`FOR UPDATE`), so a concurrent append on another node has
-//!   either committed before the next head is computed or will find the lane's new state;
+//! - outcomes are applied only while their lease still holds the lane row, which `lock_lanes`
+//!   locked (and read) first, so a concurrent append on another node has either committed before
+//!   the next head is computed or will find the lane's new state;
 //! - every batch first locks all lane rows its appends and records touch, in one sorted pass
 //!   (`lock_lanes`), so writers of different nodes take lane locks in the same order and do not
 //!   deadlock. Without it, three nodes deadlocked constantly and each deadlock cost PostgreSQL's
-//!   1 s detection timeout (155 events/s instead of 1 767 in the bench).
+//!   1 s detection timeout (155 events/s instead of 1 767 in the bench). After the lanes comes
+//!   the audit chain's head, then subscription rows (see `apply_batch`).
 //!
 //! Any store error rolls the whole batch back and every caller gets `Unavailable`.
 
@@ -239,15 +241,22 @@ async fn run_batch(
         // before anything else: all writers of all nodes then take lane locks in the same order
         // and cannot deadlock (claims never wait, and the audit head is always locked last).
         let (dests, classes, keys) = lanes_touched(&batch);
-        if let Err(e) = tx.execute(&s.lock_lanes, &[&dests, &classes, &keys]).await {
-            last_err = db_error_text(&e);
-            let _ = tx.rollback().await;
-            if retryable(&last_err) && attempt < BATCH_TRIES {
-                continue;
+        let held: bulk::HeldLanes = match tx.query(&s.lock_lanes, &[&dests, &classes, &keys]).await
+        {
+            Ok(rows) => rows
+                .iter()
+                .map(|r| ((r.get(0), r.get(1), r.get(2)), r.get(3)))
+                .collect(),
+            Err(e) => {
+                last_err = db_error_text(&e);
+                let _ = tx.rollback().await;
+                if retryable(&last_err) && attempt < BATCH_TRIES {
+                    continue;
+                }
+                break;
             }
-            break;
-        }
-        let outs = apply_batch(&tx, s, &batch, lease_ms).await;
+        };
+        let outs = apply_batch(&tx, s, &batch, lease_ms, &held).await;
         // Report the root cause, not the "transaction is aborted" errors it caused in the others.
         let errors: Vec<&str> = outs.iter().filter_map(Out::store_error).collect();
         let root = errors
@@ -296,31 +305,44 @@ async fn run_batch(
     )
 }
 
-/// Runs a batch's commands on its transaction: all appends as one statement, all attempt
-/// records as another, the rest one by one; all of them pipelined. Results are in batch order.
+/// Runs a batch's commands on its transaction, pipelined, results in batch order: claims and
+/// pings at once; replays and registry writes next, because they may lock lanes of their own and
+/// every lane lock must come before the chain head's; then all appends and attempt records
+/// together (`bulk::write`, which locks the head); subscription writes last. Subscription rows
+/// are only ever locked under the head (numbering a stored event's subscriptions locks them
+/// too), so two transactions cannot wait for each other there.
 async fn apply_batch(
     tx: &Transaction<'_>,
     s: &Stmts,
     batch: &[Command],
     lease_ms: i64,
+    held: &bulk::HeldLanes,
 ) -> Vec<Out> {
     let mut appends = Vec::new();
     let mut records = Vec::new();
+    let mut quick = Vec::new();
     let mut rest = Vec::new();
+    let mut subs = Vec::new();
     for (i, cmd) in batch.iter().enumerate() {
         match cmd {
             Command::Append(ev, _) => appends.push((i, &**ev)),
             Command::Record(rec, _) => records.push((i, &**rec)),
+            Command::Claim { .. } | Command::Ping(_) => quick.push((i, cmd)),
+            Command::Subs(..) => subs.push((i, cmd)),
             _ => rest.push((i, cmd)),
         }
     }
     let evs: Vec<&NewEvent> = appends.iter().map(|a| a.1).collect();
     let recs: Vec<&AttemptRecord> = records.iter().map(|r| r.1).collect();
-    let (appended, recorded, others) = tokio::join!(
-        bulk::append_all(tx, s, &evs),
-        bulk::record_all(tx, s, &recs),
-        join_all(rest.iter().map(|(_, cmd)| apply(tx, s, cmd, lease_ms))),
-    );
+    let quick_run = join_all(quick.iter().map(|c| apply(tx, s, c.1, lease_ms, held)));
+    let rest_run = join_all(rest.iter().map(|c| apply(tx, s, c.1, lease_ms, held)));
+    let subs_run = join_all(subs.iter().map(|c| apply(tx, s, c.1, lease_ms, held)));
+    let (quick_outs, (rest_outs, (appended, recorded), subs_outs)) =
+        tokio::join!(quick_run, async {
+            let rest_outs = rest_run.await;
+            let written = bulk::write(tx, s, &evs, &recs, held, !subs.is_empty()).await;
+            (rest_outs, written, subs_run.await)
+        });
     let mut outs: Vec<Option<Out>> = batch.iter().map(|_| None).collect();
     for ((i, _), r) in appends.iter().zip(appended) {
         outs[*i] = Some(Out::Append(r));
@@ -328,7 +350,8 @@ async fn apply_batch(
     for ((i, _), r) in records.iter().zip(recorded) {
         outs[*i] = Some(Out::Unit(r));
     }
-    for ((i, _), o) in rest.iter().zip(others) {
+    let others = quick.iter().chain(&rest).chain(&subs);
+    for ((i, _), o) in others.zip(quick_outs.into_iter().chain(rest_outs).chain(subs_outs)) {
         outs[*i] = Some(o);
     }
     outs.into_iter()
@@ -351,9 +374,17 @@ fn only<T>(v: Vec<Result<T, JournalError>>) -> Result<T, JournalError> {
     })
 }
 
-async fn apply(tx: &Transaction<'_>, s: &Stmts, cmd: &Command, lease_ms: i64) -> Out {
+async fn apply(
+    tx: &Transaction<'_>,
+    s: &Stmts,
+    cmd: &Command,
+    lease_ms: i64,
+    held: &bulk::HeldLanes,
+) -> Out {
     match cmd {
-        Command::Append(ev, _) => Out::Append(only(bulk::append_all(tx, s, &[&**ev]).await)),
+        Command::Append(ev, _) => {
+            Out::Append(only(bulk::write(tx, s, &[&**ev], &[], held, false).await.0))
+        }
         Command::Claim {
             dest,
             class,
@@ -361,7 +392,9 @@ async fn apply(tx: &Transaction<'_>, s: &Stmts, cmd: &Command, lease_ms: i64) ->
             now_ms,
             ..
         } => Out::Claim(claim(tx, s, dest, *class, *limit, *now_ms, lease_ms).await),
-        Command::Record(rec, _) => Out::Unit(only(bulk::record_all(tx, s, &[&**rec]).await)),
+        Command::Record(rec, _) => Out::Unit(only(
+            bulk::write(tx, s, &[], &[&**rec], held, false).await.1,
+        )),
         Command::Replay(f, _) => Out::Replay(replay(tx, s, f).await),
         Command::Registry(op, _) => Out::Registry(registry::apply(tx, s, op).await),
         Command::Subs(op, _) => Out::Subs(subs::apply(tx, s, op).await),
@@ -604,6 +637,9 @@ struct Stmts {
     /// A batch's appends and attempt records (`bulk`).
     append_all: Statement,
     record_all: Statement,
+    find_repeats: Statement,
+    lock_chain_head: Statement,
+    move_chain_head: Statement,
     insert_delivery: Statement,
     lock_lanes: Statement,
     upsert_lane: Statement,
@@ -634,6 +670,13 @@ impl Stmts {
                 .await?,
             append_all: c.prepare(bulk::APPEND_ALL_SQL).await?,
             record_all: c.prepare(bulk::RECORD_ALL_SQL).await?,
+            find_repeats: c.prepare(bulk::FIND_REPEATS_SQL).await?,
+            lock_chain_head: c
+                .prepare("SELECT seq, hash FROM audit_chain_head WHERE id = 1 FOR UPDATE")
+                .await?,
+            move_chain_head: c
+                .prepare("UPDATE audit_chain_head SET seq = $1, hash = $2 WHERE id = 1")
+                .await?,
             insert_delivery: c
                 .prepare(
                     "INSERT INTO deliveries (event_seq, event_id, dest, class, lane_key, state, created_at)
@@ -647,7 +690,8 @@ impl Stmts {
                     "INSERT INTO lanes (dest, class, lane_key, head_id, next_attempt_at)
                      SELECT d, c, k, 0, 0 FROM unnest($1::TEXT[], $2::SMALLINT[], $3::TEXT[])
                          WITH ORDINALITY AS t(d, c, k, n) ORDER BY n
-                     ON CONFLICT (dest, class, lane_key) DO UPDATE SET head_id = lanes.head_id",
+                     ON CONFLICT (dest, class, lane_key) DO UPDATE SET head_id = lanes.head_id
+                     RETURNING dest, class, lane_key, leased",
                 )
                 .await?,
             upsert_lane: c

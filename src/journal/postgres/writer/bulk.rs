@@ -3,98 +3,245 @@
 //! PostgreSQL spends about as long on each statement's round of parse/bind/execute start-up as on
 //! the work itself, and one writer's statements run one after another on one server process:
 //! with a statement or two per command, that process was the node's limit. Here the batch's
-//! commands travel as column arrays (`unnest ... WITH ORDINALITY`) and rows are inserted in array
-//! order, so delivery and audit ids keep the order the commands had, as lane order and the audit
-//! chain require. The lane rows were locked by the batch's `lock_lanes` before either runs.
+//! commands travel as column arrays (`unnest ... WITH ORDINALITY`) and deliveries are inserted in
+//! array order, so their ids keep the order the appends had, as lane order requires. Audit rows
+//! arrive already hashed into the chain (see [`write`]). The lane rows were locked, and their
+//! leases read, by the batch's `lock_lanes` before either runs.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 
-use super::{Stmts, find_existing, subs};
+use super::{Stmts, subs};
+use crate::journal::audit_chain::{Content, row_hash};
 use crate::journal::{Appended, AttemptRecord, JournalError, NewEvent, Verdict};
 
-/// Stores every event of `evs` that is not a repeat: the event, its deliveries (in destination
-/// order), its lanes (a new delivery becomes the head of an empty lane) and its `received`,
-/// `stored` and `routed`/`unrouted` audit rows. Results are in `evs` order.
-pub async fn append_all(
+/// A lane (destination, class, key) and the lease token its row held when the batch locked it.
+pub type HeldLanes = HashMap<(String, i16, String), i64>;
+
+/// The error that makes the writer run its batch again: a row the batch expected to write was
+/// not written (another transaction stored the same vendor event first), so hashes already
+/// computed for it would leave a gap in the chain.
+const RACED: &str = "40001: a concurrent transaction stored one of the batch's events first";
+
+/// Writes a batch's appends and attempt records with their audit rows already in the chain.
+///
+/// Locks the chain head first (after the batch's lanes: the order every writer keeps), so from
+/// here to commit no other transaction adds events or chained rows: which appends are repeats
+/// (of a stored event, or of one earlier in the batch) and which records still hold their lane
+/// (`held`, read when the lanes were locked) is then known before anything is written, and each
+/// audit row is inserted with its chain position and hash instead of being rewritten by a seal.
+/// `lock_anyway`: lock the head even when there is nothing to write (the batch's subscription
+/// writes come next and must hold it).
+pub async fn write(
     tx: &Transaction<'_>,
     s: &Stmts,
     evs: &[&NewEvent],
-) -> Vec<Result<Appended, JournalError>> {
-    if evs.is_empty() {
-        return Vec::new();
+    recs: &[&AttemptRecord],
+    held: &HeldLanes,
+    lock_anyway: bool,
+) -> Written {
+    if evs.is_empty() && recs.is_empty() {
+        if lock_anyway {
+            // A failure aborts the transaction; the subscription writes then report it.
+            let _ = tx.query_one(&s.lock_chain_head, &[]).await;
+        }
+        return (Vec::new(), Vec::new());
     }
-    let now = crate::clock::now_ms();
-    let cols = AppendColumns::of(evs, now);
-    let rows = match tx.query(&s.append_all, &cols.params()).await {
-        Ok(rows) => rows,
-        Err(e) => return all_failed(evs.len(), &e.into()),
-    };
-    let stored: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
-    let any_subscription = rows.first().is_some_and(|r| r.get::<_, bool>(1));
-    let mut out = Vec::with_capacity(evs.len());
-    for ev in evs {
-        let id = &ev.envelope.id;
-        out.push(if stored.contains(id) {
-            // The numbering statement runs only when some subscription exists at all.
-            match any_subscription {
-                true => subs::on_append(tx, s, &ev.envelope, now)
-                    .await
-                    .map(|()| Appended::Stored { id: id.clone() }),
-                false => Ok(Appended::Stored { id: id.clone() }),
-            }
-        } else {
-            // A repeat of a stored event (also of one earlier in this batch): ON CONFLICT skipped it.
-            match find_existing(tx, s, ev).await {
-                Ok(Some(id)) => Ok(Appended::Duplicate { id }),
-                Ok(None) => Err(JournalError::Conflict(
-                    "event conflicts with a stored event but none matches".into(),
-                )),
-                Err(e) => Err(e),
-            }
-        });
+    match write_chained(tx, s, evs, recs, held).await {
+        Ok(out) => out,
+        Err(e) => (all_failed(evs.len(), &e), all_failed(recs.len(), &e)),
     }
-    out
 }
 
-/// Applies every record of `recs` whose task still holds its lane: the delivery row, the
-/// attempt's two audit rows and the lane (released; advanced to its next pending delivery unless
-/// the head is to be retried). A record whose lease is stale changes nothing and gets `Conflict`.
-pub async fn record_all(
+type Written = (
+    Vec<Result<Appended, JournalError>>,
+    Vec<Result<(), JournalError>>,
+);
+
+async fn write_chained(
     tx: &Transaction<'_>,
     s: &Stmts,
+    evs: &[&NewEvent],
     recs: &[&AttemptRecord],
-) -> Vec<Result<(), JournalError>> {
-    if recs.is_empty() {
-        return Vec::new();
-    }
-    let cols = RecordColumns::of(recs);
-    let rows = match tx.query(&s.record_all, &cols.params()).await {
-        Ok(rows) => rows,
-        Err(e) => return all_failed(recs.len(), &e.into()),
+    held: &HeldLanes,
+) -> Result<Written, JournalError> {
+    let head = tx.query_one(&s.lock_chain_head, &[]).await?;
+    let mut chain = Chain {
+        seq: head.get(0),
+        hash: head.get(1),
     };
-    let applied: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-    recs.iter()
-        .enumerate()
-        .map(|(i, rec)| match applied.contains(&(i as i64 + 1)) {
+    let now = crate::clock::now_ms();
+    let appended = repeats(tx, s, evs).await?;
+    let new: Vec<&NewEvent> = evs
+        .iter()
+        .zip(&appended)
+        .filter(|(_, a)| a.is_none())
+        .map(|(ev, _)| *ev)
+        .collect();
+    let valid: Vec<bool> = recs
+        .iter()
+        .map(|r| {
+            let t = &r.task;
+            held.get(&(t.dest.clone(), t.class.as_i64() as i16, t.lane_key.clone()))
+                == Some(&t.lease)
+        })
+        .collect();
+    let applied: Vec<&AttemptRecord> = recs
+        .iter()
+        .zip(&valid)
+        .filter(|(_, ok)| **ok)
+        .map(|(r, _)| *r)
+        .collect();
+    let ap = AppendColumns::of(&new, now, &mut chain);
+    let rc = RecordColumns::of(&applied, &mut chain);
+    // Pipelined: the head moves in the same round trip as the rows that moved it.
+    let head: [&(dyn ToSql + Sync); 2] = [&chain.seq, &chain.hash];
+    let (stored, recorded, moved) = tokio::join!(
+        async {
+            match new.is_empty() {
+                true => Ok(None),
+                false => tx.query_one(&s.append_all, &ap.params()).await.map(Some),
+            }
+        },
+        async {
+            match applied.is_empty() {
+                true => Ok(None),
+                false => tx.query_one(&s.record_all, &rc.params()).await.map(Some),
+            }
+        },
+        tx.execute(&s.move_chain_head, &head),
+    );
+    let (stored, recorded) = (stored?, recorded?);
+    moved?;
+    if stored
+        .as_ref()
+        .is_some_and(|r| r.get::<_, i64>(0) != new.len() as i64)
+        || recorded
+            .as_ref()
+            .is_some_and(|r| r.get::<_, i64>(0) != applied.len() as i64)
+    {
+        return Err(JournalError::Unavailable(RACED.into()));
+    }
+    let any_subscription = stored.as_ref().is_some_and(|r| r.get::<_, bool>(1));
+    let mut appends = Vec::with_capacity(evs.len());
+    for (ev, repeat) in evs.iter().zip(appended) {
+        appends.push(match repeat {
+            Some(id) => Ok(Appended::Duplicate { id }),
+            // The numbering statement runs only when some subscription exists at all.
+            None if any_subscription => {
+                subs::on_append(tx, s, &ev.envelope, now)
+                    .await
+                    .map(|()| Appended::Stored {
+                        id: ev.envelope.id.clone(),
+                    })
+            }
+            None => Ok(Appended::Stored {
+                id: ev.envelope.id.clone(),
+            }),
+        });
+    }
+    let records = recs
+        .iter()
+        .zip(valid)
+        .map(|(rec, ok)| match ok {
             true => Ok(()),
             false => Err(JournalError::Conflict(format!(
                 "stale lease for delivery {} (lane no longer held by this worker)",
                 rec.task.delivery_id
             ))),
         })
-        .collect()
+        .collect();
+    Ok((appends, records))
+}
+
+/// For each event, the id of the stored event it repeats (same vendor event id, else same
+/// idempotency key; stored before, or earlier in this batch), or `None` when it is new.
+async fn repeats(
+    tx: &Transaction<'_>,
+    s: &Stmts,
+    evs: &[&NewEvent],
+) -> Result<Vec<Option<String>>, JournalError> {
+    let vendor: Vec<&str> = evs.iter().map(|e| e.envelope.vendor.as_str()).collect();
+    let vid: Vec<Option<&str>> = evs
+        .iter()
+        .map(|e| e.envelope.vendor_event_id.as_deref())
+        .collect();
+    let idem: Vec<Option<&str>> = evs.iter().map(|e| e.idempotency_key.as_deref()).collect();
+    let mut by_vid: HashMap<(&str, &str), String> = HashMap::new();
+    let mut by_idem: HashMap<(&str, &str), String> = HashMap::new();
+    let mut stored_vid: HashMap<usize, String> = HashMap::new();
+    let mut stored_idem: HashMap<usize, String> = HashMap::new();
+    if !evs.is_empty() {
+        for r in tx.query(&s.find_repeats, &[&vendor, &vid, &idem]).await? {
+            let (by, n, id): (i32, i64, String) = (r.get(0), r.get(1), r.get(2));
+            match by {
+                0 => stored_vid.insert(n as usize - 1, id),
+                _ => stored_idem.insert(n as usize - 1, id),
+            };
+        }
+    }
+    let mut out = Vec::with_capacity(evs.len());
+    for (i, ev) in evs.iter().enumerate() {
+        let v = ev.envelope.vendor.as_str();
+        let vid_key = vid[i].map(|x| (v, x));
+        let idem_key = idem[i].map(|x| (v, x));
+        let found = stored_vid
+            .remove(&i)
+            .or_else(|| vid_key.and_then(|k| by_vid.get(&k).cloned()))
+            .or_else(|| stored_idem.remove(&i))
+            .or_else(|| idem_key.and_then(|k| by_idem.get(&k).cloned()));
+        if found.is_none() {
+            let id = ev.envelope.id.clone();
+            if let Some(k) = vid_key {
+                by_vid.insert(k, id.clone());
+            }
+            if let Some(k) = idem_key {
+                by_idem.insert(k, id);
+            }
+        }
+        out.push(found);
+    }
+    Ok(out)
+}
+
+/// The chain's head while a batch's rows are hashed onto it.
+struct Chain {
+    seq: i64,
+    hash: String,
+}
+
+impl Chain {
+    /// Chains one row: its position and hash.
+    fn push(&mut self, c: Content<'_>) -> (i64, String) {
+        self.seq += 1;
+        self.hash = row_hash(&self.hash, &Content { seq: self.seq, ..c });
+        (self.seq, self.hash.clone())
+    }
 }
 
 fn all_failed<T>(n: usize, e: &JournalError) -> Vec<Result<T, JournalError>> {
     (0..n)
-        .map(|_| Err(JournalError::Unavailable(e.to_string())))
+        .map(|_| match e {
+            JournalError::Unavailable(m) => Err(JournalError::Unavailable(m.clone())),
+            other => Err(JournalError::Unavailable(other.to_string())),
+        })
         .collect()
 }
 
-/// The statement behind [`append_all`]. `$16` is the stored-at time of the whole batch.
+/// Which of a batch's events are already stored: (0 by vendor event id | 1 by idempotency key,
+/// 1-based position, stored id).
+pub const FIND_REPEATS_SQL: &str = "
+    SELECT 0, u.n, e.id FROM unnest($1::TEXT[], $2::TEXT[]) WITH ORDINALITY AS u(vendor, vid, n)
+        JOIN events e ON e.vendor = u.vendor AND e.vendor_event_id = u.vid
+    UNION ALL
+    SELECT 1, u.n, e.id FROM unnest($1::TEXT[], $3::TEXT[]) WITH ORDINALITY AS u(vendor, ik, n)
+        JOIN events e ON e.vendor = u.vendor AND e.idem_key = u.ik";
+
+/// Stores the batch's new events with their deliveries, lanes and chained audit rows; returns
+/// how many events it stored (fewer than sent means another transaction raced it) and whether
+/// any subscription exists. `$16` is the stored-at time of the whole batch.
 pub const APPEND_ALL_SQL: &str = "WITH i AS (
         SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[],
             $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::SMALLINT[], $10::TEXT[], $11::TEXT[],
@@ -126,25 +273,25 @@ pub const APPEND_ALL_SQL: &str = "WITH i AS (
           next_attempt_at = CASE WHEN lanes.head_id = 0 THEN EXCLUDED.next_attempt_at
                                  ELSE lanes.next_attempt_at END
      ), au AS (
-        INSERT INTO audit (at, event_id, kind, detail)
-        SELECT a.at, i.id, a.kind, a.detail
-        FROM unnest($20::BIGINT[], $21::BIGINT[], $22::TEXT[], $23::TEXT[])
-            WITH ORDINALITY AS a(ev_n, at, kind, detail, n)
-        JOIN i ON i.n = a.ev_n JOIN ev ON ev.id = i.id
-        ORDER BY a.n
+        INSERT INTO audit (at, event_id, kind, detail, chain_seq, hash)
+        SELECT a.at, a.event_id, a.kind, a.detail, a.seq, a.hash
+        FROM unnest($20::BIGINT[], $21::TEXT[], $22::TEXT[], $23::TEXT[], $24::BIGINT[],
+            $25::TEXT[]) AS a(at, event_id, kind, detail, seq, hash)
+        ORDER BY a.seq
      )
-     SELECT id, EXISTS (SELECT 1 FROM subscriptions) FROM ev";
+     SELECT (SELECT count(*) FROM ev), EXISTS (SELECT 1 FROM subscriptions)";
 
-/// The statement behind [`record_all`]: returns the 1-based positions of the records applied.
-/// Verdicts: 0 delivered, 1 retry, 2 dead letter. The parts of one statement share a snapshot,
+/// Applies the batch's records whose lease holds, with their chained audit rows; returns how
+/// many it applied (fewer than sent means a lease moved, which the held lanes rule out). Verdicts: 0 delivered, 1 retry, 2 dead letter. The parts of one statement share a snapshot,
 /// so the lane's next head must skip the recorded delivery explicitly (it still reads as
 /// pending there).
 pub const RECORD_ALL_SQL: &str = "WITH r AS (
         SELECT * FROM unnest($1::TEXT[], $2::SMALLINT[], $3::TEXT[], $4::BIGINT[], $5::INTEGER[],
             $6::INTEGER[], $7::BIGINT[], $8::TEXT[], $9::FLOAT8[], $10::TEXT[], $11::TEXT[],
-            $12::BIGINT[], $13::SMALLINT[], $14::BIGINT[])
+            $12::BIGINT[], $13::SMALLINT[], $14::BIGINT[], $15::BIGINT[], $16::TEXT[],
+            $17::BIGINT[], $18::TEXT[], $19::TEXT[])
         WITH ORDINALITY AS r(dest, class, lane_key, delivery_id, attempt, status, at, event_id,
-            latency_ms, error, detail, next_at, verdict, lease, n)
+            latency_ms, error, detail, next_at, verdict, lease, seq1, hash1, seq2, hash2, detail2, n)
      ), ok AS (
         SELECT r.* FROM r JOIN lanes l
           ON l.dest = r.dest AND l.class = r.class AND l.lane_key = r.lane_key AND l.leased = r.lease
@@ -157,16 +304,17 @@ pub const RECORD_ALL_SQL: &str = "WITH r AS (
           dead_at = CASE WHEN ok.verdict = 2 THEN ok.at ELSE deliveries.dead_at END
         FROM ok WHERE deliveries.id = ok.delivery_id
      ), a AS (
-        INSERT INTO audit (at, event_id, kind, dest, attempt, status, latency_ms, detail)
-        SELECT ok.at, ok.event_id, x.kind, ok.dest, ok.attempt, ok.status, x.latency_ms, x.detail
+        INSERT INTO audit (at, event_id, kind, dest, attempt, status, latency_ms, detail,
+            chain_seq, hash)
+        SELECT ok.at, ok.event_id, x.kind, ok.dest, ok.attempt, ok.status, x.latency_ms, x.detail,
+            x.seq, x.hash
         FROM ok CROSS JOIN LATERAL (VALUES
-            (1, 'attempt', ok.latency_ms, ok.error),
-            (2, CASE ok.verdict WHEN 0 THEN 'delivered' WHEN 1 THEN 'retry_scheduled'
-                                ELSE 'dead_lettered' END,
-                NULL::FLOAT8,
-                CASE WHEN ok.verdict = 0 THEN NULLIF(ok.detail, '') ELSE ok.detail END)
-        ) AS x(k, kind, latency_ms, detail)
-        ORDER BY ok.n, x.k
+            ('attempt', ok.latency_ms, ok.error, ok.seq1, ok.hash1),
+            (CASE ok.verdict WHEN 0 THEN 'delivered' WHEN 1 THEN 'retry_scheduled'
+                             ELSE 'dead_lettered' END,
+                NULL::FLOAT8, ok.detail2, ok.seq2, ok.hash2)
+        ) AS x(kind, latency_ms, detail, seq, hash)
+        ORDER BY x.seq
      ), l AS (
         UPDATE lanes SET
           head_id = CASE WHEN ok.verdict = 1 THEN lanes.head_id
@@ -178,10 +326,10 @@ pub const RECORD_ALL_SQL: &str = "WITH r AS (
         FROM ok
         WHERE lanes.dest = ok.dest AND lanes.class = ok.class AND lanes.lane_key = ok.lane_key
      )
-     SELECT n FROM ok";
+     SELECT count(*) FROM ok";
 
-/// [`APPEND_ALL_SQL`]'s parameters: one array per column, plus the deliveries and audit rows
-/// flattened with the 1-based position of their event.
+/// [`APPEND_ALL_SQL`]'s parameters: one array per column, the deliveries flattened with the
+/// 1-based position of their event, and the audit rows with their place in the chain.
 struct AppendColumns<'a> {
     id: Vec<&'a str>,
     vendor: Vec<&'a str>,
@@ -202,14 +350,16 @@ struct AppendColumns<'a> {
     traceparent: Vec<Option<&'a str>>,
     dl_event: Vec<i64>,
     dl_dest: Vec<&'a str>,
-    au_event: Vec<i64>,
     au_at: Vec<i64>,
+    au_event: Vec<&'a str>,
     au_kind: Vec<&'static str>,
     au_detail: Vec<String>,
+    au_seq: Vec<i64>,
+    au_hash: Vec<String>,
 }
 
 impl<'a> AppendColumns<'a> {
-    fn of(evs: &[&'a NewEvent], now: i64) -> Self {
+    fn of(evs: &[&'a NewEvent], now: i64, chain: &mut Chain) -> Self {
         let mut c = AppendColumns {
             id: Vec::with_capacity(evs.len()),
             vendor: Vec::with_capacity(evs.len()),
@@ -230,10 +380,12 @@ impl<'a> AppendColumns<'a> {
             traceparent: Vec::with_capacity(evs.len()),
             dl_event: Vec::new(),
             dl_dest: Vec::new(),
-            au_event: Vec::with_capacity(3 * evs.len()),
             au_at: Vec::with_capacity(3 * evs.len()),
+            au_event: Vec::with_capacity(3 * evs.len()),
             au_kind: Vec::with_capacity(3 * evs.len()),
             au_detail: Vec::with_capacity(3 * evs.len()),
+            au_seq: Vec::with_capacity(3 * evs.len()),
+            au_hash: Vec::with_capacity(3 * evs.len()),
         };
         for (i, ev) in evs.iter().enumerate() {
             let n = i as i64 + 1;
@@ -274,16 +426,29 @@ impl<'a> AppendColumns<'a> {
                 (now, "stored", format!("mapping {}", env.mapping_version)),
                 (now, routing.0, routing.1),
             ] {
-                c.au_event.push(n);
+                let (seq, hash) = chain.push(Content {
+                    seq: 0,
+                    at,
+                    event_id: &env.id,
+                    kind,
+                    dest: None,
+                    attempt: None,
+                    status: None,
+                    latency_ms: None,
+                    detail: Some(&detail),
+                });
                 c.au_at.push(at);
+                c.au_event.push(&env.id);
                 c.au_kind.push(kind);
                 c.au_detail.push(detail);
+                c.au_seq.push(seq);
+                c.au_hash.push(hash);
             }
         }
         c
     }
 
-    fn params(&self) -> [&(dyn ToSql + Sync); 23] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 25] {
         [
             &self.id,
             &self.vendor,
@@ -304,15 +469,18 @@ impl<'a> AppendColumns<'a> {
             &self.traceparent,
             &self.dl_event,
             &self.dl_dest,
-            &self.au_event,
             &self.au_at,
+            &self.au_event,
             &self.au_kind,
             &self.au_detail,
+            &self.au_seq,
+            &self.au_hash,
         ]
     }
 }
 
-/// [`RECORD_ALL_SQL`]'s parameters, one array per column.
+/// [`RECORD_ALL_SQL`]'s parameters, one array per column; each record's two audit rows (the
+/// attempt, then its verdict) with their place in the chain and the verdict row's detail.
 #[derive(Default)]
 struct RecordColumns<'a> {
     dest: Vec<&'a str>,
@@ -329,10 +497,15 @@ struct RecordColumns<'a> {
     next_at: Vec<i64>,
     verdict: Vec<i16>,
     lease: Vec<i64>,
+    seq1: Vec<i64>,
+    hash1: Vec<String>,
+    seq2: Vec<i64>,
+    hash2: Vec<String>,
+    detail2: Vec<Option<String>>,
 }
 
 impl<'a> RecordColumns<'a> {
-    fn of(recs: &[&'a AttemptRecord]) -> Self {
+    fn of(recs: &[&'a AttemptRecord], chain: &mut Chain) -> Self {
         let mut c = RecordColumns::default();
         for rec in recs {
             let t = &rec.task;
@@ -345,6 +518,30 @@ impl<'a> RecordColumns<'a> {
                 ),
                 Verdict::DeadLetter { reason } => (2, reason.clone(), rec.at_ms),
             };
+            let (kind, detail2) = match verdict {
+                0 => ("delivered", Some(detail.clone()).filter(|d| !d.is_empty())),
+                1 => ("retry_scheduled", Some(detail.clone())),
+                _ => ("dead_lettered", Some(detail.clone())),
+            };
+            let step = |kind, latency_ms, detail| Content {
+                seq: 0,
+                at: rec.at_ms,
+                event_id: &t.event_id,
+                kind,
+                dest: Some(&t.dest),
+                attempt: Some(i64::from(rec.attempt)),
+                status: rec.status.map(i64::from),
+                latency_ms,
+                detail,
+            };
+            let (seq1, hash1) =
+                chain.push(step("attempt", Some(rec.latency_ms), rec.error.as_deref()));
+            let (seq2, hash2) = chain.push(step(kind, None, detail2.as_deref()));
+            c.seq1.push(seq1);
+            c.hash1.push(hash1);
+            c.seq2.push(seq2);
+            c.hash2.push(hash2);
+            c.detail2.push(detail2);
             c.dest.push(&t.dest);
             c.class.push(t.class.as_i64() as i16);
             c.lane_key.push(&t.lane_key);
@@ -363,7 +560,7 @@ impl<'a> RecordColumns<'a> {
         c
     }
 
-    fn params(&self) -> [&(dyn ToSql + Sync); 14] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 19] {
         [
             &self.dest,
             &self.class,
@@ -379,6 +576,11 @@ impl<'a> RecordColumns<'a> {
             &self.next_at,
             &self.verdict,
             &self.lease,
+            &self.seq1,
+            &self.hash1,
+            &self.seq2,
+            &self.hash2,
+            &self.detail2,
         ]
     }
 }
