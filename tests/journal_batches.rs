@@ -205,3 +205,66 @@ async fn batched_appends_and_outcomes_keep_order_and_audit() {
         broken => panic!("audit chain: {broken:?}"),
     }
 }
+
+/// PostgreSQL: two nodes (two journals on one database) store the same vendor events at the
+/// same moment. Each event is stored once, the other node answers with its id, and the audit
+/// chain written by both stays gapless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_storing_the_same_events_store_each_once() {
+    if !common::on_postgres() {
+        return;
+    }
+    let (store, first) = Store::open().await;
+    let Store::Postgres(url) = &store else {
+        unreachable!("on_postgres")
+    };
+    let second: Arc<dyn Journal> = Arc::new(
+        PostgresJournal::open(url, None, 2, Duration::from_secs(60), 256, 4096)
+            .await
+            .expect("open second node"),
+    );
+    let sends = (0..200).flat_map(|i| {
+        [&first, &second].map(|node| {
+            let node = Arc::clone(node);
+            async move {
+                let ev = common::journal_event(
+                    "test",
+                    &format!("e-{i}-{:p}", Arc::as_ptr(&node)),
+                    &format!("v-{i}"),
+                    &format!("patient:{}", i % 7),
+                    false,
+                    &DESTS,
+                );
+                (i, node.append(ev).await.expect("append"))
+            }
+        })
+    });
+    let mut by_vendor_id: HashMap<usize, Vec<Appended>> = HashMap::new();
+    for (i, a) in join_all(sends).await {
+        by_vendor_id.entry(i).or_default().push(a);
+    }
+    for (i, results) in &by_vendor_id {
+        let stored: Vec<&String> = results
+            .iter()
+            .filter_map(|a| match a {
+                Appended::Stored { id } => Some(id),
+                Appended::Duplicate { .. } => None,
+            })
+            .collect();
+        assert_eq!(stored.len(), 1, "v-{i}: {results:?}");
+        assert!(
+            results.iter().all(|a| match a {
+                Appended::Duplicate { id } => id == stored[0],
+                Appended::Stored { .. } => true,
+            }),
+            "v-{i}: {results:?}"
+        );
+    }
+    assert_eq!(first.stats().await.expect("stats").events, 200);
+    drop((first, second));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    match store.verify_audit().await {
+        ChainVerdict::Intact { rows, .. } => assert_eq!(rows, 200 * 3, "received, stored, routed"),
+        broken => panic!("audit chain: {broken:?}"),
+    }
+}

@@ -528,41 +528,47 @@ async fn claim(
     lease_ms: i64,
 ) -> Result<Claimed, JournalError> {
     let c = class.as_i64() as i16;
+    let until = now_ms + lease_ms;
+    // Pipelined: the next-due query runs after the claim on the server, so it sees the leases.
+    let due: [&(dyn ToSql + Sync); 3] = [&dest, &c, &now_ms];
+    let (leased, next_due) = tokio::join!(
+        async {
+            match limit {
+                0 => Ok(Vec::new()),
+                _ => {
+                    tx.query(&s.claim, &[&dest, &c, &now_ms, &until, &(limit as i64)])
+                        .await
+                }
+            }
+        },
+        tx.query_one(&s.next_due, &due),
+    );
     let mut tasks = Vec::new();
-    if limit > 0 {
-        let until = now_ms + lease_ms;
-        let leased = tx
-            .query(&s.claim, &[&dest, &c, &now_ms, &until, &(limit as i64)])
-            .await?;
-        let heads: Vec<i64> = leased.iter().map(|r| r.get(1)).collect();
-        let rows = tx.query(&s.load_heads, &[&heads]).await?;
-        for lane in &leased {
-            let head: i64 = lane.get(1);
-            let Some(row) = rows.iter().find(|r| r.get::<_, i64>(0) == head) else {
-                return Err(JournalError::Unavailable(format!(
-                    "lane head {head} has no delivery row"
-                )));
-            };
-            let attempts: i32 = row.get(2);
-            let fhir: String = row.get(4);
-            tasks.push(DeliveryTask {
-                delivery_id: head,
-                event_id: row.get(1),
-                dest: dest.to_string(),
-                class,
-                lane_key: lane.get(0),
-                attempts: attempts.max(0) as u32,
-                created_at_ms: row.get(3),
-                fhir: fhir.into(),
-                lease: lane.get(2),
-                traceparent: row.get(5),
-            });
-        }
+    for row in leased? {
+        let head: i64 = row.get(1);
+        let (Some(event_id), Some(attempts), Some(fhir)) = (
+            row.get::<_, Option<String>>(3),
+            row.get::<_, Option<i32>>(4),
+            row.get::<_, Option<String>>(6),
+        ) else {
+            return Err(JournalError::Unavailable(format!(
+                "lane head {head} has no delivery row"
+            )));
+        };
+        tasks.push(DeliveryTask {
+            delivery_id: head,
+            event_id,
+            dest: dest.to_string(),
+            class,
+            lane_key: row.get(0),
+            attempts: attempts.max(0) as u32,
+            created_at_ms: row.get(5),
+            fhir: fhir.into(),
+            lease: row.get(2),
+            traceparent: row.get(7),
+        });
     }
-    let next_due_ms: Option<i64> = tx
-        .query_one(&s.next_due, &[&dest, &c, &now_ms])
-        .await?
-        .get(0);
+    let next_due_ms: Option<i64> = next_due?.get(0);
     Ok(Claimed { tasks, next_due_ms })
 }
 
@@ -645,7 +651,6 @@ struct Stmts {
     upsert_lane: Statement,
     audit: Statement,
     claim: Statement,
-    load_heads: Statement,
     next_due: Statement,
     find_dead: Statement,
     mark_replayed: Statement,
@@ -712,19 +717,20 @@ impl Stmts {
                 .await?,
             claim: c
                 .prepare(
-                    "UPDATE lanes l SET leased = nextval('lease_tokens'), lease_until = $4
-                     FROM (SELECT dest, class, lane_key FROM lanes
-                           WHERE dest = $1 AND class = $2 AND head_id <> 0 AND next_attempt_at <= $3
-                             AND (leased = 0 OR lease_until < $3)
-                           ORDER BY next_attempt_at LIMIT $5 FOR UPDATE SKIP LOCKED) r
-                     WHERE l.dest = r.dest AND l.class = r.class AND l.lane_key = r.lane_key
-                     RETURNING l.lane_key, l.head_id, l.leased",
-                )
-                .await?,
-            load_heads: c
-                .prepare(
-                    "SELECT d.id, d.event_id, d.attempts, d.created_at, e.fhir, e.traceparent
-                     FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id = ANY($1)",
+                    // Leases ready lanes and returns their heads with what a delivery needs.
+                    "WITH l AS (
+                        UPDATE lanes l SET leased = nextval('lease_tokens'), lease_until = $4
+                        FROM (SELECT dest, class, lane_key FROM lanes
+                              WHERE dest = $1 AND class = $2 AND head_id <> 0 AND next_attempt_at <= $3
+                                AND (leased = 0 OR lease_until < $3)
+                              ORDER BY next_attempt_at LIMIT $5 FOR UPDATE SKIP LOCKED) r
+                        WHERE l.dest = r.dest AND l.class = r.class AND l.lane_key = r.lane_key
+                        RETURNING l.lane_key, l.head_id, l.leased
+                     )
+                     SELECT l.lane_key, l.head_id, l.leased, d.event_id, d.attempts, d.created_at,
+                            e.fhir, e.traceparent
+                     FROM l LEFT JOIN deliveries d ON d.id = l.head_id
+                         LEFT JOIN events e ON e.seq = d.event_seq",
                 )
                 .await?,
             next_due: c
