@@ -268,3 +268,72 @@ async fn two_nodes_storing_the_same_events_store_each_once() {
         broken => panic!("audit chain: {broken:?}"),
     }
 }
+
+/// PostgreSQL: an outcome whose lease has run out, arriving in the same batch as the claim that
+/// takes the lane over, is refused (`Conflict`) or applied before the takeover, and never costs
+/// the batch: every other command of it goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcome_racing_the_takeover_of_its_lane_fails_alone() {
+    if !common::on_postgres() {
+        return;
+    }
+    let url = common::fresh_database().await;
+    let journal: Arc<dyn Journal> = Arc::new(
+        PostgresJournal::open(&url, None, 2, Duration::from_secs(60), 256, 4096)
+            .await
+            .expect("open journal"),
+    );
+    let mut took_over = 0;
+    for round in 0..30 {
+        let key = format!("patient:{round}");
+        for i in 0..2 {
+            let id = format!("e-{round}-{i}");
+            journal
+                .append(common::journal_event("test", &id, &id, &key, false, &["a"]))
+                .await
+                .expect("append");
+        }
+        let now = knutepunkt::clock::now_ms();
+        let task = journal
+            .claim("a", LaneClass::Normal, 1000, now)
+            .await
+            .expect("claim")
+            .tasks
+            .into_iter()
+            .find(|t| t.lane_key == key)
+            .expect("head claimed");
+        // Far past the lease: the claim may take the lane over from the outcome's holder.
+        let later = now + 3_600_000;
+        let other = format!("e-{round}-x");
+        let (outcome, claimed, appended) = tokio::join!(
+            journal.record(delivered(task)),
+            journal.claim("a", LaneClass::Normal, 1000, later),
+            journal.append(common::journal_event(
+                "test",
+                &other,
+                &other,
+                "patient:other",
+                false,
+                &["a"],
+            )),
+        );
+        appended.expect("the append in the same batch goes through");
+        let claimed = claimed.expect("the claim goes through");
+        match outcome {
+            Ok(()) => {}
+            Err(JournalError::Conflict(_)) => {
+                took_over += 1;
+                assert!(
+                    claimed.tasks.iter().any(|t| t.lane_key == key),
+                    "refused only because the claim took the lane over"
+                );
+            }
+            Err(e) => panic!("round {round}: the outcome failed with {e}"),
+        }
+        // Release whatever the second claim leased, so the next round starts clean.
+        for t in claimed.tasks {
+            let _ = journal.record(delivered(t)).await;
+        }
+    }
+    eprintln!("takeovers before the outcome: {took_over} of 30");
+}

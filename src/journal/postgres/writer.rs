@@ -6,8 +6,9 @@
 //!   upsert that locks the row, and advancing a lane sets the head to the smallest pending id in a
 //!   single statement; whichever order these run in, no pending delivery is left without a head;
 //! - outcomes are applied only while their lease still holds the lane row, which `lock_lanes`
-//!   locked (and read) first, so a concurrent append on another node has either committed before
-//!   the next head is computed or will find the lane's new state;
+//!   locked first, so a concurrent append on another node has either committed before the next
+//!   head is computed or will find the lane's new state; the lease is read after the batch's own
+//!   claims, which run first and may take over a lane whose lease ran out;
 //! - every batch first locks all lane rows its appends and records touch, in one sorted pass
 //!   (`lock_lanes`), so writers of different nodes take lane locks in the same order and do not
 //!   deadlock. Without it, three nodes deadlocked constantly and each deadlock cost PostgreSQL's
@@ -241,22 +242,15 @@ async fn run_batch(
         // before anything else: all writers of all nodes then take lane locks in the same order
         // and cannot deadlock (claims never wait, and the audit head is always locked last).
         let (dests, classes, keys) = lanes_touched(&batch);
-        let held: bulk::HeldLanes = match tx.query(&s.lock_lanes, &[&dests, &classes, &keys]).await
-        {
-            Ok(rows) => rows
-                .iter()
-                .map(|r| ((r.get(0), r.get(1), r.get(2)), r.get(3)))
-                .collect(),
-            Err(e) => {
-                last_err = db_error_text(&e);
-                let _ = tx.rollback().await;
-                if retryable(&last_err) && attempt < BATCH_TRIES {
-                    continue;
-                }
-                break;
+        if let Err(e) = tx.execute(&s.lock_lanes, &[&dests, &classes, &keys]).await {
+            last_err = db_error_text(&e);
+            let _ = tx.rollback().await;
+            if retryable(&last_err) && attempt < BATCH_TRIES {
+                continue;
             }
-        };
-        let outs = apply_batch(&tx, s, &batch, lease_ms, &held).await;
+            break;
+        }
+        let outs = apply_batch(&tx, s, &batch, lease_ms).await;
         // Report the root cause, not the "transaction is aborted" errors it caused in the others.
         let errors: Vec<&str> = outs.iter().filter_map(Out::store_error).collect();
         let root = errors
@@ -316,7 +310,6 @@ async fn apply_batch(
     s: &Stmts,
     batch: &[Command],
     lease_ms: i64,
-    held: &bulk::HeldLanes,
 ) -> Vec<Out> {
     let mut appends = Vec::new();
     let mut records = Vec::new();
@@ -334,13 +327,13 @@ async fn apply_batch(
     }
     let evs: Vec<&NewEvent> = appends.iter().map(|a| a.1).collect();
     let recs: Vec<&AttemptRecord> = records.iter().map(|r| r.1).collect();
-    let quick_run = join_all(quick.iter().map(|c| apply(tx, s, c.1, lease_ms, held)));
-    let rest_run = join_all(rest.iter().map(|c| apply(tx, s, c.1, lease_ms, held)));
-    let subs_run = join_all(subs.iter().map(|c| apply(tx, s, c.1, lease_ms, held)));
+    let quick_run = join_all(quick.iter().map(|c| apply(tx, s, c.1, lease_ms)));
+    let rest_run = join_all(rest.iter().map(|c| apply(tx, s, c.1, lease_ms)));
+    let subs_run = join_all(subs.iter().map(|c| apply(tx, s, c.1, lease_ms)));
     let (quick_outs, (rest_outs, (appended, recorded), subs_outs)) =
         tokio::join!(quick_run, async {
             let rest_outs = rest_run.await;
-            let written = bulk::write(tx, s, &evs, &recs, held, !subs.is_empty()).await;
+            let written = bulk::write(tx, s, &evs, &recs, !subs.is_empty()).await;
             (rest_outs, written, subs_run.await)
         });
     let mut outs: Vec<Option<Out>> = batch.iter().map(|_| None).collect();
@@ -374,16 +367,10 @@ fn only<T>(v: Vec<Result<T, JournalError>>) -> Result<T, JournalError> {
     })
 }
 
-async fn apply(
-    tx: &Transaction<'_>,
-    s: &Stmts,
-    cmd: &Command,
-    lease_ms: i64,
-    held: &bulk::HeldLanes,
-) -> Out {
+async fn apply(tx: &Transaction<'_>, s: &Stmts, cmd: &Command, lease_ms: i64) -> Out {
     match cmd {
         Command::Append(ev, _) => {
-            Out::Append(only(bulk::write(tx, s, &[&**ev], &[], held, false).await.0))
+            Out::Append(only(bulk::write(tx, s, &[&**ev], &[], false).await.0))
         }
         Command::Claim {
             dest,
@@ -392,9 +379,9 @@ async fn apply(
             now_ms,
             ..
         } => Out::Claim(claim(tx, s, dest, *class, *limit, *now_ms, lease_ms).await),
-        Command::Record(rec, _) => Out::Unit(only(
-            bulk::write(tx, s, &[], &[&**rec], held, false).await.1,
-        )),
+        Command::Record(rec, _) => {
+            Out::Unit(only(bulk::write(tx, s, &[], &[&**rec], false).await.1))
+        }
         Command::Replay(f, _) => Out::Replay(replay(tx, s, f).await),
         Command::Registry(op, _) => Out::Registry(registry::apply(tx, s, op).await),
         Command::Subs(op, _) => Out::Subs(subs::apply(tx, s, op).await),
@@ -644,6 +631,7 @@ struct Stmts {
     append_all: Statement,
     record_all: Statement,
     find_repeats: Statement,
+    find_holders: Statement,
     lock_chain_head: Statement,
     move_chain_head: Statement,
     insert_delivery: Statement,
@@ -676,6 +664,7 @@ impl Stmts {
             append_all: c.prepare(bulk::APPEND_ALL_SQL).await?,
             record_all: c.prepare(bulk::RECORD_ALL_SQL).await?,
             find_repeats: c.prepare(bulk::FIND_REPEATS_SQL).await?,
+            find_holders: c.prepare(bulk::FIND_HOLDERS_SQL).await?,
             lock_chain_head: c
                 .prepare("SELECT seq, hash FROM audit_chain_head WHERE id = 1 FOR UPDATE")
                 .await?,
@@ -695,8 +684,7 @@ impl Stmts {
                     "INSERT INTO lanes (dest, class, lane_key, head_id, next_attempt_at)
                      SELECT d, c, k, 0, 0 FROM unnest($1::TEXT[], $2::SMALLINT[], $3::TEXT[])
                          WITH ORDINALITY AS t(d, c, k, n) ORDER BY n
-                     ON CONFLICT (dest, class, lane_key) DO UPDATE SET head_id = lanes.head_id
-                     RETURNING dest, class, lane_key, leased",
+                     ON CONFLICT (dest, class, lane_key) DO UPDATE SET head_id = lanes.head_id",
                 )
                 .await?,
             upsert_lane: c

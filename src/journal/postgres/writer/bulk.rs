@@ -17,20 +17,18 @@ use super::{Stmts, subs};
 use crate::journal::audit_chain::{Content, row_hash};
 use crate::journal::{Appended, AttemptRecord, JournalError, NewEvent, Verdict};
 
-/// A lane (destination, class, key) and the lease token its row held when the batch locked it.
-pub type HeldLanes = HashMap<(String, i16, String), i64>;
-
 /// The error that makes the writer run its batch again: a row the batch expected to write was
-/// not written (another transaction stored the same vendor event first), so hashes already
-/// computed for it would leave a gap in the chain.
-const RACED: &str = "40001: a concurrent transaction stored one of the batch's events first";
+/// not written (another transaction stored the same vendor event first, or moved a lease), so
+/// hashes already computed for it would leave a gap in the chain.
+const RACED: &str = "40001: a concurrent transaction changed what the batch had chained";
 
 /// Writes a batch's appends and attempt records with their audit rows already in the chain.
 ///
 /// Locks the chain head first (after the batch's lanes: the order every writer keeps), so from
 /// here to commit no other transaction adds events or chained rows: which appends are repeats
 /// (of a stored event, or of one earlier in the batch) and which records still hold their lane
-/// (`held`, read when the lanes were locked) is then known before anything is written, and each
+/// (read after the batch's claims, which may take over a lane whose lease ran out) is then known
+/// before anything is written, and each
 /// audit row is inserted with its chain position and hash instead of being rewritten by a seal.
 /// `lock_anyway`: lock the head even when there is nothing to write (the batch's subscription
 /// writes come next and must hold it).
@@ -39,7 +37,6 @@ pub async fn write(
     s: &Stmts,
     evs: &[&NewEvent],
     recs: &[&AttemptRecord],
-    held: &HeldLanes,
     lock_anyway: bool,
 ) -> Written {
     if evs.is_empty() && recs.is_empty() {
@@ -49,7 +46,7 @@ pub async fn write(
         }
         return (Vec::new(), Vec::new());
     }
-    match write_chained(tx, s, evs, recs, held).await {
+    match write_chained(tx, s, evs, recs).await {
         Ok(out) => out,
         Err(e) => (all_failed(evs.len(), &e), all_failed(recs.len(), &e)),
     }
@@ -65,7 +62,6 @@ async fn write_chained(
     s: &Stmts,
     evs: &[&NewEvent],
     recs: &[&AttemptRecord],
-    held: &HeldLanes,
 ) -> Result<Written, JournalError> {
     let head = tx.query_one(&s.lock_chain_head, &[]).await?;
     let mut chain = Chain {
@@ -73,20 +69,13 @@ async fn write_chained(
         hash: head.get(1),
     };
     let now = crate::clock::now_ms();
-    let appended = repeats(tx, s, evs).await?;
+    let (appended, valid) = tokio::join!(repeats(tx, s, evs), holding(tx, s, recs));
+    let (appended, valid) = (appended?, valid?);
     let new: Vec<&NewEvent> = evs
         .iter()
         .zip(&appended)
         .filter(|(_, a)| a.is_none())
         .map(|(ev, _)| *ev)
-        .collect();
-    let valid: Vec<bool> = recs
-        .iter()
-        .map(|r| {
-            let t = &r.task;
-            held.get(&(t.dest.clone(), t.class.as_i64() as i16, t.lane_key.clone()))
-                == Some(&t.lease)
-        })
         .collect();
     let applied: Vec<&AttemptRecord> = recs
         .iter()
@@ -206,6 +195,31 @@ async fn repeats(
     Ok(out)
 }
 
+/// For each record, whether its task's lease still holds the lane.
+async fn holding(
+    tx: &Transaction<'_>,
+    s: &Stmts,
+    recs: &[&AttemptRecord],
+) -> Result<Vec<bool>, JournalError> {
+    if recs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let dest: Vec<&str> = recs.iter().map(|r| r.task.dest.as_str()).collect();
+    let class: Vec<i16> = recs.iter().map(|r| r.task.class.as_i64() as i16).collect();
+    let key: Vec<&str> = recs.iter().map(|r| r.task.lane_key.as_str()).collect();
+    let lease: Vec<i64> = recs.iter().map(|r| r.task.lease).collect();
+    let mut valid = vec![false; recs.len()];
+    for r in tx
+        .query(&s.find_holders, &[&dest, &class, &key, &lease])
+        .await?
+    {
+        if let Some(v) = valid.get_mut(r.get::<_, i64>(0) as usize - 1) {
+            *v = true;
+        }
+    }
+    Ok(valid)
+}
+
 /// The chain's head while a batch's rows are hashed onto it.
 struct Chain {
     seq: i64,
@@ -229,6 +243,13 @@ fn all_failed<T>(n: usize, e: &JournalError) -> Vec<Result<T, JournalError>> {
         })
         .collect()
 }
+
+/// Which of a batch's records (1-based positions) hold their lane's lease.
+pub const FIND_HOLDERS_SQL: &str = "
+    SELECT r.n FROM unnest($1::TEXT[], $2::SMALLINT[], $3::TEXT[], $4::BIGINT[])
+        WITH ORDINALITY AS r(dest, class, lane_key, lease, n)
+    JOIN lanes l ON l.dest = r.dest AND l.class = r.class AND l.lane_key = r.lane_key
+        AND l.leased = r.lease";
 
 /// Which of a batch's events are already stored: (0 by vendor event id | 1 by idempotency key,
 /// 1-based position, stored id).
@@ -282,9 +303,10 @@ pub const APPEND_ALL_SQL: &str = "WITH i AS (
      SELECT (SELECT count(*) FROM ev), EXISTS (SELECT 1 FROM subscriptions)";
 
 /// Applies the batch's records whose lease holds, with their chained audit rows; returns how
-/// many it applied (fewer than sent means a lease moved, which the held lanes rule out). Verdicts: 0 delivered, 1 retry, 2 dead letter. The parts of one statement share a snapshot,
-/// so the lane's next head must skip the recorded delivery explicitly (it still reads as
-/// pending there).
+/// many it applied (fewer than sent means a lease moved after [`holding`] read it: the batch runs
+/// again). Verdicts: 0 delivered, 1 retry, 2 dead letter. The parts of one statement share a
+/// snapshot, so the lane's next head must skip the recorded delivery explicitly (it still reads
+/// as pending there).
 pub const RECORD_ALL_SQL: &str = "WITH r AS (
         SELECT * FROM unnest($1::TEXT[], $2::SMALLINT[], $3::TEXT[], $4::BIGINT[], $5::INTEGER[],
             $6::INTEGER[], $7::BIGINT[], $8::TEXT[], $9::FLOAT8[], $10::TEXT[], $11::TEXT[],
