@@ -680,11 +680,13 @@ impl Stmts {
             lock_lanes: c
                 .prepare(
                     // Creates missing lanes as empty (head_id = 0, which the appends fill in) and
-                    // locks all of them, in the caller's sorted order.
+                    // locks all of them, in the caller's sorted order. `WHERE false` locks an
+                    // existing row without writing a new version of it.
                     "INSERT INTO lanes (dest, class, lane_key, head_id, next_attempt_at)
                      SELECT d, c, k, 0, 0 FROM unnest($1::TEXT[], $2::SMALLINT[], $3::TEXT[])
                          WITH ORDINALITY AS t(d, c, k, n) ORDER BY n
-                     ON CONFLICT (dest, class, lane_key) DO UPDATE SET head_id = lanes.head_id",
+                     ON CONFLICT (dest, class, lane_key) DO UPDATE SET head_id = lanes.head_id
+                         WHERE false",
                 )
                 .await?,
             upsert_lane: c

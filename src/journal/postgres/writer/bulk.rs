@@ -63,14 +63,20 @@ async fn write_chained(
     evs: &[&NewEvent],
     recs: &[&AttemptRecord],
 ) -> Result<Written, JournalError> {
-    let head = tx.query_one(&s.lock_chain_head, &[]).await?;
+    // One round trip: the server runs them in this order, so both lookups start once the head
+    // is held (each statement of a transaction at this isolation level reads what committed
+    // before it started).
+    let (head, appended, valid) = tokio::join!(
+        tx.query_one(&s.lock_chain_head, &[]),
+        repeats(tx, s, evs),
+        holding(tx, s, recs)
+    );
+    let (head, appended, valid) = (head?, appended?, valid?);
     let mut chain = Chain {
         seq: head.get(0),
         hash: head.get(1),
     };
     let now = crate::clock::now_ms();
-    let (appended, valid) = tokio::join!(repeats(tx, s, evs), holding(tx, s, recs));
-    let (appended, valid) = (appended?, valid?);
     let new: Vec<&NewEvent> = evs
         .iter()
         .zip(&appended)
