@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use knutepunkt::journal::handoff::Handed;
 use knutepunkt::journal::{
-    AttemptRecord, DeliveryTask, Journal, JournalError, LaneClass, NewEvent, SqliteJournal, Verdict,
+    AttemptRecord, Claimed, DeliveryTask, Journal, JournalError, LaneClass, NewEvent,
+    SqliteJournal, Verdict,
 };
 use tokio::sync::Semaphore;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -70,6 +71,14 @@ impl Setup {
             .await
             .expect("append");
     }
+
+    /// Claims ready heads of `dest` (must succeed).
+    async fn claim(&self, dest: &str, class: LaneClass, limit: usize, now: i64) -> Claimed {
+        self.journal
+            .claim(dest, class, limit, now)
+            .await
+            .expect("claim")
+    }
 }
 
 /// The writer sends hand-offs before it answers the batch's callers, so whatever was handed
@@ -102,17 +111,9 @@ async fn a_new_lane_is_handed_over_with_a_slot_and_claims_skip_it() {
 
     // The lane is leased: no claim hands it out again; `b` (no dispatcher) is claimed as usual.
     let now = knutepunkt::clock::now_ms() + 1;
-    let a = s
-        .journal
-        .claim("a", LaneClass::Alarm, 8, now)
-        .await
-        .expect("claim a");
+    let a = s.claim("a", LaneClass::Alarm, 8, now).await;
     assert!(a.tasks.is_empty(), "{:?}", a.tasks);
-    let b = s
-        .journal
-        .claim("b", LaneClass::Alarm, 8, now)
-        .await
-        .expect("claim b");
+    let b = s.claim("b", LaneClass::Alarm, 8, now).await;
     assert_eq!(b.tasks.len(), 1);
     assert_eq!(b.tasks[0].event_id, "e1");
 
@@ -157,11 +158,7 @@ async fn a_busy_lane_keeps_its_order_and_the_next_head_follows_the_outcome() {
     assert!(taken(&mut s.rx).is_empty(), "no free slot, no hand-off");
     drop((permit, p2));
     let now = knutepunkt::clock::now_ms() + 1;
-    let c = s
-        .journal
-        .claim("a", LaneClass::Normal, 8, now)
-        .await
-        .expect("claim");
+    let c = s.claim("a", LaneClass::Normal, 8, now).await;
     assert_eq!(c.tasks.len(), 1);
     assert_eq!(c.tasks[0].event_id, "m3");
 }
@@ -186,11 +183,7 @@ async fn retries_are_claimed_and_restart_releases_handed_over_leases() {
         .await
         .expect("record retry");
     assert!(taken(&mut s.rx).is_empty());
-    let c = s
-        .journal
-        .claim("a", LaneClass::Normal, 1, due)
-        .await
-        .expect("claim");
+    let c = s.claim("a", LaneClass::Normal, 1, due).await;
     assert_eq!(c.tasks.len(), 1);
     assert_eq!(
         (c.tasks[0].event_id.as_str(), c.tasks[0].attempts),
@@ -234,16 +227,8 @@ async fn without_a_free_slot_or_a_registration_nothing_is_handed_over() {
     s.append("x2", "patient:2", false, &["a"]).await;
     assert!(taken(&mut s.rx).is_empty());
     let now = knutepunkt::clock::now_ms() + 1;
-    let alarm = s
-        .journal
-        .claim("a", LaneClass::Alarm, 8, now)
-        .await
-        .expect("claim");
-    let normal = s
-        .journal
-        .claim("a", LaneClass::Normal, 8, now)
-        .await
-        .expect("claim");
+    let alarm = s.claim("a", LaneClass::Alarm, 8, now).await;
+    let normal = s.claim("a", LaneClass::Normal, 8, now).await;
     assert_eq!(alarm.tasks.len() + normal.tasks.len(), 2);
 
     // Unregistered (a dispatcher that stopped): claimed as usual even with slots free.
@@ -252,11 +237,7 @@ async fn without_a_free_slot_or_a_registration_nothing_is_handed_over() {
     s.alarm.add_permits(4);
     s.append("x3", "patient:3", true, &["a"]).await;
     assert!(taken(&mut s.rx).is_empty());
-    let c = s
-        .journal
-        .claim("a", LaneClass::Alarm, 8, now + 10)
-        .await
-        .expect("claim");
+    let c = s.claim("a", LaneClass::Alarm, 8, now + 10).await;
     assert_eq!(c.tasks.len(), 1);
     assert_eq!(c.tasks[0].event_id, "x3");
 }

@@ -31,10 +31,8 @@ impl Store {
     async fn open() -> (Store, Arc<dyn Journal>) {
         if common::on_postgres() {
             let url = common::fresh_database().await;
-            let j = PostgresJournal::open(&url, None, 2, Duration::from_secs(60), 256, 4096)
-                .await
-                .expect("open journal");
-            (Store::Postgres(url), Arc::new(j))
+            let j = open_postgres(&url).await;
+            (Store::Postgres(url), j)
         } else {
             let dir = tempfile::tempdir().expect("tempdir");
             let j = SqliteJournal::open(dir.path(), 256, 4096).expect("open journal");
@@ -49,6 +47,15 @@ impl Store {
         }
         .expect("verify audit chain")
     }
+}
+
+/// A node on the PostgreSQL database `url` (leases of 60 s, batches of up to 256 commands).
+async fn open_postgres(url: &str) -> Arc<dyn Journal> {
+    Arc::new(
+        PostgresJournal::open(url, None, 2, Duration::from_secs(60), 256, 4096)
+            .await
+            .expect("open journal"),
+    )
 }
 
 fn delivered(task: DeliveryTask) -> AttemptRecord {
@@ -218,11 +225,7 @@ async fn two_nodes_storing_the_same_events_store_each_once() {
     let Store::Postgres(url) = &store else {
         unreachable!("on_postgres")
     };
-    let second: Arc<dyn Journal> = Arc::new(
-        PostgresJournal::open(url, None, 2, Duration::from_secs(60), 256, 4096)
-            .await
-            .expect("open second node"),
-    );
+    let second = open_postgres(url).await;
     let sends = (0..200).flat_map(|i| {
         [&first, &second].map(|node| {
             let node = Arc::clone(node);
@@ -278,11 +281,7 @@ async fn outcome_racing_the_takeover_of_its_lane_fails_alone() {
         return;
     }
     let url = common::fresh_database().await;
-    let journal: Arc<dyn Journal> = Arc::new(
-        PostgresJournal::open(&url, None, 2, Duration::from_secs(60), 256, 4096)
-            .await
-            .expect("open journal"),
-    );
+    let journal = open_postgres(&url).await;
     let mut took_over = 0;
     for round in 0..30 {
         let key = format!("patient:{round}");

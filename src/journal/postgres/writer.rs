@@ -348,30 +348,21 @@ async fn apply_batch(
         outs[*i] = Some(o);
     }
     outs.into_iter()
-        .map(|o| {
-            o.unwrap_or_else(|| {
-                Out::Unit(Err(JournalError::Unavailable(
-                    "internal error: command without result".into(),
-                )))
-            })
-        })
+        .map(|o| o.unwrap_or_else(|| Out::Unit(no_result())))
         .collect()
 }
 
-/// The only result of a one-element bulk call.
-fn only<T>(v: Vec<Result<T, JournalError>>) -> Result<T, JournalError> {
-    v.into_iter().next().unwrap_or_else(|| {
-        Err(JournalError::Unavailable(
-            "internal error: command without result".into(),
-        ))
-    })
+/// What a command gets if the batch's dispatch left it without a result (a bug).
+fn no_result<T>() -> Result<T, JournalError> {
+    Err(JournalError::Unavailable(
+        "internal error: command without result".into(),
+    ))
 }
 
 async fn apply(tx: &Transaction<'_>, s: &Stmts, cmd: &Command, lease_ms: i64) -> Out {
     match cmd {
-        Command::Append(ev, _) => {
-            Out::Append(only(bulk::write(tx, s, &[&**ev], &[], false).await.0))
-        }
+        // Appends and records are written together by `bulk::write` (see `apply_batch`).
+        Command::Append(..) => Out::Append(no_result()),
         Command::Claim {
             dest,
             class,
@@ -379,9 +370,7 @@ async fn apply(tx: &Transaction<'_>, s: &Stmts, cmd: &Command, lease_ms: i64) ->
             now_ms,
             ..
         } => Out::Claim(claim(tx, s, dest, *class, *limit, *now_ms, lease_ms).await),
-        Command::Record(rec, _) => {
-            Out::Unit(only(bulk::write(tx, s, &[], &[&**rec], false).await.1))
-        }
+        Command::Record(..) => Out::Unit(no_result()),
         Command::Replay(f, _) => Out::Replay(replay(tx, s, f).await),
         Command::Registry(op, _) => Out::Registry(registry::apply(tx, s, op).await),
         Command::Subs(op, _) => Out::Subs(subs::apply(tx, s, op).await),

@@ -5,8 +5,8 @@
 //! with a statement or two per command, that process was the node's limit. Here the batch's
 //! commands travel as column arrays (`unnest ... WITH ORDINALITY`) and deliveries are inserted in
 //! array order, so their ids keep the order the appends had, as lane order requires. Audit rows
-//! arrive already hashed into the chain (see [`write`]). The lane rows were locked, and their
-//! leases read, by the batch's `lock_lanes` before either runs.
+//! arrive already hashed into the chain (see [`write`]). The lane rows were locked by the batch's
+//! `lock_lanes` before either runs.
 
 use std::collections::HashMap;
 
@@ -28,8 +28,8 @@ const RACED: &str = "40001: a concurrent transaction changed what the batch had 
 /// here to commit no other transaction adds events or chained rows: which appends are repeats
 /// (of a stored event, or of one earlier in the batch) and which records still hold their lane
 /// (read after the batch's claims, which may take over a lane whose lease ran out) is then known
-/// before anything is written, and each
-/// audit row is inserted with its chain position and hash instead of being rewritten by a seal.
+/// before anything is written, and each audit row is inserted with its chain position and hash
+/// instead of being rewritten by a seal.
 /// `lock_anyway`: lock the head even when there is nothing to write (the batch's subscription
 /// writes come next and must hold it).
 pub async fn write(
