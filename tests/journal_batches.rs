@@ -3,7 +3,8 @@
 //! together so that each batch holds many of them (PostgreSQL stores a batch's appends with one
 //! statement and its outcomes with another). Checked: repeats inside one batch are recognised,
 //! per-lane order is the order of the appends, outcomes with a stale lease are refused while the
-//! rest of their batch applies, every step is audited and the audit chain verifies.
+//! rest of their batch applies, every step is audited and the audit chain verifies; on
+//! PostgreSQL also that audit rows left without a chain position are sealed by the writer.
 
 mod common;
 
@@ -335,4 +336,71 @@ async fn outcome_racing_the_takeover_of_its_lane_fails_alone() {
         }
     }
     eprintln!("takeovers before the outcome: {took_over} of 30");
+}
+
+/// PostgreSQL: a batch of appends does not run the seal (its rows are chained as inserted), yet
+/// an audit row committed without a chain position (as an older binary during a rolling
+/// upgrade leaves it) is still sealed into the chain: by the writer's periodic seal of
+/// leftovers, within its 10 s interval, and the chain then verifies with every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_left_unsealed_are_sealed_by_the_writer() {
+    if !common::on_postgres() {
+        return;
+    }
+    let url = common::fresh_database().await;
+    let journal = open_postgres(&url).await;
+    let append = |n: usize| {
+        let ev = common::journal_event(
+            "test",
+            &format!("e-{n}"),
+            &format!("v-{n}"),
+            "patient:1",
+            false,
+            &DESTS,
+        );
+        journal.append(ev)
+    };
+    append(0).await.expect("append");
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    db.execute(
+        "INSERT INTO audit (at, event_id, kind, detail) VALUES (1, 'e-0', 'note', 'older binary')",
+        &[],
+    )
+    .await
+    .expect("insert an unsealed row");
+    let unsealed = || async {
+        db.query_one("SELECT count(*) FROM audit WHERE chain_seq IS NULL", &[])
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+    };
+    append(1).await.expect("append");
+    assert_eq!(unsealed().await, 1, "a batch of appends does not seal");
+    let deadline = std::time::Instant::now() + Duration::from_secs(25);
+    while unsealed().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leftover row was never sealed"
+        );
+        // The periodic seal runs after a batch, so keep the writer busy.
+        append(2).await.expect("append");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let events = journal.stats().await.expect("stats").events;
+    assert!(events >= 2, "{events} events stored");
+    drop(journal);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    match knutepunkt::journal::verify_postgres_audit(&url, None).await {
+        Ok(ChainVerdict::Intact { rows, .. }) => {
+            assert_eq!(
+                rows as i64,
+                events as i64 * 3 + 1,
+                "three rows per event, one note"
+            )
+        }
+        other => panic!("audit chain: {other:?}"),
+    }
 }

@@ -13,7 +13,7 @@
 //! - `replay` re-queues dead letters at their lane's tail, oldest first;
 //! - repeats of a vendor event id are `Duplicate` and store nothing;
 //! - stats, per-destination counts and the lanes read model match the model;
-//! - direct hand-off (embedded store; `journal::handoff`): destination `a` is registered with
+//! - direct hand-off (`journal::handoff`): destination `a` is registered with
 //!   [`ALARM_SLOTS`] and [`NORMAL_SLOTS`] slots, held by the test like a dispatcher holds them
 //!   (until the outcome of the task is recorded). An append that opens a lane of `a`, and an
 //!   outcome (delivered or dead) that leaves a next head in a lane of `a`, must hand exactly that
@@ -33,7 +33,13 @@
 //!   survive it, so tasks held across it stay valid until they expire and are taken over;
 //! - emptied lanes keep a row (`head_id = 0`) until a sweep: claims and the read models must not
 //!   show them, which the checks after every step cover;
-//! - the lanes read model reports `in_flight` for a lease that has not expired by the wall clock.
+//! - a lane's next head after an outcome is handed over whenever `a`'s dispatcher is registered,
+//!   free slot or not (it waits for the slot of the recorded attempt), and a handed-over lease
+//!   ends at the wall clock of its write plus `PG_LEASE`: far behind model time, so for claims it
+//!   has always ended and the next claim may take the lane over (fencing the handed task);
+//! - the lanes read model reports `in_flight` for a lease that has not expired by the wall clock
+//!   (for a handed-over lease whose end falls within the read's own start and finish, either
+//!   answer is accepted).
 //!   Model time runs far ahead of the wall clock, so every lease still holding a token reads as
 //!   in flight, as on SQLite.
 //!
@@ -176,6 +182,10 @@ struct Lane {
     leased: Option<i64>,
     /// End of the lease (model time) where leases expire (PostgreSQL).
     lease_until: i64,
+    /// A lease from a hand-off on PostgreSQL: it ends at the wall clock of its write plus the
+    /// lease, known within these bounds (wall time, far behind model time: such a lease has
+    /// always ended for claims, and reads as in flight until the wall clock passes it).
+    wall_lease: Option<(i64, i64)>,
 }
 
 type LaneId = (String, LaneClass, String);
@@ -212,6 +222,7 @@ impl Model {
             due: Due::Wall { lo, hi },
             leased: None,
             lease_until: 0,
+            wall_lease: None,
         });
     }
 
@@ -386,6 +397,16 @@ impl Harness {
         lane.0 == HANDOFF_DEST && self.taker.as_ref().is_some_and(|t| t.free(lane.1) > 0)
     }
 
+    /// Whether the next head of `lane` would be handed over when an outcome moves the lane on.
+    /// On PostgreSQL it needs no free slot: the task waits for the slot its outcome's attempt
+    /// frees (and carries none).
+    fn would_hand_over_next(&self, lane: &LaneId) -> bool {
+        match self.m.lease_ms {
+            Some(_) => lane.0 == HANDOFF_DEST && self.taker.is_some(),
+            None => self.would_hand_over(lane),
+        }
+    }
+
     /// Checks that task `t` (claimed or handed over) is the head of `lane` with its event's
     /// Bundle and trace context and a lease token never seen before, and notes the head's
     /// journal id.
@@ -424,12 +445,14 @@ impl Harness {
     }
 
     /// Checks that `got` is the head of `lane` (or nothing, when `expected` is false) and holds
-    /// it like a claimed task, with its slot.
+    /// it like a claimed task, with its slot if it came with one. `wall`: the wall clock before
+    /// and after the write that handed it over.
     fn take_over(
         &mut self,
         lane: &LaneId,
         expected: bool,
         got: Vec<Handed>,
+        wall: (i64, i64),
     ) -> Result<(), TestCaseError> {
         prop_assert_eq!(
             got.len(),
@@ -443,12 +466,14 @@ impl Harness {
         };
         prop_assert_eq!(&lane_of(&task), lane);
         self.hand_out(&task, lane)?;
-        let lease_ms = self.m.lease_ms.unwrap_or(0);
+        let pg_lease = self.m.lease_ms;
         let l = self.m.lanes.get_mut(lane).expect("lane");
         prop_assert!(l.leased.is_none(), "hand-off of a leased lane {:?}", lane);
         l.leased = Some(task.lease);
-        l.lease_until = self.m.now + lease_ms;
-        if let Some(t) = self.taker.as_mut() {
+        // PostgreSQL leases a handed-over lane by the wall clock of the write.
+        l.wall_lease = pg_lease.map(|ms| (wall.0 + ms, wall.1 + ms));
+        l.lease_until = l.wall_lease.map_or(0, |w| w.1);
+        if let (Some(t), Some(permit)) = (self.taker.as_mut(), permit) {
             t.permits.insert(task.lease, permit);
         }
         self.m.held.push(task);
@@ -516,7 +541,7 @@ impl Harness {
             };
             self.m.enqueue(del, lo, hi);
         }
-        self.take_over(&handoff_lane, expect_handoff, handed)
+        self.take_over(&handoff_lane, expect_handoff, handed, (lo, hi))
     }
 
     async fn append_dup(&mut self, i: &Index) -> Result<(), TestCaseError> {
@@ -598,6 +623,7 @@ impl Harness {
         for t in &got.tasks {
             let l = self.m.lanes.get_mut(&lane_of(t)).expect("lane");
             l.lease_until = now + lease_ms;
+            l.wall_lease = None;
             // Taking over an expired lease fences its holder: that task is stale from now on.
             if let Some(old) = l.leased.replace(t.lease) {
                 let p = self.m.held.iter().position(|h| h.lease == old);
@@ -659,8 +685,10 @@ impl Harness {
         };
         // The task's own slot is still held while its outcome is recorded (as in a dispatcher).
         let may_hand_over =
-            !matches!(verdict, Verdict::Retry { .. }) && self.would_hand_over(&lane);
+            !matches!(verdict, Verdict::Retry { .. }) && self.would_hand_over_next(&lane);
+        let lo = wall();
         let got = self.j().record(rec).await;
+        let hi = wall();
         prop_assert!(got.is_ok(), "record of a held lease failed: {:?}", got);
         let handed = self.handed();
         self.m.dels[h].attempts = attempt;
@@ -680,7 +708,7 @@ impl Harness {
             }
         }
         let next_head = self.m.lanes.contains_key(&lane) && self.m.lanes[&lane].leased.is_none();
-        self.take_over(&lane, may_hand_over && next_head, handed)?;
+        self.take_over(&lane, may_hand_over && next_head, handed, (lo, hi))?;
         if let Some(t) = self.taker.as_mut() {
             t.permits.remove(&task.lease);
         }
@@ -866,6 +894,7 @@ impl Harness {
             }
         }
 
+        let read_lo = wall();
         let lanes = j
             .lanes(LaneQuery {
                 destination: None,
@@ -874,6 +903,7 @@ impl Harness {
             })
             .await
             .map_err(|e| TestCaseError::fail(format!("lanes: {e}")))?;
+        let read_hi = wall();
         prop_assert_eq!(lanes.len(), m.lanes.len(), "lane count");
         for info in &lanes {
             let id: LaneId = (info.destination.clone(), info.class, info.key.clone());
@@ -891,7 +921,21 @@ impl Harness {
                 })
                 .count() as i64;
             prop_assert_eq!(info.depth, depth, "depth of {:?}", id);
-            prop_assert_eq!(info.in_flight, l.leased.is_some(), "lease of {:?}", id);
+            // A handed-over lease on PostgreSQL reads as in flight until the wall clock passes
+            // its end; within the bounds of that end, either answer is right.
+            match (l.leased, l.wall_lease) {
+                (Some(_), Some((end_lo, _))) if read_hi < end_lo => {
+                    prop_assert!(info.in_flight, "lease of {:?}", id)
+                }
+                (Some(_), Some((_, end_hi))) if read_lo > end_hi => {
+                    prop_assert!(!info.in_flight, "lease of {:?}", id)
+                }
+                (Some(_), Some(_)) => {}
+                (leased, None) => {
+                    prop_assert_eq!(info.in_flight, leased.is_some(), "lease of {:?}", id)
+                }
+                (None, Some(_)) => prop_assert!(!info.in_flight, "lease of {:?}", id),
+            }
             prop_assert!(
                 l.due.lo() <= info.next_attempt_at_ms && info.next_attempt_at_ms <= l.due.hi(),
                 "due of {:?}: {} vs model {:?}",

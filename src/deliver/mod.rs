@@ -9,7 +9,8 @@
 //! A lane head that is ready when the journal writer commits it (a new lane, or the next event
 //! of a lane whose head just finished) is leased by the writer itself and handed straight to
 //! the dispatcher with one of its free slots (`journal::handoff`), saving a claim round trip;
-//! everything else (retries coming due, work found after a restart, no free slot) is claimed.
+//! a next head handed over without a slot (PostgreSQL) starts in the next slot freed.
+//! Everything else (retries coming due, work found after a restart, no free slot) is claimed.
 
 pub mod adapter;
 pub mod backoff;
@@ -27,7 +28,7 @@ use tracing::Instrument;
 
 use crate::clock::now_ms;
 use crate::config::ValidDestination;
-use crate::journal::handoff::{Handoff, Registration};
+use crate::journal::handoff::{Handed, Handoff, Registration};
 use crate::journal::{AttemptRecord, DeliveryTask, Journal, JournalError, LaneClass, Verdict};
 use crate::telemetry::Telemetry;
 use crate::telemetry::events::{AttemptOutcome, DeadReason, DeliveryAttempted};
@@ -104,6 +105,23 @@ pub struct Dispatcher {
     telemetry: Arc<Telemetry>,
     /// Access tokens for destinations with `[destination.oauth]`.
     oauth: Option<oauth::TokenSource>,
+    slots: Slots,
+}
+
+/// A destination's delivery slots (its `alarm_concurrency` and `concurrency`): one per attempt
+/// in flight, held until the attempt's outcome is recorded.
+struct Slots {
+    alarm: Arc<Semaphore>,
+    normal: Arc<Semaphore>,
+}
+
+impl Slots {
+    fn of(&self, class: LaneClass) -> &Arc<Semaphore> {
+        match class {
+            LaneClass::Alarm => &self.alarm,
+            LaneClass::Normal => &self.normal,
+        }
+    }
 }
 
 /// Building a dispatcher failed (start-up).
@@ -133,7 +151,12 @@ impl Dispatcher {
             None => None,
         };
         let wake = wakers.get(&dest.name);
+        let slots = Slots {
+            alarm: Arc::new(Semaphore::new(dest.alarm_concurrency)),
+            normal: Arc::new(Semaphore::new(dest.concurrency)),
+        };
         Ok(Self {
+            slots,
             dest,
             journal,
             client,
@@ -152,8 +175,8 @@ impl Dispatcher {
     /// Runs until `shutdown` turns true, then waits up to `grace` for attempts in flight.
     pub async fn run(self, shutdown: watch::Receiver<bool>, grace: Duration) {
         let this = Arc::new(self);
-        let alarm_slots = Arc::new(Semaphore::new(this.dest.alarm_concurrency));
-        let normal_slots = Arc::new(Semaphore::new(this.dest.concurrency));
+        let alarm_slots = Arc::clone(&this.slots.alarm);
+        let normal_slots = Arc::clone(&this.slots.normal);
         // One claim loop per class: an alarm claim is never queued behind a claim of the normal
         // class, whose journal round trip waits behind every measurement queued before it.
         let mut loops: Vec<_> = [
@@ -213,20 +236,10 @@ impl Dispatcher {
             let free = slots.available_permits();
             let wait = match self.journal.claim(&self.dest.name, class, free, now).await {
                 Ok(claimed) => {
+                    // A slot the writer took for a hand-off meanwhile makes a claimed lease
+                    // wait for the next free one (at most `free` tasks wait).
                     for task in claimed.tasks {
-                        match Arc::clone(&slots).try_acquire_owned() {
-                            Ok(permit) => self.start(task, permit),
-                            // The journal's writer took the slot for a hand-off meanwhile: this
-                            // lease waits for the next free slot (at most `free` tasks wait).
-                            Err(_) => {
-                                let (me, slots) = (Arc::clone(&self), Arc::clone(&slots));
-                                tokio::spawn(async move {
-                                    if let Ok(permit) = slots.acquire_owned().await {
-                                        me.start(task, permit);
-                                    }
-                                });
-                            }
-                        }
+                        self.start_when_free(task);
                     }
                     claimed.next_due_ms.map_or(POLL, |due| {
                         POLL.min(Duration::from_millis((due - now_ms()).max(0) as u64))
@@ -268,7 +281,7 @@ impl Dispatcher {
         while !*shutdown.borrow() {
             tokio::select! {
                 got = rx.recv() => match got {
-                    Some(h) => self.start(h.task, h.permit),
+                    Some(h) => self.take(h),
                     None => break,
                 },
                 _ = shutdown.changed() => {}
@@ -277,7 +290,31 @@ impl Dispatcher {
         handoff.unregister(&self.dest.name, id);
         rx.close();
         while let Some(h) = rx.recv().await {
-            self.start(h.task, h.permit);
+            self.take(h);
+        }
+    }
+
+    /// Starts a handed-over head in its slot, or once a slot of its class is free.
+    fn take(self: &Arc<Self>, h: Handed) {
+        match h.permit {
+            Some(permit) => self.start(h.task, permit),
+            None => self.start_when_free(h.task),
+        }
+    }
+
+    /// Starts `task` (already leased) in the next free slot of its class.
+    fn start_when_free(self: &Arc<Self>, task: DeliveryTask) {
+        let slots = Arc::clone(self.slots.of(task.class));
+        match Arc::clone(&slots).try_acquire_owned() {
+            Ok(permit) => self.start(task, permit),
+            Err(_) => {
+                let me = Arc::clone(self);
+                tokio::spawn(async move {
+                    if let Ok(permit) = slots.acquire_owned().await {
+                        me.start(task, permit);
+                    }
+                });
+            }
         }
     }
 

@@ -8,7 +8,9 @@
 //! handed over and the lane is claimed as usual.
 //!
 //! The channel to a dispatcher is unbounded, but each message carries one of the destination's
-//! slot permits, so it never holds more than the destination's slots.
+//! slot permits, so it never holds more than the destination's slots. The one exception is the
+//! next head of a lane whose outcome was just recorded on PostgreSQL: it comes without a slot and
+//! waits for the one its recorded attempt frees, so there are never more such tasks than slots.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,10 +20,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::{DeliveryTask, LaneClass};
 
-/// A leased lane head with the delivery slot it will use.
+/// A leased lane head with the delivery slot it will use; without one, the dispatcher starts it
+/// when a slot frees (PostgreSQL hands over a lane's next head when the outcome before it is
+/// recorded, and that attempt's slot is the one freed next).
 pub struct Handed {
     pub task: DeliveryTask,
-    pub permit: OwnedSemaphorePermit,
+    pub permit: Option<OwnedSemaphorePermit>,
 }
 
 /// The dispatchers that take hand-offs, by destination. Shared by a backend's writer (which
@@ -85,6 +89,12 @@ impl Handoff {
             LaneClass::Normal => &taker.normal,
         };
         Arc::clone(slots).try_acquire_owned().ok()
+    }
+
+    /// Whether `dest` has a dispatcher taking hand-offs.
+    pub fn takes(&self, dest: &str) -> bool {
+        let map = self.by_dest.read().unwrap_or_else(|p| p.into_inner());
+        map.contains_key(dest)
     }
 
     /// Passes committed hand-offs to their dispatchers. One whose dispatcher has gone (it is
@@ -169,7 +179,7 @@ mod tests {
         let permit = h.reserve("a", LaneClass::Alarm).expect("slot");
         h.send(vec![Handed {
             task: task("a"),
-            permit,
+            permit: Some(permit),
         }]);
         let got = rx.try_recv().expect("handed over");
         assert_eq!(got.task.lease, 7);
@@ -185,7 +195,7 @@ mod tests {
         let permit = h.reserve("a", LaneClass::Alarm).expect("slot");
         h.send(vec![Handed {
             task: task("a"),
-            permit,
+            permit: Some(permit),
         }]);
         assert_eq!(alarm.available_permits(), 1);
     }

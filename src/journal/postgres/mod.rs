@@ -31,6 +31,7 @@ use super::alarm::{
     AlarmOp, AlarmOut, Deactivation, DeactivationQuery, Escalation, EscalationQuery,
 };
 use super::command::Queue;
+use super::handoff::Handoff;
 use super::{
     Appended, Assignment, AssignmentQuery, AttemptRecord, AuditNote, Claimed, DeadLetter,
     DeadLetterQuery, DestinationStats, DeviceBeat, EventDetail, Journal, JournalError,
@@ -65,6 +66,8 @@ const MIGRATION_LOCK: i64 = 0x6b6e_7574_6570_756e;
 pub struct PostgresJournal {
     queue: Queue,
     pool: Pool,
+    /// The dispatchers of this node, to which writers hand lanes their appends open.
+    handoff: Arc<Handoff>,
 }
 
 impl From<tokio_postgres::Error> for JournalError {
@@ -161,6 +164,7 @@ impl PostgresJournal {
             .map_err(|e| JournalError::Unavailable(format!("pool: {e}")))?;
         let (queue, rx) = Queue::new(queue_capacity);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let handoff = Arc::new(Handoff::default());
         for _ in 0..opts.writers.max(1) {
             tokio::spawn(writer::run(
                 config.clone(),
@@ -168,9 +172,14 @@ impl PostgresJournal {
                 Arc::clone(&rx),
                 max_batch,
                 lease,
+                Arc::clone(&handoff),
             ));
         }
-        Ok(Self { queue, pool })
+        Ok(Self {
+            queue,
+            pool,
+            handoff,
+        })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, JournalError> {
@@ -271,6 +280,10 @@ impl Journal for PostgresJournal {
         now_ms: i64,
     ) -> Result<Claimed, JournalError> {
         self.queue.claim(dest, class, limit, now_ms).await
+    }
+
+    fn handoff(&self) -> Option<Arc<Handoff>> {
+        Some(Arc::clone(&self.handoff))
     }
 
     async fn record(&self, attempt: AttemptRecord) -> Result<(), JournalError> {

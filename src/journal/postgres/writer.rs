@@ -19,6 +19,7 @@
 
 mod alarm;
 mod bulk;
+mod offers;
 mod registry;
 mod subs;
 
@@ -35,6 +36,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::db_error_text;
 use crate::journal::command::{AuditRow, Command, Done, Inbox, fail};
+use crate::journal::handoff::{Handed, Handoff};
 use crate::journal::{
     Appended, AttemptRecord, Claimed, DeliveryTask, JournalError, LaneClass, NewEvent,
     ReplayFilter, Replayed,
@@ -42,6 +44,10 @@ use crate::journal::{
 
 /// How often emptied lane rows are removed.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// How often a writer seals audit rows left without a chain position by an older binary, when
+/// none of its batches did (see [`writes_unchained_audit`]).
+const SEAL_LEFTOVERS_EVERY: Duration = Duration::from_secs(10);
 
 pub async fn connect(config: &Config, tls: MakeRustlsConnect) -> Result<Client, JournalError> {
     Ok(connect_raw(config, tls).await?)
@@ -77,10 +83,15 @@ pub async fn run(
     inbox: Arc<Mutex<Inbox>>,
     max_batch: usize,
     lease: Duration,
+    handoff: Arc<Handoff>,
 ) {
-    let lease_ms = lease.as_millis() as i64;
+    let hand = bulk::HandOver {
+        handoff: Some(&handoff),
+        lease_ms: lease.as_millis() as i64,
+    };
     let mut conn: Option<Conn> = None;
     let mut last_sweep = Instant::now();
+    let mut last_seal = Instant::now();
     let mut last_replan = Instant::now();
     loop {
         let Some(batch) = inbox.lock().await.next_batch(max_batch).await else {
@@ -99,7 +110,9 @@ pub async fn run(
             };
         }
         let Some(c) = conn.as_mut() else { continue };
-        let (done, commit) = run_batch(c, batch, lease_ms).await;
+        let (done, commit, handed) = run_batch(c, batch, hand).await;
+        // Hand-offs first: their deliveries start while the callers are being answered.
+        handoff.send(handed);
         if let Err(e) = &commit {
             tracing::error!(error = %e, "journal batch failed");
             if c.client.is_closed() {
@@ -115,6 +128,14 @@ pub async fn run(
             last_sweep = Instant::now();
             if let Err(e) = c.client.execute(&c.s.sweep, &[]).await {
                 tracing::warn!(error = %db_error_text(&e), "lane sweep failed");
+            }
+        }
+        if last_seal.elapsed() > SEAL_LEFTOVERS_EVERY
+            && let Some(c) = conn.as_mut()
+        {
+            last_seal = Instant::now();
+            if let Err(e) = seal_leftovers(&mut c.client).await {
+                tracing::warn!(error = %db_error_text(&e), "sealing leftover audit rows failed");
             }
         }
         if last_replan.elapsed() > REPLAN_EVERY
@@ -185,9 +206,12 @@ fn finish(cmd: Command, out: Out) -> Done {
     }
 }
 
+/// Lanes as parallel arrays: destinations, classes, keys.
+type Lanes = (Vec<String>, Vec<i16>, Vec<String>);
+
 /// The lanes (destination, class, key) that appends and records of a batch will lock, sorted
 /// and without repeats, as three parallel arrays for `unnest`.
-fn lanes_touched(batch: &[Command]) -> (Vec<String>, Vec<i16>, Vec<String>) {
+fn lanes_touched(batch: &[Command]) -> Lanes {
     let mut lanes: Vec<(String, i16, String)> = Vec::new();
     for cmd in batch {
         match cmd {
@@ -219,16 +243,43 @@ fn lanes_touched(batch: &[Command]) -> (Vec<String>, Vec<i16>, Vec<String>) {
     out
 }
 
+/// Whether a batch holds commands that insert audit rows without a chain position (replays,
+/// registry, subscription writes), which must be sealed before `COMMIT`. Appends and outcomes
+/// chain their rows as they insert them, claims and pings write none: a batch of only those
+/// skips the seal and its round trips. Rows an older binary left unsealed are picked up by the
+/// next batch that seals, or by the writer's periodic [`seal_leftovers`].
+fn writes_unchained_audit(batch: &[Command]) -> bool {
+    batch.iter().any(|c| {
+        matches!(
+            c,
+            Command::Replay(..) | Command::Registry(..) | Command::Subs(..)
+        )
+    })
+}
+
+/// Seals audit rows that were committed without a chain position (by an older binary during a
+/// rolling upgrade), in a transaction of its own.
+async fn seal_leftovers(client: &mut Client) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    super::audit::seal(&tx).await?;
+    tx.commit().await
+}
+
 fn retryable(err: &str) -> bool {
     err.starts_with("40P01") || err.starts_with("40001")
 }
 
+/// Runs a batch in one transaction, again if the database aborted it for a deadlock or a race
+/// (see `retryable`); returns each command's answer, the outcome, and the lanes to hand over
+/// (only when it committed).
 async fn run_batch(
     c: &mut Conn,
     batch: Vec<Command>,
-    lease_ms: i64,
-) -> (Vec<Done>, Result<(), String>) {
+    hand: bulk::HandOver<'_>,
+) -> (Vec<Done>, Result<(), String>, Vec<Handed>) {
     let Conn { client, s } = c;
+    let lanes = lanes_touched(&batch);
+    let seals = writes_unchained_audit(&batch);
     let mut last_err = String::new();
     for attempt in 1..=BATCH_TRIES {
         let tx = match client.transaction().await {
@@ -238,31 +289,27 @@ async fn run_batch(
                 break;
             }
         };
-        // Lock every lane row the batch's appends and records will touch, in one sorted pass,
-        // before anything else: all writers of all nodes then take lane locks in the same order
-        // and cannot deadlock (claims never wait, and the audit head is always locked last).
-        let (dests, classes, keys) = lanes_touched(&batch);
-        if let Err(e) = tx.execute(&s.lock_lanes, &[&dests, &classes, &keys]).await {
-            last_err = db_error_text(&e);
-            let _ = tx.rollback().await;
-            if retryable(&last_err) && attempt < BATCH_TRIES {
-                continue;
-            }
-            break;
-        }
-        let outs = apply_batch(&tx, s, &batch, lease_ms).await;
+        let Applied {
+            locked,
+            outs,
+            handed,
+        } = apply_batch(&tx, s, &batch, &lanes, hand).await;
         // Report the root cause, not the "transaction is aborted" errors it caused in the others.
         let errors: Vec<&str> = outs.iter().filter_map(Out::store_error).collect();
-        let root = errors
-            .iter()
-            .find(|e| !e.starts_with("25P02"))
-            .or(errors.first())
-            .map(|e| e.to_string());
+        let root = match locked {
+            Err(e) => Some(db_error_text(&e)),
+            Ok(_) => errors
+                .iter()
+                .find(|e| !e.starts_with("25P02"))
+                .or(errors.first())
+                .map(|e| e.to_string()),
+        };
         let result = match root {
             Some(e) => {
                 let _ = tx.rollback().await;
                 Err(e)
             }
+            None if !seals => tx.commit().await.map_err(|e| db_error_text(&e)),
             None => match super::audit::seal(&tx).await {
                 Ok(()) => tx.commit().await.map_err(|e| db_error_text(&e)),
                 Err(e) => {
@@ -280,6 +327,7 @@ async fn run_batch(
                         .map(|(c, o)| finish(c, o))
                         .collect(),
                     Ok(()),
+                    handed,
                 );
             }
             Err(e) if retryable(&e) && attempt < BATCH_TRIES => {
@@ -296,21 +344,28 @@ async fn run_batch(
     (
         batch.into_iter().map(|cmd| fail(cmd, &msg)).collect(),
         Err(msg),
+        Vec::new(),
     )
 }
 
-/// Runs a batch's commands on its transaction, pipelined, results in batch order: claims and
-/// pings at once; replays and registry writes next, because they may lock lanes of their own and
-/// every lane lock must come before the chain head's; then all appends and attempt records
-/// together (`bulk::write`, which locks the head); subscription writes last. Subscription rows
-/// are only ever locked under the head (numbering a stored event's subscriptions locks them
-/// too), so two transactions cannot wait for each other there.
+/// Runs a batch's commands on its transaction, pipelined, results in batch order. First, in the
+/// same round trip as what follows (the server runs a connection's statements in the order they
+/// were sent), every lane row the batch's appends and records will touch is locked in one sorted
+/// pass (`lanes`, see [`lanes_touched`]): all writers of all nodes then take lane locks in the
+/// same order and cannot deadlock (claims never wait, the audit head is always locked after the
+/// lanes). Then claims and pings; replays and registry writes next, because they may lock lanes
+/// of their own and every lane lock must come before the chain head's; then all appends and
+/// attempt records together (`bulk::write`, which locks the head); subscription writes last.
+/// Subscription rows are only ever locked under the head (numbering a stored event's
+/// subscriptions locks them too), so two transactions cannot wait for each other there.
 async fn apply_batch(
     tx: &Transaction<'_>,
     s: &Stmts,
     batch: &[Command],
-    lease_ms: i64,
-) -> Vec<Out> {
+    lanes: &Lanes,
+    hand: bulk::HandOver<'_>,
+) -> Applied {
+    let lease_ms = hand.lease_ms;
     let mut appends = Vec::new();
     let mut records = Vec::new();
     let mut quick = Vec::new();
@@ -330,10 +385,12 @@ async fn apply_batch(
     let quick_run = join_all(quick.iter().map(|c| apply(tx, s, c.1, lease_ms)));
     let rest_run = join_all(rest.iter().map(|c| apply(tx, s, c.1, lease_ms)));
     let subs_run = join_all(subs.iter().map(|c| apply(tx, s, c.1, lease_ms)));
-    let (quick_outs, (rest_outs, (appended, recorded), subs_outs)) =
-        tokio::join!(quick_run, async {
+    let (dests, classes, keys) = lanes;
+    let lock_params: [&(dyn ToSql + Sync); 3] = [dests, classes, keys];
+    let (locked, quick_outs, (rest_outs, (appended, recorded, handed), subs_outs)) =
+        tokio::join!(tx.execute(&s.lock_lanes, &lock_params), quick_run, async {
             let rest_outs = rest_run.await;
-            let written = bulk::write(tx, s, &evs, &recs, !subs.is_empty()).await;
+            let written = bulk::write(tx, s, &evs, &recs, !subs.is_empty(), hand).await;
             (rest_outs, written, subs_run.await)
         });
     let mut outs: Vec<Option<Out>> = batch.iter().map(|_| None).collect();
@@ -347,9 +404,24 @@ async fn apply_batch(
     for ((i, _), o) in others.zip(quick_outs.into_iter().chain(rest_outs).chain(subs_outs)) {
         outs[*i] = Some(o);
     }
-    outs.into_iter()
+    let outs = outs
+        .into_iter()
         .map(|o| o.unwrap_or_else(|| Out::Unit(no_result())))
-        .collect()
+        .collect();
+    Applied {
+        locked,
+        outs,
+        handed,
+    }
+}
+
+/// What [`apply_batch`] did before commit: the lane lock's result (when it failed, the commands
+/// failed with "transaction is aborted" and it is the cause), each command's result in batch
+/// order, and the leased lanes to hand over once the batch has committed.
+struct Applied {
+    locked: Result<u64, tokio_postgres::Error>,
+    outs: Vec<Out>,
+    handed: Vec<Handed>,
 }
 
 /// What a command gets if the batch's dispatch left it without a result (a bug).

@@ -133,7 +133,10 @@ impl Writes<'_> {
             return Ok(());
         };
         let task = lease(c, self.tokens, lane, head_id, task()?)?;
-        handed.push(Handed { task, permit });
+        handed.push(Handed {
+            task,
+            permit: Some(permit),
+        });
         Ok(())
     }
 }

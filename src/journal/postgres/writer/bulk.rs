@@ -13,9 +13,11 @@ use std::collections::HashMap;
 use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 
+use super::offers::Offers;
 use super::{Stmts, subs};
 use crate::journal::audit_chain::{Content, row_hash};
-use crate::journal::{Appended, AttemptRecord, JournalError, NewEvent, Verdict};
+use crate::journal::handoff::{Handed, Handoff};
+use crate::journal::{Appended, AttemptRecord, DeliveryTask, JournalError, NewEvent, Verdict};
 
 /// The error that makes the writer run its batch again: a row the batch expected to write was
 /// not written (another transaction stored the same vendor event first, or moved a lease), so
@@ -31,30 +33,45 @@ const RACED: &str = "40001: a concurrent transaction changed what the batch had 
 /// before anything is written, and each audit row is inserted with its chain position and hash
 /// instead of being rewritten by a seal.
 /// `lock_anyway`: lock the head even when there is nothing to write (the batch's subscription
-/// writes come next and must hold it).
+/// writes come next and must hold it). Lanes the appends open are leased for `hand.lease_ms` and
+/// returned as hand-offs (see [`Offers`]), to be sent only once the batch has committed.
 pub async fn write(
     tx: &Transaction<'_>,
     s: &Stmts,
     evs: &[&NewEvent],
     recs: &[&AttemptRecord],
     lock_anyway: bool,
+    hand: HandOver<'_>,
 ) -> Written {
     if evs.is_empty() && recs.is_empty() {
         if lock_anyway {
             // A failure aborts the transaction; the subscription writes then report it.
             let _ = tx.query_one(&s.lock_chain_head, &[]).await;
         }
-        return (Vec::new(), Vec::new());
+        return (Vec::new(), Vec::new(), Vec::new());
     }
-    match write_chained(tx, s, evs, recs).await {
+    match write_chained(tx, s, evs, recs, hand).await {
         Ok(out) => out,
-        Err(e) => (all_failed(evs.len(), &e), all_failed(recs.len(), &e)),
+        Err(e) => (
+            all_failed(evs.len(), &e),
+            all_failed(recs.len(), &e),
+            Vec::new(),
+        ),
     }
+}
+
+/// Where a batch's opened lanes go: the node's dispatchers (`None`: nothing is handed over, as
+/// in tests of the journal alone), and how long their lease lasts.
+#[derive(Clone, Copy)]
+pub struct HandOver<'a> {
+    pub handoff: Option<&'a Handoff>,
+    pub lease_ms: i64,
 }
 
 type Written = (
     Vec<Result<Appended, JournalError>>,
     Vec<Result<(), JournalError>>,
+    Vec<Handed>,
 );
 
 async fn write_chained(
@@ -62,6 +79,7 @@ async fn write_chained(
     s: &Stmts,
     evs: &[&NewEvent],
     recs: &[&AttemptRecord],
+    hand: HandOver<'_>,
 ) -> Result<Written, JournalError> {
     // One round trip: the server runs them in this order, so both lookups start once the head
     // is held (each statement of a transaction at this isolation level reads what committed
@@ -90,14 +108,17 @@ async fn write_chained(
         .map(|(r, _)| *r)
         .collect();
     let ap = AppendColumns::of(&new, now, &mut chain);
-    let rc = RecordColumns::of(&applied, &mut chain);
+    let offers = Offers::of(&new, hand.handoff, now + hand.lease_ms);
+    let mut ap_params = ap.params().to_vec();
+    ap_params.extend(offers.params());
+    let rc = RecordColumns::of(&applied, &mut chain, hand, now);
     // Pipelined: the head moves in the same round trip as the rows that moved it.
     let head: [&(dyn ToSql + Sync); 2] = [&chain.seq, &chain.hash];
     let (stored, recorded, moved) = tokio::join!(
         async {
             match new.is_empty() {
                 true => Ok(None),
-                false => tx.query_one(&s.append_all, &ap.params()).await.map(Some),
+                false => tx.query_one(&s.append_all, &ap_params).await.map(Some),
             }
         },
         async {
@@ -120,6 +141,23 @@ async fn write_chained(
         return Err(JournalError::Unavailable(RACED.into()));
     }
     let any_subscription = stored.as_ref().is_some_and(|r| r.get::<_, bool>(1));
+    let handed = match &stored {
+        Some(r) => {
+            let (n, head, lease): (Vec<i64>, Vec<i64>, Vec<i64>) = (r.get(2), r.get(3), r.get(4));
+            let accepted: Vec<(i64, i64, i64)> = n
+                .into_iter()
+                .zip(head)
+                .zip(lease)
+                .map(|((n, h), l)| (n, h, l))
+                .collect();
+            offers.accept(&accepted, now)
+        }
+        None => Vec::new(),
+    };
+    let mut handed = handed;
+    if let Some(r) = &recorded {
+        handed.extend(next_heads(r, &applied)?);
+    }
     let mut appends = Vec::with_capacity(evs.len());
     for (ev, repeat) in evs.iter().zip(appended) {
         appends.push(match repeat {
@@ -148,7 +186,56 @@ async fn write_chained(
             ))),
         })
         .collect();
-    Ok((appends, records))
+    Ok((appends, records, handed))
+}
+
+/// The next heads [`RECORD_ALL_SQL`] leased for hand-off, as tasks (no slot: each waits for the
+/// slot its record's attempt frees, so at most one per slot waits).
+fn next_heads(
+    row: &tokio_postgres::Row,
+    applied: &[&AttemptRecord],
+) -> Result<Vec<Handed>, JournalError> {
+    let n: Vec<i64> = row.try_get(1)?;
+    let head: Vec<i64> = row.try_get(2)?;
+    let lease: Vec<i64> = row.try_get(3)?;
+    let event_id: Vec<String> = row.try_get(4)?;
+    let attempts: Vec<i32> = row.try_get(5)?;
+    let created_at: Vec<i64> = row.try_get(6)?;
+    let fhir: Vec<String> = row.try_get(7)?;
+    let traceparent: Vec<Option<String>> = row.try_get(8)?;
+    let mut out = Vec::with_capacity(n.len());
+    let columns = head
+        .into_iter()
+        .zip(lease)
+        .zip(event_id)
+        .zip(attempts)
+        .zip(created_at)
+        .zip(fhir)
+        .zip(traceparent);
+    for (n, ((((((head, lease), event_id), attempts), created_at), fhir), traceparent)) in
+        n.into_iter().zip(columns)
+    {
+        let Some(rec) = applied.get(n as usize - 1) else {
+            continue;
+        };
+        let t = &rec.task;
+        out.push(Handed {
+            task: DeliveryTask {
+                delivery_id: head,
+                event_id,
+                dest: t.dest.clone(),
+                class: t.class,
+                lane_key: t.lane_key.clone(),
+                attempts: attempts.max(0) as u32,
+                created_at_ms: created_at,
+                fhir: fhir.into(),
+                lease,
+                traceparent,
+            },
+            permit: None,
+        });
+    }
+    Ok(out)
 }
 
 /// For each event, the id of the stored event it repeats (same vendor event id, else same
@@ -267,8 +354,11 @@ pub const FIND_REPEATS_SQL: &str = "
         JOIN events e ON e.vendor = u.vendor AND e.idem_key = u.ik";
 
 /// Stores the batch's new events with their deliveries, lanes and chained audit rows; returns
-/// how many events it stored (fewer than sent means another transaction raced it) and whether
-/// any subscription exists. `$16` is the stored-at time of the whole batch.
+/// how many events it stored (fewer than sent means another transaction raced it), whether any
+/// subscription exists, and which offered lanes (`$26`–`$28`, see [`Offers`]) it leased until
+/// `$29` because they were empty: offer position, head delivery, lease token. A lane's lease
+/// token is taken from the offer only when the lane had no head and no lease, so a token equal
+/// to the offer's proves this statement leased it. `$16` is the stored-at time of the batch.
 pub const APPEND_ALL_SQL: &str = "WITH i AS (
         SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[],
             $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::SMALLINT[], $10::TEXT[], $11::TEXT[],
@@ -292,13 +382,31 @@ pub const APPEND_ALL_SQL: &str = "WITH i AS (
         JOIN i ON i.n = d.ev_n JOIN ev ON ev.id = i.id
         ORDER BY d.n
         RETURNING id, dest, class, lane_key
+     ), offer AS (
+        SELECT o.*, nextval('lease_tokens') AS token
+        FROM unnest($26::TEXT[], $27::SMALLINT[], $28::TEXT[]) WITH ORDINALITY
+            AS o(dest, class, lane_key, n)
      ), ln AS (
-        INSERT INTO lanes (dest, class, lane_key, head_id, next_attempt_at)
-        SELECT dest, class, lane_key, min(id), $16::BIGINT FROM dl GROUP BY dest, class, lane_key
+        INSERT INTO lanes (dest, class, lane_key, head_id, next_attempt_at, leased, lease_until)
+        SELECT g.dest, g.class, g.lane_key, g.head, $16::BIGINT, COALESCE(o.token, 0),
+            CASE WHEN o.token IS NULL THEN 0 ELSE $29::BIGINT END
+        FROM (SELECT dest, class, lane_key, min(id) AS head FROM dl
+              GROUP BY dest, class, lane_key) g
+        LEFT JOIN offer o
+            ON o.dest = g.dest AND o.class = g.class AND o.lane_key = g.lane_key
         ON CONFLICT (dest, class, lane_key) DO UPDATE SET
           head_id = CASE WHEN lanes.head_id = 0 THEN EXCLUDED.head_id ELSE lanes.head_id END,
           next_attempt_at = CASE WHEN lanes.head_id = 0 THEN EXCLUDED.next_attempt_at
-                                 ELSE lanes.next_attempt_at END
+                                 ELSE lanes.next_attempt_at END,
+          leased = CASE WHEN lanes.head_id = 0 AND lanes.leased = 0 THEN EXCLUDED.leased
+                        ELSE lanes.leased END,
+          lease_until = CASE WHEN lanes.head_id = 0 AND lanes.leased = 0
+                             THEN EXCLUDED.lease_until ELSE lanes.lease_until END
+        RETURNING lanes.dest, lanes.class, lanes.lane_key, lanes.head_id, lanes.leased
+     ), handed AS (
+        SELECT o.n, ln.head_id, ln.leased FROM ln JOIN offer o
+            ON o.dest = ln.dest AND o.class = ln.class AND o.lane_key = ln.lane_key
+            AND o.token = ln.leased
      ), au AS (
         INSERT INTO audit (at, event_id, kind, detail, chain_seq, hash)
         SELECT a.at, a.event_id, a.kind, a.detail, a.seq, a.hash
@@ -306,20 +414,25 @@ pub const APPEND_ALL_SQL: &str = "WITH i AS (
             $25::TEXT[]) AS a(at, event_id, kind, detail, seq, hash)
         ORDER BY a.seq
      )
-     SELECT (SELECT count(*) FROM ev), EXISTS (SELECT 1 FROM subscriptions)";
+     SELECT (SELECT count(*) FROM ev), EXISTS (SELECT 1 FROM subscriptions),
+        ARRAY(SELECT n FROM handed ORDER BY n), ARRAY(SELECT head_id FROM handed ORDER BY n),
+        ARRAY(SELECT leased FROM handed ORDER BY n)";
 
 /// Applies the batch's records whose lease holds, with their chained audit rows; returns how
 /// many it applied (fewer than sent means a lease moved after [`holding`] read it: the batch runs
 /// again). Verdicts: 0 delivered, 1 retry, 2 dead letter. The parts of one statement share a
 /// snapshot, so the lane's next head must skip the recorded delivery explicitly (it still reads
-/// as pending there).
+/// as pending there). Where `$20` holds (the destination's dispatcher takes hand-offs), a lane that
+/// moves on to a next head is leased until `$21` at once, and the head is returned with what its
+/// delivery needs (arrays, by record position), so it goes out without waiting for a claim.
 pub const RECORD_ALL_SQL: &str = "WITH r AS (
         SELECT * FROM unnest($1::TEXT[], $2::SMALLINT[], $3::TEXT[], $4::BIGINT[], $5::INTEGER[],
             $6::INTEGER[], $7::BIGINT[], $8::TEXT[], $9::FLOAT8[], $10::TEXT[], $11::TEXT[],
             $12::BIGINT[], $13::SMALLINT[], $14::BIGINT[], $15::BIGINT[], $16::TEXT[],
-            $17::BIGINT[], $18::TEXT[], $19::TEXT[])
+            $17::BIGINT[], $18::TEXT[], $19::TEXT[], $20::BOOL[])
         WITH ORDINALITY AS r(dest, class, lane_key, delivery_id, attempt, status, at, event_id,
-            latency_ms, error, detail, next_at, verdict, lease, seq1, hash1, seq2, hash2, detail2, n)
+            latency_ms, error, detail, next_at, verdict, lease, seq1, hash1, seq2, hash2, detail2,
+            offer, n)
      ), ok AS (
         SELECT r.* FROM r JOIN lanes l
           ON l.dest = r.dest AND l.class = r.class AND l.lane_key = r.lane_key AND l.leased = r.lease
@@ -343,18 +456,35 @@ pub const RECORD_ALL_SQL: &str = "WITH r AS (
                 NULL::FLOAT8, ok.detail2, ok.seq2, ok.hash2)
         ) AS x(kind, latency_ms, detail, seq, hash)
         ORDER BY x.seq
+     ), nx AS (
+        SELECT ok.*, CASE WHEN ok.verdict = 1 THEN NULL
+                     ELSE COALESCE((SELECT min(p.id) FROM deliveries p
+                                    WHERE p.dest = ok.dest AND p.class = ok.class
+                                      AND p.lane_key = ok.lane_key AND p.state = 'pending'
+                                      AND p.id <> ok.delivery_id), 0) END AS next_head
+        FROM ok
      ), l AS (
         UPDATE lanes SET
-          head_id = CASE WHEN ok.verdict = 1 THEN lanes.head_id
-                    ELSE COALESCE((SELECT min(p.id) FROM deliveries p
-                                   WHERE p.dest = ok.dest AND p.class = ok.class
-                                     AND p.lane_key = ok.lane_key AND p.state = 'pending'
-                                     AND p.id <> ok.delivery_id), 0) END,
-          leased = 0, lease_until = 0, next_attempt_at = ok.next_at
-        FROM ok
-        WHERE lanes.dest = ok.dest AND lanes.class = ok.class AND lanes.lane_key = ok.lane_key
+          head_id = COALESCE(nx.next_head, lanes.head_id),
+          leased = CASE WHEN nx.next_head > 0 AND nx.offer THEN nextval('lease_tokens') ELSE 0 END,
+          lease_until = CASE WHEN nx.next_head > 0 AND nx.offer THEN $21::BIGINT ELSE 0 END,
+          next_attempt_at = nx.next_at
+        FROM nx
+        WHERE lanes.dest = nx.dest AND lanes.class = nx.class AND lanes.lane_key = nx.lane_key
+        RETURNING nx.n, lanes.head_id, lanes.leased
+     ), handed AS (
+        SELECT l.n, l.head_id, l.leased, d.event_id, d.attempts, d.created_at, e.fhir,
+            e.traceparent
+        FROM l JOIN deliveries d ON d.id = l.head_id JOIN events e ON e.seq = d.event_seq
+        WHERE l.leased <> 0
      )
-     SELECT count(*) FROM ok";
+     SELECT (SELECT count(*) FROM ok), ARRAY(SELECT n FROM handed ORDER BY n),
+        ARRAY(SELECT head_id FROM handed ORDER BY n), ARRAY(SELECT leased FROM handed ORDER BY n),
+        ARRAY(SELECT event_id FROM handed ORDER BY n),
+        ARRAY(SELECT attempts FROM handed ORDER BY n),
+        ARRAY(SELECT created_at FROM handed ORDER BY n),
+        ARRAY(SELECT fhir FROM handed ORDER BY n),
+        ARRAY(SELECT traceparent FROM handed ORDER BY n)";
 
 /// [`APPEND_ALL_SQL`]'s parameters: one array per column, the deliveries flattened with the
 /// 1-based position of their event, and the audit rows with their place in the chain.
@@ -530,13 +660,20 @@ struct RecordColumns<'a> {
     seq2: Vec<i64>,
     hash2: Vec<String>,
     detail2: Vec<Option<String>>,
+    /// Whether the lane's next head may be leased for hand-off (its dispatcher takes them).
+    offer: Vec<bool>,
+    lease_until: i64,
 }
 
 impl<'a> RecordColumns<'a> {
-    fn of(recs: &[&'a AttemptRecord], chain: &mut Chain) -> Self {
-        let mut c = RecordColumns::default();
+    fn of(recs: &[&'a AttemptRecord], chain: &mut Chain, hand: HandOver<'_>, now: i64) -> Self {
+        let mut c = RecordColumns {
+            lease_until: now + hand.lease_ms,
+            ..RecordColumns::default()
+        };
         for rec in recs {
             let t = &rec.task;
+            c.offer.push(hand.handoff.is_some_and(|h| h.takes(&t.dest)));
             let (verdict, detail, next) = match &rec.verdict {
                 Verdict::Delivered => (0, String::new(), rec.at_ms),
                 Verdict::Retry { next_attempt_ms } => (
@@ -588,7 +725,7 @@ impl<'a> RecordColumns<'a> {
         c
     }
 
-    fn params(&self) -> [&(dyn ToSql + Sync); 19] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 21] {
         [
             &self.dest,
             &self.class,
@@ -609,6 +746,8 @@ impl<'a> RecordColumns<'a> {
             &self.seq2,
             &self.hash2,
             &self.detail2,
+            &self.offer,
+            &self.lease_until,
         ]
     }
 }
