@@ -29,6 +29,8 @@ const POLL: Duration = Duration::from_millis(200);
 /// attempt outlives neither, and a crashed node's subscriptions are taken over soon after.
 const LEASE_MS: i64 = 5_000;
 const CLAIM_LIMIT: usize = 32;
+/// Least time between claims woken by stored events while the last claim found no work.
+const IDLE_GAP: Duration = Duration::from_millis(50);
 
 /// Woken when an event is stored or a subscription created, so notifications go out at once
 /// (the poll is the fallback, e.g. for other nodes' events). Wake-ups coalesce into one claim.
@@ -152,8 +154,11 @@ pub async fn run(
                 limit: CLAIM_LIMIT,
             })
             .await;
+        let claimed_at = tokio::time::Instant::now();
+        let mut idle = true;
         match claimed {
             Ok(SubsOut::Subs(rows)) => {
+                idle = rows.is_empty();
                 for row in rows {
                     attempts.spawn(attempt(
                         Arc::clone(&journal),
@@ -168,7 +173,14 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
-            _ = WAKE.notified() => {}
+            _ = WAKE.notified() => {
+                // Every stored event wakes the notifier, and each claim is a journal write: while
+                // there is nothing to notify, wake-ups coalesce into at most one claim per
+                // IDLE_GAP instead of one per batch of events.
+                if idle {
+                    tokio::time::sleep_until(claimed_at + IDLE_GAP).await;
+                }
+            }
             Some(_) = attempts.join_next() => {}
             _ = stop.changed() => break,
         }

@@ -14,7 +14,7 @@
 use std::path::Path;
 
 use futures_util::{StreamExt, pin_mut};
-use tokio_postgres::Transaction;
+use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 
 use super::{db_error_text, tls, writer};
@@ -42,7 +42,7 @@ fn chain_row(r: &tokio_postgres::Row) -> ChainRow {
 
 /// Seals this transaction's unchained audit rows into the chain (call last, right before
 /// `COMMIT`).
-pub async fn seal(tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+pub async fn seal(tx: &Client) -> Result<(), tokio_postgres::Error> {
     let unsealed = format!("SELECT {COLUMNS} FROM audit WHERE chain_seq IS NULL ORDER BY id");
     // Without the lock first: most batches that wrote nothing to the audit skip it.
     if tx

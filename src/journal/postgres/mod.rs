@@ -58,8 +58,8 @@ pub struct PgOptions {
 
 /// 4: escalations, device deactivations (`schema_v4.sql`).
 /// 5: FHIR subscriptions and pull feed (`schema_v5.sql`). 6: `events.traceparent` (`schema_v6.sql`).
-/// 7: retention anchor (`schema_v7.sql`).
-const SCHEMA_VERSION: i32 = 7;
+/// 7: retention anchor (`schema_v7.sql`). 8: `knutepunkt_raced()` (`schema_v8.sql`).
+const SCHEMA_VERSION: i32 = 8;
 /// Arbitrary constant naming the migration advisory lock.
 const MIGRATION_LOCK: i64 = 0x6b6e_7574_6570_756e;
 
@@ -242,7 +242,7 @@ async fn migrate(client: &tokio_postgres::Client) -> Result<(), JournalError> {
     }
     // One step per version, each applied once, in order; a database at version 1 gets only the
     // later steps.
-    let steps: [(i32, &str); 7] = [
+    let steps: [(i32, &str); 8] = [
         (1, include_str!("schema.sql")),
         (2, include_str!("schema_v2.sql")),
         (3, include_str!("schema_v3.sql")),
@@ -250,6 +250,7 @@ async fn migrate(client: &tokio_postgres::Client) -> Result<(), JournalError> {
         (5, include_str!("schema_v5.sql")),
         (6, include_str!("schema_v6.sql")),
         (7, include_str!("schema_v7.sql")),
+        (8, include_str!("schema_v8.sql")),
     ];
     for (version, sql) in steps {
         if current < version {

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config, Statement, Transaction};
+use tokio_postgres::{Client, Config, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::db_error_text;
@@ -71,6 +71,11 @@ pub async fn connect_raw(
 struct Conn {
     client: Client,
     s: Stmts,
+    /// The audit chain head as this writer's last commit left it, while no seal or failure has
+    /// made it uncertain: the next batch may be sent in one round trip on it (see `run_batch`).
+    head: Option<bulk::Head>,
+    /// Until when batches are sent the careful way after an assumption failed.
+    assume_from: Instant,
 }
 
 /// Runs one writer. Several writers of a node share the queue: each takes the next batch while
@@ -134,7 +139,7 @@ pub async fn run(
             && let Some(c) = conn.as_mut()
         {
             last_seal = Instant::now();
-            if let Err(e) = seal_leftovers(&mut c.client).await {
+            if let Err(e) = seal_leftovers(&c.client).await {
                 tracing::warn!(error = %db_error_text(&e), "sealing leftover audit rows failed");
             }
         }
@@ -152,7 +157,12 @@ pub async fn run(
 async fn open(config: &Config, tls: MakeRustlsConnect) -> Result<Conn, JournalError> {
     let client = connect(config, tls).await?;
     let s = Stmts::prepare(&client).await?;
-    Ok(Conn { client, s })
+    Ok(Conn {
+        client,
+        s,
+        head: None,
+        assume_from: Instant::now(),
+    })
 }
 
 /// How often a writer drops its prepared statements' cached plans. PostgreSQL keeps a generic
@@ -259,10 +269,15 @@ fn writes_unchained_audit(batch: &[Command]) -> bool {
 
 /// Seals audit rows that were committed without a chain position (by an older binary during a
 /// rolling upgrade), in a transaction of its own.
-async fn seal_leftovers(client: &mut Client) -> Result<(), tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    super::audit::seal(&tx).await?;
-    tx.commit().await
+async fn seal_leftovers(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute("BEGIN").await?;
+    match super::audit::seal(client).await {
+        Ok(()) => client.batch_execute("COMMIT").await,
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
 }
 
 fn retryable(err: &str) -> bool {
@@ -272,54 +287,48 @@ fn retryable(err: &str) -> bool {
 /// Runs a batch in one transaction, again if the database aborted it for a deadlock or a race
 /// (see `retryable`); returns each command's answer, the outcome, and the lanes to hand over
 /// (only when it committed).
+///
+/// A batch of appends, outcomes and claims goes out in **one round trip** when this writer knows
+/// the audit chain head (its own last commit left it there, see `Conn::head`): `BEGIN`, the
+/// statements and `COMMIT` are sent together, the rows hashed onto the assumed head, and every
+/// assumption is checked by the statements themselves, which abort the transaction if one did
+/// not hold (`bulk::write`); `COMMIT` of an aborted transaction rolls it back. Then the batch
+/// runs again the careful way (head, repeats and leases read first, under the head's lock), and
+/// the one-round-trip form rests for [`ASSUME_AFTER_MISS`] (another node is writing, or
+/// subscriptions exist).
 async fn run_batch(
     c: &mut Conn,
     batch: Vec<Command>,
     hand: bulk::HandOver<'_>,
 ) -> (Vec<Done>, Result<(), String>, Vec<Handed>) {
-    let Conn { client, s } = c;
     let lanes = lanes_touched(&batch);
     let seals = writes_unchained_audit(&batch);
+    let one_trip = batch.iter().all(|cmd| {
+        matches!(
+            cmd,
+            Command::Append(..) | Command::Record(..) | Command::Claim { .. }
+        )
+    });
     let mut last_err = String::new();
     for attempt in 1..=BATCH_TRIES {
-        let tx = match client.transaction().await {
-            Ok(tx) => tx,
-            Err(e) => {
-                last_err = db_error_text(&e);
-                break;
+        let assumed = match &c.head {
+            Some(head) if one_trip && attempt == 1 && Instant::now() >= c.assume_from => {
+                Some(head.clone())
             }
+            _ => None,
         };
-        let Applied {
-            locked,
-            outs,
-            handed,
-        } = apply_batch(&tx, s, &batch, &lanes, hand).await;
-        // Report the root cause, not the "transaction is aborted" errors it caused in the others.
-        let errors: Vec<&str> = outs.iter().filter_map(Out::store_error).collect();
-        let root = match locked {
-            Err(e) => Some(db_error_text(&e)),
-            Ok(_) => errors
-                .iter()
-                .find(|e| !e.starts_with("25P02"))
-                .or(errors.first())
-                .map(|e| e.to_string()),
-        };
-        let result = match root {
-            Some(e) => {
-                let _ = tx.rollback().await;
-                Err(e)
-            }
-            None if !seals => tx.commit().await.map_err(|e| db_error_text(&e)),
-            None => match super::audit::seal(&tx).await {
-                Ok(()) => tx.commit().await.map_err(|e| db_error_text(&e)),
-                Err(e) => {
-                    let _ = tx.rollback().await;
-                    Err(db_error_text(&e))
-                }
-            },
+        let (result, outs, handed, head) = match &assumed {
+            Some(head) => one_round_trip(c, &batch, &lanes, hand, head).await,
+            None => careful(c, &batch, &lanes, hand, seals).await,
         };
         match result {
             Ok(()) => {
+                c.head = match (seals, head) {
+                    // The seal moved the head past what this writer knows.
+                    (true, _) => None,
+                    (false, Some(h)) => Some(h),
+                    (false, None) => c.head.take(),
+                };
                 return (
                     batch
                         .into_iter()
@@ -330,13 +339,22 @@ async fn run_batch(
                     handed,
                 );
             }
-            Err(e) if retryable(&e) && attempt < BATCH_TRIES => {
-                tracing::debug!(error = %e, attempt, "batch aborted by the database; running it again");
-                last_err = e;
-            }
             Err(e) => {
+                c.head = None;
+                if assumed.is_some() {
+                    tracing::debug!(error = %e, "a batch sent in one round trip did not hold; running it again");
+                    c.assume_from = Instant::now() + ASSUME_AFTER_MISS;
+                    last_err = e;
+                    continue;
+                }
+                let again = retryable(&e) && attempt < BATCH_TRIES;
+                if again {
+                    tracing::debug!(error = %e, attempt, "batch aborted by the database; running it again");
+                }
                 last_err = e;
-                break;
+                if !again {
+                    break;
+                }
             }
         }
     }
@@ -346,6 +364,98 @@ async fn run_batch(
         Err(msg),
         Vec::new(),
     )
+}
+
+/// How long a writer sends its batches the careful way after one sent in one round trip found
+/// an assumption broken.
+const ASSUME_AFTER_MISS: Duration = Duration::from_secs(1);
+
+/// What one try of a batch came to: committed or the error, each command's result, the lanes to
+/// hand over, and where the chain head moved.
+type Tried = (
+    Result<(), String>,
+    Vec<Out>,
+    Vec<Handed>,
+    Option<bulk::Head>,
+);
+
+/// The batch with `BEGIN` and `COMMIT` in one round trip, on the assumed chain head.
+async fn one_round_trip(
+    c: &Conn,
+    batch: &[Command],
+    lanes: &Lanes,
+    hand: bulk::HandOver<'_>,
+    head: &bulk::Head,
+) -> Tried {
+    let Conn { client, s, .. } = c;
+    // Each is sent on its first poll, and `tokio::join!` polls them first in this order.
+    let (begun, applied, committed) = tokio::join!(
+        client.batch_execute("BEGIN"),
+        apply_batch(client, s, batch, lanes, hand, Some(head)),
+        client.batch_execute("COMMIT"),
+    );
+    let root = match begun {
+        Err(e) => Some(db_error_text(&e)),
+        Ok(()) => root_error(&applied),
+    };
+    let result = match (root, committed) {
+        (None, Ok(())) => Ok(()),
+        (Some(e), _) => Err(e),
+        (None, Err(e)) => Err(db_error_text(&e)),
+    };
+    if result.is_err() {
+        // Usually rolled back by the COMMIT already; a stray ROLLBACK only draws a warning.
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    (result, applied.outs, applied.handed, applied.head)
+}
+
+/// The batch the careful way: `BEGIN`, the statements (chain head and leases read first), the
+/// seal when the batch needs it, `COMMIT`.
+async fn careful(
+    c: &Conn,
+    batch: &[Command],
+    lanes: &Lanes,
+    hand: bulk::HandOver<'_>,
+    seals: bool,
+) -> Tried {
+    let Conn { client, s, .. } = c;
+    if let Err(e) = client.batch_execute("BEGIN").await {
+        return (Err(db_error_text(&e)), Vec::new(), Vec::new(), None);
+    }
+    let applied = apply_batch(client, s, batch, lanes, hand, None).await;
+    let result = match root_error(&applied) {
+        Some(e) => Err(e),
+        None if !seals => Ok(()),
+        None => super::audit::seal(client)
+            .await
+            .map_err(|e| db_error_text(&e)),
+    };
+    let result = match result {
+        Ok(()) => client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| db_error_text(&e)),
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    };
+    (result, applied.outs, applied.handed, applied.head)
+}
+
+/// The error that aborted a batch's transaction, if any: the lane lock's, else the root cause
+/// among the commands' (not the "transaction is aborted" errors it caused in the others).
+fn root_error(applied: &Applied) -> Option<String> {
+    if let Err(e) = &applied.locked {
+        return Some(db_error_text(e));
+    }
+    let errors: Vec<&str> = applied.outs.iter().filter_map(Out::store_error).collect();
+    errors
+        .iter()
+        .find(|e| !e.starts_with("25P02"))
+        .or(errors.first())
+        .map(|e| e.to_string())
 }
 
 /// Runs a batch's commands on its transaction, pipelined, results in batch order. First, in the
@@ -359,11 +469,12 @@ async fn run_batch(
 /// Subscription rows are only ever locked under the head (numbering a stored event's
 /// subscriptions locks them too), so two transactions cannot wait for each other there.
 async fn apply_batch(
-    tx: &Transaction<'_>,
+    tx: &Client,
     s: &Stmts,
     batch: &[Command],
     lanes: &Lanes,
     hand: bulk::HandOver<'_>,
+    assumed: Option<&bulk::Head>,
 ) -> Applied {
     let lease_ms = hand.lease_ms;
     let mut appends = Vec::new();
@@ -387,10 +498,10 @@ async fn apply_batch(
     let subs_run = join_all(subs.iter().map(|c| apply(tx, s, c.1, lease_ms)));
     let (dests, classes, keys) = lanes;
     let lock_params: [&(dyn ToSql + Sync); 3] = [dests, classes, keys];
-    let (locked, quick_outs, (rest_outs, (appended, recorded, handed), subs_outs)) =
+    let (locked, quick_outs, (rest_outs, (appended, recorded, handed, head), subs_outs)) =
         tokio::join!(tx.execute(&s.lock_lanes, &lock_params), quick_run, async {
             let rest_outs = rest_run.await;
-            let written = bulk::write(tx, s, &evs, &recs, !subs.is_empty(), hand).await;
+            let written = bulk::write(tx, s, &evs, &recs, !subs.is_empty(), hand, assumed).await;
             (rest_outs, written, subs_run.await)
         });
     let mut outs: Vec<Option<Out>> = batch.iter().map(|_| None).collect();
@@ -412,6 +523,7 @@ async fn apply_batch(
         locked,
         outs,
         handed,
+        head,
     }
 }
 
@@ -422,6 +534,8 @@ struct Applied {
     locked: Result<u64, tokio_postgres::Error>,
     outs: Vec<Out>,
     handed: Vec<Handed>,
+    /// Where the batch's chained rows moved the audit chain head (`None`: it wrote none).
+    head: Option<bulk::Head>,
 }
 
 /// What a command gets if the batch's dispatch left it without a result (a bug).
@@ -431,7 +545,7 @@ fn no_result<T>() -> Result<T, JournalError> {
     ))
 }
 
-async fn apply(tx: &Transaction<'_>, s: &Stmts, cmd: &Command, lease_ms: i64) -> Out {
+async fn apply(tx: &Client, s: &Stmts, cmd: &Command, lease_ms: i64) -> Out {
     match cmd {
         // Appends and records are written together by `bulk::write` (see `apply_batch`).
         Command::Append(..) => Out::Append(no_result()),
@@ -455,7 +569,7 @@ async fn apply(tx: &Transaction<'_>, s: &Stmts, cmd: &Command, lease_ms: i64) ->
     }
 }
 
-async fn audit(tx: &Transaction<'_>, s: &Stmts, a: AuditRow<'_>) -> Result<(), JournalError> {
+async fn audit(tx: &Client, s: &Stmts, a: AuditRow<'_>) -> Result<(), JournalError> {
     let attempt = a.attempt.map(|n| n as i32);
     let status = a.status.map(i32::from);
     tx.execute(
@@ -476,7 +590,7 @@ async fn audit(tx: &Transaction<'_>, s: &Stmts, a: AuditRow<'_>) -> Result<(), J
 }
 
 async fn find_existing(
-    tx: &Transaction<'_>,
+    tx: &Client,
     s: &Stmts,
     ev: &NewEvent,
 ) -> Result<Option<String>, JournalError> {
@@ -545,7 +659,7 @@ impl<'a> EventRow<'a> {
 
 #[allow(clippy::too_many_arguments)]
 async fn enqueue(
-    tx: &Transaction<'_>,
+    tx: &Client,
     s: &Stmts,
     seq: i64,
     event_id: &str,
@@ -567,7 +681,7 @@ async fn enqueue(
 }
 
 async fn claim(
-    tx: &Transaction<'_>,
+    tx: &Client,
     s: &Stmts,
     dest: &str,
     class: LaneClass,
@@ -620,11 +734,7 @@ async fn claim(
     Ok(Claimed { tasks, next_due_ms })
 }
 
-async fn replay(
-    tx: &Transaction<'_>,
-    s: &Stmts,
-    f: &ReplayFilter,
-) -> Result<Vec<Replayed>, JournalError> {
+async fn replay(tx: &Client, s: &Stmts, f: &ReplayFilter) -> Result<Vec<Replayed>, JournalError> {
     let limit = f.limit.max(1) as i64;
     let rows = tx
         .query(
@@ -695,6 +805,7 @@ struct Stmts {
     find_holders: Statement,
     lock_chain_head: Statement,
     move_chain_head: Statement,
+    move_chain_head_from: Statement,
     insert_delivery: Statement,
     lock_lanes: Statement,
     upsert_lane: Statement,
@@ -731,6 +842,15 @@ impl Stmts {
                 .await?,
             move_chain_head: c
                 .prepare("UPDATE audit_chain_head SET seq = $1, hash = $2 WHERE id = 1")
+                .await?,
+            move_chain_head_from: c
+                .prepare(
+                    // Moves the head from ($3, $4) only: a writer that hashed onto a head it
+                    // assumed aborts if another writer moved it meanwhile.
+                    "UPDATE audit_chain_head SET seq = $1, hash = $2
+                     WHERE id = 1 AND CASE WHEN seq = $3 AND hash = $4 THEN true
+                                           ELSE knutepunkt_raced('the audit chain head') END",
+                )
                 .await?,
             insert_delivery: c
                 .prepare(

@@ -6,7 +6,7 @@
 //! outside the batch's sorted lane pass, so a rare deadlock with another node is possible; the
 //! database breaks it and the writer runs the batch again (`BATCH_TRIES`).
 
-use tokio_postgres::Transaction;
+use tokio_postgres::Client;
 
 use super::{Stmts, audit, enqueue};
 use crate::journal::alarm::{
@@ -20,11 +20,7 @@ use crate::journal::postgres::alarm::{
 };
 use crate::journal::{JournalError, LaneClass};
 
-pub async fn apply(
-    tx: &Transaction<'_>,
-    s: &Stmts,
-    op: &AlarmOp,
-) -> Result<AlarmOut, JournalError> {
+pub async fn apply(tx: &Client, s: &Stmts, op: &AlarmOp) -> Result<AlarmOut, JournalError> {
     match op {
         AlarmOp::Escalate {
             rules,
@@ -55,7 +51,7 @@ pub async fn apply(
 }
 
 async fn escalate(
-    tx: &Transaction<'_>,
+    tx: &Client,
     s: &Stmts,
     rules: &[EscalationRule],
     now: i64,
@@ -145,7 +141,7 @@ async fn escalate(
     Ok(out)
 }
 
-async fn escalation(tx: &Transaction<'_>, id: i64) -> Result<Escalation, JournalError> {
+async fn escalation(tx: &Client, id: i64) -> Result<Escalation, JournalError> {
     let row = tx
         .query_one(
             &format!(
@@ -159,7 +155,7 @@ async fn escalation(tx: &Transaction<'_>, id: i64) -> Result<Escalation, Journal
 }
 
 async fn acknowledge(
-    tx: &Transaction<'_>,
+    tx: &Client,
     s: &Stmts,
     id: i64,
     by: &str,
@@ -207,7 +203,7 @@ async fn acknowledge(
 const DEACTIVATION_LOCK_NS: i32 = 0x6b6e_6461;
 
 async fn deactivate(
-    tx: &Transaction<'_>,
+    tx: &Client,
     s: &Stmts,
     d: &NewDeactivation,
 ) -> Result<Deactivation, JournalError> {
@@ -261,7 +257,7 @@ async fn deactivate(
 }
 
 async fn end_deactivation(
-    tx: &Transaction<'_>,
+    tx: &Client,
     s: &Stmts,
     vendor: &str,
     device_id: &str,
@@ -303,12 +299,7 @@ async fn end_deactivation(
     Ok(out)
 }
 
-async fn sweep(
-    tx: &Transaction<'_>,
-    s: &Stmts,
-    now: i64,
-    lead_ms: i64,
-) -> Result<AlarmOut, JournalError> {
+async fn sweep(tx: &Client, s: &Stmts, now: i64, lead_ms: i64) -> Result<AlarmOut, JournalError> {
     let reminded: Vec<Deactivation> = tx
         .query(
             &format!(

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::Transaction;
+use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 
 use super::offers::Offers;
@@ -35,30 +35,41 @@ const RACED: &str = "40001: a concurrent transaction changed what the batch had 
 /// `lock_anyway`: lock the head even when there is nothing to write (the batch's subscription
 /// writes come next and must hold it). Lanes the appends open are leased for `hand.lease_ms` and
 /// returned as hand-offs (see [`Offers`]), to be sent only once the batch has committed.
+///
+/// `assumed`: the chain head this writer's last commit left, when the batch is sent in one round
+/// trip (see `run_batch`). Then nothing is read first: every event is taken as new, every outcome
+/// as holding its lease, and the rows are hashed onto the assumed head; the statements still lock
+/// the head first, and abort the transaction as a serialization failure if any assumption did not
+/// hold (another writer moved the head, a repeat, a moved lease, a subscription).
 pub async fn write(
-    tx: &Transaction<'_>,
+    tx: &Client,
     s: &Stmts,
     evs: &[&NewEvent],
     recs: &[&AttemptRecord],
     lock_anyway: bool,
     hand: HandOver<'_>,
+    assumed: Option<&Head>,
 ) -> Written {
     if evs.is_empty() && recs.is_empty() {
         if lock_anyway {
             // A failure aborts the transaction; the subscription writes then report it.
             let _ = tx.query_one(&s.lock_chain_head, &[]).await;
         }
-        return (Vec::new(), Vec::new(), Vec::new());
+        return (Vec::new(), Vec::new(), Vec::new(), None);
     }
-    match write_chained(tx, s, evs, recs, hand).await {
+    match write_chained(tx, s, evs, recs, hand, assumed).await {
         Ok(out) => out,
         Err(e) => (
             all_failed(evs.len(), &e),
             all_failed(recs.len(), &e),
             Vec::new(),
+            None,
         ),
     }
 }
+
+/// A position and hash in the audit chain.
+pub type Head = (i64, String);
 
 /// Where a batch's opened lanes go: the node's dispatchers (`None`: nothing is handed over, as
 /// in tests of the journal alone), and how long their lease lasts.
@@ -68,31 +79,48 @@ pub struct HandOver<'a> {
     pub lease_ms: i64,
 }
 
+/// Per append and per outcome its result, the lanes to hand over, and the chain head the rows
+/// moved to (`None`: nothing was written).
 type Written = (
     Vec<Result<Appended, JournalError>>,
     Vec<Result<(), JournalError>>,
     Vec<Handed>,
+    Option<Head>,
 );
 
 async fn write_chained(
-    tx: &Transaction<'_>,
+    tx: &Client,
     s: &Stmts,
     evs: &[&NewEvent],
     recs: &[&AttemptRecord],
     hand: HandOver<'_>,
+    assumed: Option<&Head>,
 ) -> Result<Written, JournalError> {
-    // One round trip: the server runs them in this order, so both lookups start once the head
-    // is held (each statement of a transaction at this isolation level reads what committed
-    // before it started).
-    let (head, appended, valid) = tokio::join!(
-        tx.query_one(&s.lock_chain_head, &[]),
-        repeats(tx, s, evs),
-        holding(tx, s, recs)
-    );
-    let (head, appended, valid) = (head?, appended?, valid?);
-    let mut chain = Chain {
-        seq: head.get(0),
-        hash: head.get(1),
+    let (mut chain, appended, valid) = match assumed {
+        Some((seq, hash)) => (
+            Chain {
+                seq: *seq,
+                hash: hash.clone(),
+            },
+            vec![None; evs.len()],
+            vec![true; recs.len()],
+        ),
+        None => {
+            // One round trip: the server runs them in this order, so both lookups start once
+            // the head is held (each statement of a transaction at this isolation level reads
+            // what committed before it started).
+            let (head, appended, valid) = tokio::join!(
+                tx.query_one(&s.lock_chain_head, &[]),
+                repeats(tx, s, evs),
+                holding(tx, s, recs)
+            );
+            let (head, appended, valid) = (head?, appended?, valid?);
+            let chain = Chain {
+                seq: head.get(0),
+                hash: head.get(1),
+            };
+            (chain, appended, valid)
+        }
     };
     let now = crate::clock::now_ms();
     let new: Vec<&NewEvent> = evs
@@ -109,12 +137,26 @@ async fn write_chained(
         .collect();
     let ap = AppendColumns::of(&new, now, &mut chain);
     let offers = Offers::of(&new, hand.handoff, now + hand.lease_ms);
+    let expect_stored = assumed.map(|_| new.len() as i64);
     let mut ap_params = ap.params().to_vec();
     ap_params.extend(offers.params());
+    ap_params.push(&expect_stored);
     let rc = RecordColumns::of(&applied, &mut chain, hand, now);
-    // Pipelined: the head moves in the same round trip as the rows that moved it.
+    let expect_applied = assumed.map(|_| applied.len() as i64);
+    let mut rc_params = rc.params().to_vec();
+    rc_params.push(&expect_applied);
+    // Pipelined: the head moves in the same round trip as the rows that moved it; on the
+    // assumed head, it is also locked in that round trip, first.
     let head: [&(dyn ToSql + Sync); 2] = [&chain.seq, &chain.hash];
-    let (stored, recorded, moved) = tokio::join!(
+    let (was_seq, was_hash) = assumed.map_or((0, ""), |(seq, hash)| (*seq, hash.as_str()));
+    let head_if: [&(dyn ToSql + Sync); 4] = [&chain.seq, &chain.hash, &was_seq, &was_hash];
+    let (locked, stored, recorded, moved) = tokio::join!(
+        async {
+            match assumed {
+                Some(_) => tx.query_one(&s.lock_chain_head, &[]).await.map(Some),
+                None => Ok(None),
+            }
+        },
         async {
             match new.is_empty() {
                 true => Ok(None),
@@ -124,11 +166,17 @@ async fn write_chained(
         async {
             match applied.is_empty() {
                 true => Ok(None),
-                false => tx.query_one(&s.record_all, &rc.params()).await.map(Some),
+                false => tx.query_one(&s.record_all, &rc_params).await.map(Some),
             }
         },
-        tx.execute(&s.move_chain_head, &head),
+        async {
+            match assumed {
+                Some(_) => tx.execute(&s.move_chain_head_from, &head_if).await,
+                None => tx.execute(&s.move_chain_head, &head).await,
+            }
+        },
     );
+    locked?;
     let (stored, recorded) = (stored?, recorded?);
     moved?;
     if stored
@@ -186,7 +234,7 @@ async fn write_chained(
             ))),
         })
         .collect();
-    Ok((appends, records, handed))
+    Ok((appends, records, handed, Some((chain.seq, chain.hash))))
 }
 
 /// The next heads [`RECORD_ALL_SQL`] leased for hand-off, as tasks (no slot: each waits for the
@@ -241,7 +289,7 @@ fn next_heads(
 /// For each event, the id of the stored event it repeats (same vendor event id, else same
 /// idempotency key; stored before, or earlier in this batch), or `None` when it is new.
 async fn repeats(
-    tx: &Transaction<'_>,
+    tx: &Client,
     s: &Stmts,
     evs: &[&NewEvent],
 ) -> Result<Vec<Option<String>>, JournalError> {
@@ -290,7 +338,7 @@ async fn repeats(
 
 /// For each record, whether its task's lease still holds the lane.
 async fn holding(
-    tx: &Transaction<'_>,
+    tx: &Client,
     s: &Stmts,
     recs: &[&AttemptRecord],
 ) -> Result<Vec<bool>, JournalError> {
@@ -359,6 +407,9 @@ pub const FIND_REPEATS_SQL: &str = "
 /// `$29` because they were empty: offer position, head delivery, lease token. A lane's lease
 /// token is taken from the offer only when the lane had no head and no lease, so a token equal
 /// to the offer's proves this statement leased it. `$16` is the stored-at time of the batch.
+/// `$30`, when not null, is the number of events the writer expects stored without having
+/// looked for repeats (see [`write`]): fewer, or any subscription (whose numbering needs a
+/// round trip of its own), abort the transaction as a serialization failure.
 pub const APPEND_ALL_SQL: &str = "WITH i AS (
         SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[],
             $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::SMALLINT[], $10::TEXT[], $11::TEXT[],
@@ -416,7 +467,10 @@ pub const APPEND_ALL_SQL: &str = "WITH i AS (
      )
      SELECT (SELECT count(*) FROM ev), EXISTS (SELECT 1 FROM subscriptions),
         ARRAY(SELECT n FROM handed ORDER BY n), ARRAY(SELECT head_id FROM handed ORDER BY n),
-        ARRAY(SELECT leased FROM handed ORDER BY n)";
+        ARRAY(SELECT leased FROM handed ORDER BY n),
+        CASE WHEN $30::BIGINT IS NULL
+                  OR ((SELECT count(*) FROM ev) = $30 AND NOT EXISTS (SELECT 1 FROM subscriptions))
+             THEN true ELSE knutepunkt_raced('the events of a batch sent in one round trip') END";
 
 /// Applies the batch's records whose lease holds, with their chained audit rows; returns how
 /// many it applied (fewer than sent means a lease moved after [`holding`] read it: the batch runs
@@ -425,6 +479,8 @@ pub const APPEND_ALL_SQL: &str = "WITH i AS (
 /// as pending there). Where `$20` holds (the destination's dispatcher takes hand-offs), a lane that
 /// moves on to a next head is leased until `$21` at once, and the head is returned with what its
 /// delivery needs (arrays, by record position), so it goes out without waiting for a claim.
+/// `$22`, when not null, is the number of outcomes the writer expects to hold their lease
+/// without having read the leases: fewer abort the transaction as a serialization failure.
 pub const RECORD_ALL_SQL: &str = "WITH r AS (
         SELECT * FROM unnest($1::TEXT[], $2::SMALLINT[], $3::TEXT[], $4::BIGINT[], $5::INTEGER[],
             $6::INTEGER[], $7::BIGINT[], $8::TEXT[], $9::FLOAT8[], $10::TEXT[], $11::TEXT[],
@@ -484,7 +540,9 @@ pub const RECORD_ALL_SQL: &str = "WITH r AS (
         ARRAY(SELECT attempts FROM handed ORDER BY n),
         ARRAY(SELECT created_at FROM handed ORDER BY n),
         ARRAY(SELECT fhir FROM handed ORDER BY n),
-        ARRAY(SELECT traceparent FROM handed ORDER BY n)";
+        ARRAY(SELECT traceparent FROM handed ORDER BY n),
+        CASE WHEN $22::BIGINT IS NULL OR (SELECT count(*) FROM ok) = $22 THEN true
+             ELSE knutepunkt_raced('the leases of a batch sent in one round trip') END";
 
 /// [`APPEND_ALL_SQL`]'s parameters: one array per column, the deliveries flattened with the
 /// 1-based position of their event, and the audit rows with their place in the chain.

@@ -9,7 +9,7 @@
 //!   second attempt find the condition false;
 //! - liveness: one upsert.
 
-use tokio_postgres::Transaction;
+use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 
 use super::{EventRow, Stmts, audit, enqueue, find_existing};
@@ -23,11 +23,7 @@ use crate::journal::{
 /// Namespace (first key) of the per-device advisory locks; the second key hashes the device.
 const DEVICE_LOCK_NS: i32 = 0x6b6e_6476;
 
-pub async fn apply(
-    tx: &Transaction<'_>,
-    s: &Stmts,
-    op: &RegistryOp,
-) -> Result<RegistryOut, JournalError> {
+pub async fn apply(tx: &Client, s: &Stmts, op: &RegistryOp) -> Result<RegistryOut, JournalError> {
     match op {
         RegistryOp::Assign(a) => assign(tx, a).await.map(RegistryOut::Assignment),
         RegistryOp::End {
@@ -78,7 +74,7 @@ pub fn assignment(r: &tokio_postgres::Row) -> Assignment {
     }
 }
 
-async fn assign(tx: &Transaction<'_>, a: &NewAssignment) -> Result<Assignment, JournalError> {
+async fn assign(tx: &Client, a: &NewAssignment) -> Result<Assignment, JournalError> {
     if a.valid_to_ms.is_some_and(|to| to <= a.valid_from_ms) {
         // Checked here, not left to the CHECK constraint: a database error would roll back the
         // whole batch.
@@ -149,7 +145,7 @@ async fn assign(tx: &Transaction<'_>, a: &NewAssignment) -> Result<Assignment, J
 }
 
 async fn end(
-    tx: &Transaction<'_>,
+    tx: &Client,
     id: i64,
     vendor: &str,
     device_id: &str,
@@ -191,7 +187,7 @@ async fn end(
     }
 }
 
-async fn beat(tx: &Transaction<'_>, b: &DeviceBeat) -> Result<(), JournalError> {
+async fn beat(tx: &Client, b: &DeviceBeat) -> Result<(), JournalError> {
     tx.execute(
         "INSERT INTO device_liveness
            (vendor, device_id, tenant, last_seen_at, last_kind, reported_at, beats)
@@ -216,7 +212,7 @@ async fn beat(tx: &Transaction<'_>, b: &DeviceBeat) -> Result<(), JournalError> 
 }
 
 async fn quarantine(
-    tx: &Transaction<'_>,
+    tx: &Client,
     s: &Stmts,
     ev: &NewEvent,
     info: &QuarantineInfo,
@@ -270,7 +266,7 @@ async fn quarantine(
     Ok(Appended::Stored { id: env.id.clone() })
 }
 
-async fn release(tx: &Transaction<'_>, s: &Stmts, r: &Release) -> Result<(), JournalError> {
+async fn release(tx: &Client, s: &Stmts, r: &Release) -> Result<(), JournalError> {
     let env = &r.envelope;
     let now = crate::clock::now_ms();
     let Some(row) = tx

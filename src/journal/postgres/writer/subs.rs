@@ -2,7 +2,7 @@
 //! matching subscription row until commit, so numbers follow commit order per subscription
 //! across every writer of every node.
 
-use tokio_postgres::Transaction;
+use tokio_postgres::Client;
 
 use super::{Stmts, audit};
 use crate::journal::JournalError;
@@ -22,7 +22,7 @@ pub const NUMBER_SQL: &str = "WITH s AS (
     SELECT id, events, $5, $6 FROM s";
 
 pub async fn on_append(
-    tx: &Transaction<'_>,
+    tx: &Client,
     s: &Stmts,
     env: &Envelope,
     now: i64,
@@ -36,7 +36,7 @@ pub async fn on_append(
     Ok(())
 }
 
-pub async fn apply(tx: &Transaction<'_>, s: &Stmts, op: &SubsOp) -> Result<SubsOut, JournalError> {
+pub async fn apply(tx: &Client, s: &Stmts, op: &SubsOp) -> Result<SubsOut, JournalError> {
     match op {
         SubsOp::Create(n) => create(tx, s, n).await.map(|()| SubsOut::Unit),
         SubsOp::Delete(id) => {
@@ -127,7 +127,7 @@ pub async fn apply(tx: &Transaction<'_>, s: &Stmts, op: &SubsOp) -> Result<SubsO
     }
 }
 
-async fn create(tx: &Transaction<'_>, s: &Stmts, n: &NewSubscription) -> Result<(), JournalError> {
+async fn create(tx: &Client, s: &Stmts, n: &NewSubscription) -> Result<(), JournalError> {
     let headers = serde_json::to_string(&n.headers).unwrap_or_else(|_| "[]".into());
     let rows = tx
         .execute(
@@ -173,7 +173,7 @@ async fn create(tx: &Transaction<'_>, s: &Stmts, n: &NewSubscription) -> Result<
     .await
 }
 
-async fn outcome(tx: &Transaction<'_>, s: &Stmts, o: &SubOutcome) -> Result<(), JournalError> {
+async fn outcome(tx: &Client, s: &Stmts, o: &SubOutcome) -> Result<(), JournalError> {
     let n = tx
         .execute(
             "UPDATE subscriptions SET status = $3, handshake_done = $4,
