@@ -179,15 +179,10 @@ impl Dispatcher {
         let normal_slots = Arc::clone(&this.slots.normal);
         // One claim loop per class: an alarm claim is never queued behind a claim of the normal
         // class, whose journal round trip waits behind every measurement queued before it.
-        let mut loops: Vec<_> = [
-            (LaneClass::Alarm, &alarm_slots),
-            (LaneClass::Normal, &normal_slots),
-        ]
-        .into_iter()
-        .map(|(class, slots)| {
-            tokio::spawn(Arc::clone(&this).claim_loop(class, Arc::clone(slots), shutdown.clone()))
-        })
-        .collect();
+        let mut loops: Vec<_> = [LaneClass::Alarm, LaneClass::Normal]
+            .into_iter()
+            .map(|class| tokio::spawn(Arc::clone(&this).claim_loop(class, shutdown.clone())))
+            .collect();
         // Lane heads the journal writer leased for us as it committed them (no claim needed).
         if let Some(handoff) = this.journal.handoff() {
             let registration = handoff.register(
@@ -222,18 +217,13 @@ impl Dispatcher {
         }
     }
 
-    /// Claims ready heads of `class` into free `slots` and starts their attempts, until
+    /// Claims ready heads of `class` into its free slots and starts their attempts, until
     /// `shutdown` turns true.
-    async fn claim_loop(
-        self: Arc<Self>,
-        class: LaneClass,
-        slots: Arc<Semaphore>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    async fn claim_loop(self: Arc<Self>, class: LaneClass, mut shutdown: watch::Receiver<bool>) {
         let wake = Arc::clone(self.wake.of(class));
         while !*shutdown.borrow() {
             let now = now_ms();
-            let free = slots.available_permits();
+            let free = self.slots.of(class).available_permits();
             let wait = match self.journal.claim(&self.dest.name, class, free, now).await {
                 Ok(claimed) => {
                     // A slot the writer took for a hand-off meanwhile makes a claimed lease

@@ -136,7 +136,7 @@ pub async fn run(
             }
         }
         if last_seal.elapsed() > SEAL_LEFTOVERS_EVERY
-            && let Some(c) = conn.as_mut()
+            && let Some(c) = conn.as_ref()
         {
             last_seal = Instant::now();
             if let Err(e) = seal_leftovers(&c.client).await {
@@ -323,12 +323,12 @@ async fn run_batch(
         };
         match result {
             Ok(()) => {
-                c.head = match (seals, head) {
+                if seals {
                     // The seal moved the head past what this writer knows.
-                    (true, _) => None,
-                    (false, Some(h)) => Some(h),
-                    (false, None) => c.head.take(),
-                };
+                    c.head = None;
+                } else if head.is_some() {
+                    c.head = head;
+                }
                 return (
                     batch
                         .into_iter()

@@ -189,20 +189,13 @@ async fn write_chained(
         return Err(JournalError::Unavailable(RACED.into()));
     }
     let any_subscription = stored.as_ref().is_some_and(|r| r.get::<_, bool>(1));
-    let handed = match &stored {
+    let mut handed = match &stored {
         Some(r) => {
             let (n, head, lease): (Vec<i64>, Vec<i64>, Vec<i64>) = (r.get(2), r.get(3), r.get(4));
-            let accepted: Vec<(i64, i64, i64)> = n
-                .into_iter()
-                .zip(head)
-                .zip(lease)
-                .map(|((n, h), l)| (n, h, l))
-                .collect();
-            offers.accept(&accepted, now)
+            offers.accept(&n, &head, &lease, now)
         }
         None => Vec::new(),
     };
-    let mut handed = handed;
     if let Some(r) = &recorded {
         handed.extend(next_heads(r, &applied)?);
     }

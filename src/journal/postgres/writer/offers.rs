@@ -63,12 +63,12 @@ impl<'a> Offers<'a> {
         [&self.dest, &self.class, &self.key, &self.lease_until]
     }
 
-    /// The tasks of the offers the statement accepted: `accepted` holds (1-based offer
-    /// position, head delivery id, lease token). Every other offer's slot is released.
-    pub fn accept(self, accepted: &[(i64, i64, i64)], now: i64) -> Vec<Handed> {
+    /// The tasks of the offers the statement accepted, given as parallel columns: 1-based offer
+    /// position, head delivery id, lease token. Every other offer's slot is released.
+    pub fn accept(self, n: &[i64], head: &[i64], lease: &[i64], now: i64) -> Vec<Handed> {
         let mut taken: Vec<Option<_>> = self.taken.into_iter().map(Some).collect();
-        let mut handed = Vec::with_capacity(accepted.len());
-        for &(n, head, lease) in accepted {
+        let mut handed = Vec::with_capacity(n.len());
+        for ((&n, &head), &lease) in n.iter().zip(head).zip(lease) {
             let Some(Some((ev, class, permit))) = taken.get_mut(n as usize - 1).map(Option::take)
             else {
                 continue;
