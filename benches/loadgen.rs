@@ -277,7 +277,11 @@ impl Gateway {
             .arg("serve")
             .arg("--config")
             .arg(&config)
-            .env("KNUTEPUNKT_LOG", "warn")
+            // Quiet unless the caller asks for more (to look into a run with `--keep-dir`).
+            .env(
+                "KNUTEPUNKT_LOG",
+                std::env::var("KNUTEPUNKT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)

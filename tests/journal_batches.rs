@@ -4,7 +4,8 @@
 //! statement and its outcomes with another). Checked: repeats inside one batch are recognised,
 //! per-lane order is the order of the appends, outcomes with a stale lease are refused while the
 //! rest of their batch applies, every step is audited and the audit chain verifies; on
-//! PostgreSQL also that audit rows left without a chain position are sealed by the writer.
+//! PostgreSQL also that audit rows left without a chain position are sealed by the writer, and
+//! that batches sent ahead on an assumed chain head run again when another node moved it.
 
 mod common;
 
@@ -400,6 +401,118 @@ async fn rows_left_unsealed_are_sealed_by_the_writer() {
                 events as i64 * 3 + 1,
                 "three rows per event, one note"
             )
+        }
+        other => panic!("audit chain: {other:?}"),
+    }
+}
+
+/// PostgreSQL: a node's writer sends its next batch before the previous one is answered, on the
+/// chain head that one will leave. Here a second node keeps moving the head meanwhile, so
+/// batches sent that way keep finding their assumption broken, and with them every batch sent
+/// after them. Each is run again the careful way: every append is stored once, with no error,
+/// per-key order holds, and the audit chain verifies with exactly one row per step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_batches_that_lose_the_chain_head_run_again() {
+    if !common::on_postgres() {
+        return;
+    }
+    let url = common::fresh_database().await;
+    let (first, second) = (open_postgres(&url).await, open_postgres(&url).await);
+    // Keys that pause briefly between their appends keep new commands arriving while a batch
+    // is on the wire, so the first node's writer sends the next one ahead; the second node
+    // moves the chain head every 250 ms (after a miss, the first rests 1 s from sending ahead).
+    const KEYS: usize = 40;
+    const RUN: Duration = Duration::from_secs(4);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let interferer = {
+        let (second, done) = (Arc::clone(&second), Arc::clone(&done));
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let ev = common::journal_event(
+                    "other",
+                    &format!("o-{n}"),
+                    &format!("ov-{n}"),
+                    &format!("other:{}", n % 5),
+                    false,
+                    &["a"],
+                );
+                second.append(ev).await.expect("append on the second node");
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            n
+        })
+    };
+    let until = std::time::Instant::now() + RUN;
+    let per_key = join_all((0..KEYS).map(|k| {
+        let first = Arc::clone(&first);
+        async move {
+            let key = format!("patient:{k}");
+            let mut ids = Vec::new();
+            for i in 0.. {
+                if std::time::Instant::now() >= until {
+                    break;
+                }
+                let ev = common::journal_event(
+                    "test",
+                    &format!("e-{k}-{i}"),
+                    &format!("v-{k}-{i}"),
+                    &key,
+                    false,
+                    &["a"],
+                );
+                match first.append(ev).await {
+                    Ok(Appended::Stored { id }) => ids.push(id),
+                    other => panic!("e-{k}-{i}: {other:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(1 + (k % 3) as u64)).await;
+            }
+            (key, ids)
+        }
+    }))
+    .await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let others = interferer.await.expect("second node");
+    assert!(others > 0, "the second node wrote while the first did");
+    let total = per_key.iter().map(|(_, ids)| ids.len()).sum::<usize>() + others;
+    assert_eq!(first.stats().await.expect("stats").events, total as i64);
+
+    // Drain: each round hands out every lane's head once; record them all delivered.
+    let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+    let far = knutepunkt::clock::now_ms() + 3_600_000;
+    loop {
+        let claimed = first
+            .claim("a", LaneClass::Normal, 1000, far)
+            .await
+            .expect("claim");
+        if claimed.tasks.is_empty() {
+            break;
+        }
+        for t in &claimed.tasks {
+            seen.entry(t.lane_key.clone())
+                .or_default()
+                .push(t.event_id.clone());
+        }
+        for r in join_all(
+            claimed
+                .tasks
+                .into_iter()
+                .map(|t| first.record(delivered(t))),
+        )
+        .await
+        {
+            r.expect("outcome");
+        }
+    }
+    for (key, ids) in &per_key {
+        assert_eq!(seen.get(key), Some(ids), "{key}: delivered in append order");
+    }
+    drop((first, second));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    match knutepunkt::journal::verify_postgres_audit(&url, None).await {
+        Ok(ChainVerdict::Intact { rows, .. }) => {
+            assert_eq!(rows as usize, total * (3 + 2), "one chained row per step")
         }
         other => panic!("audit chain: {other:?}"),
     }

@@ -28,8 +28,10 @@ pub use registry::{COLUMNS as ASSIGNMENT_COLUMNS, assignment as assignment_row};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use futures_util::future::join_all;
-use tokio::sync::Mutex;
+use futures_util::stream::FuturesOrdered;
+use tokio::sync::{Mutex, oneshot};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -95,12 +97,15 @@ pub async fn run(
         lease_ms: lease.as_millis() as i64,
     };
     let mut conn: Option<Conn> = None;
-    let mut last_sweep = Instant::now();
-    let mut last_seal = Instant::now();
-    let mut last_replan = Instant::now();
+    let mut chores = Chores::new();
+    let mut carried: Option<Vec<Command>> = None;
     loop {
-        let Some(batch) = inbox.lock().await.next_batch(max_batch).await else {
-            break;
+        let batch = match carried.take() {
+            Some(b) => b,
+            None => match inbox.lock().await.next_batch(max_batch).await {
+                Some(b) => b,
+                None => break,
+            },
         };
         if conn.as_ref().is_none_or(|c| c.client.is_closed()) {
             conn = match open(&config, tls.clone()).await {
@@ -115,43 +120,217 @@ pub async fn run(
             };
         }
         let Some(c) = conn.as_mut() else { continue };
-        let (done, commit, handed) = run_batch(c, batch, hand).await;
-        // Hand-offs first: their deliveries start while the callers are being answered.
-        handoff.send(handed);
-        if let Err(e) = &commit {
-            tracing::error!(error = %e, "journal batch failed");
-            if c.client.is_closed() {
-                conn = None;
+        match c.assumable(&batch) {
+            Some(head) => {
+                let feed = Feed {
+                    inbox: &inbox,
+                    max_batch,
+                    chores: &chores,
+                };
+                carried = pipeline(c, batch, head, feed, hand, &handoff).await;
+            }
+            None => {
+                let (done, commit, handed) = run_batch(c, batch, hand).await;
+                answer(done, commit, handed, &handoff);
             }
         }
-        for d in done {
-            d.send(&commit);
+        if c.client.is_closed() {
+            conn = None;
         }
-        if last_sweep.elapsed() > SWEEP_EVERY
-            && let Some(c) = conn.as_ref()
-        {
-            last_sweep = Instant::now();
-            if let Err(e) = c.client.execute(&c.s.sweep, &[]).await {
+        if let Some(c) = conn.as_ref() {
+            chores.run(&c.client, &c.s).await;
+        }
+    }
+}
+
+/// Answers a batch: hand-offs first (their deliveries start while the callers are answered).
+fn answer(done: Vec<Done>, commit: Result<(), String>, handed: Vec<Handed>, handoff: &Handoff) {
+    handoff.send(handed);
+    if let Err(e) = &commit {
+        tracing::error!(error = %e, "journal batch failed");
+    }
+    for d in done {
+        d.send(&commit);
+    }
+}
+
+/// A writer's periodic work beside its batches: the lane sweep, sealing leftovers, re-planning.
+struct Chores {
+    last_sweep: Instant,
+    last_seal: Instant,
+    last_replan: Instant,
+}
+
+impl Chores {
+    fn new() -> Self {
+        let now = Instant::now();
+        Chores {
+            last_sweep: now,
+            last_seal: now,
+            last_replan: now,
+        }
+    }
+
+    /// Whether some chore is due (a pipeline then stops sending and drains, see [`pipeline`]).
+    fn due(&self) -> bool {
+        self.last_sweep.elapsed() > SWEEP_EVERY
+            || self.last_seal.elapsed() > SEAL_LEFTOVERS_EVERY
+            || self.last_replan.elapsed() > REPLAN_EVERY
+    }
+
+    /// Runs the chores that are due; outside any transaction of the writer's.
+    async fn run(&mut self, client: &Client, s: &Stmts) {
+        if self.last_sweep.elapsed() > SWEEP_EVERY {
+            self.last_sweep = Instant::now();
+            if let Err(e) = client.execute(&s.sweep, &[]).await {
                 tracing::warn!(error = %db_error_text(&e), "lane sweep failed");
             }
         }
-        if last_seal.elapsed() > SEAL_LEFTOVERS_EVERY
-            && let Some(c) = conn.as_ref()
-        {
-            last_seal = Instant::now();
-            if let Err(e) = seal_leftovers(&c.client).await {
+        if self.last_seal.elapsed() > SEAL_LEFTOVERS_EVERY {
+            self.last_seal = Instant::now();
+            if let Err(e) = seal_leftovers(client).await {
                 tracing::warn!(error = %db_error_text(&e), "sealing leftover audit rows failed");
             }
         }
-        if last_replan.elapsed() > REPLAN_EVERY
-            && let Some(c) = conn.as_ref()
-        {
-            last_replan = Instant::now();
-            if let Err(e) = c.client.batch_execute("DISCARD PLANS").await {
+        if self.last_replan.elapsed() > REPLAN_EVERY {
+            self.last_replan = Instant::now();
+            if let Err(e) = client.batch_execute("DISCARD PLANS").await {
                 tracing::warn!(error = %db_error_text(&e), "discarding cached plans failed");
             }
         }
     }
+}
+
+/// Where a pipeline takes its next batches from, and what makes it stop taking them.
+struct Feed<'a> {
+    inbox: &'a Mutex<Inbox>,
+    max_batch: usize,
+    chores: &'a Chores,
+}
+
+/// Batches sent in one round trip that a writer may have on the wire at once. With one, the
+/// server process sat idle between a batch's answer and the next batch's statements (the
+/// writer reading the answers, answering callers and building the next batch): about a
+/// quarter of its time in the bench. With two, the next batch is already queued behind the
+/// running one's `COMMIT`.
+const PIPELINE_DEPTH: usize = 2;
+
+/// One batch sent in one round trip, with what comes back.
+struct Flown {
+    batch: Vec<Command>,
+    tried: Tried,
+}
+
+async fn fly(
+    client: &Client,
+    s: &Stmts,
+    batch: Vec<Command>,
+    hand: bulk::HandOver<'_>,
+    head: bulk::Head,
+    tell: oneshot::Sender<bulk::Head>,
+) -> Flown {
+    let lanes = lanes_touched(&batch);
+    let tried = one_round_trip(client, s, &batch, &lanes, hand, &head, Some(tell)).await;
+    Flown { batch, tried }
+}
+
+/// Sends batches in one round trip each, the next on the chain head the previous one's rows
+/// will leave, before the previous one is answered (up to [`PIPELINE_DEPTH`] on the wire). The
+/// server runs them in order: if one aborts, every later one fails its head check too (its
+/// assumed head never came to be), so the pipeline stops sending, drains, and runs the failed
+/// batches again the careful way, in order (`run_batch`). Batches are answered in the order
+/// they were sent. Stops taking batches when a chore is due or a batch cannot be sent in one
+/// round trip; returns such a batch, to run once everything sent is answered.
+async fn pipeline(
+    c: &mut Conn,
+    first: Vec<Command>,
+    head: bulk::Head,
+    feed: Feed<'_>,
+    hand: bulk::HandOver<'_>,
+    handoff: &Handoff,
+) -> Option<Vec<Command>> {
+    let Conn {
+        client,
+        s,
+        head: known,
+        assume_from,
+    } = c;
+    let (client, s) = (&*client, &*s);
+    let mut flying = FuturesOrdered::new();
+    let (tell, mut told) = oneshot::channel();
+    flying.push_back(fly(client, s, first, hand, head, tell));
+    let mut waiting_tip = true;
+    let mut tip: Option<bulk::Head> = None;
+    let mut carried = None;
+    let mut failed = Vec::new();
+    let mut closed = false;
+    loop {
+        let may_send = failed.is_empty()
+            && carried.is_none()
+            && !closed
+            && !waiting_tip
+            && tip.is_some()
+            && flying.len() < PIPELINE_DEPTH
+            && !feed.chores.due();
+        tokio::select! {
+            biased;
+            Some(f) = flying.next() => {
+                let Flown { batch, tried: (result, outs, handed, moved) } = f;
+                match result {
+                    Ok(()) => {
+                        // Committed after an earlier batch failed only if it chained nothing on
+                        // that one's rows (else its head check failed): it stands, but the
+                        // head is no longer known.
+                        if !failed.is_empty() {
+                            *known = None;
+                        } else if moved.is_some() {
+                            *known = moved;
+                        }
+                        let done = batch.into_iter().zip(outs).map(|(c, o)| finish(c, o)).collect();
+                        answer(done, Ok(()), handed, handoff);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "a batch sent in one round trip did not hold; running it again");
+                        *known = None;
+                        *assume_from = Instant::now() + ASSUME_AFTER_MISS;
+                        failed.push(batch);
+                    }
+                }
+                if flying.is_empty() {
+                    break;
+                }
+            }
+            t = &mut told, if waiting_tip => {
+                waiting_tip = false;
+                tip = t.ok();
+            }
+            b = next_batch(feed.inbox, feed.max_batch), if may_send => {
+                let Some(b) = b else {
+                    // Shutting down: answer what was sent, then the writer ends.
+                    closed = true;
+                    continue;
+                };
+                let Some(head) = tip.take().filter(|_| one_trip(&b) && Instant::now() >= *assume_from) else {
+                    carried = Some(b);
+                    continue;
+                };
+                let (tell, t) = oneshot::channel();
+                told = t;
+                waiting_tip = true;
+                flying.push_back(fly(client, s, b, hand, head, tell));
+            }
+        }
+    }
+    drop(flying);
+    for batch in failed {
+        let (done, commit, handed) = run_batch(c, batch, hand).await;
+        answer(done, commit, handed, handoff);
+    }
+    carried
+}
+
+async fn next_batch(inbox: &Mutex<Inbox>, max_batch: usize) -> Option<Vec<Command>> {
+    inbox.lock().await.next_batch(max_batch).await
 }
 
 async fn open(config: &Config, tls: MakeRustlsConnect) -> Result<Conn, JournalError> {
@@ -284,17 +463,12 @@ fn retryable(err: &str) -> bool {
     err.starts_with("40P01") || err.starts_with("40001")
 }
 
-/// Runs a batch in one transaction, again if the database aborted it for a deadlock or a race
-/// (see `retryable`); returns each command's answer, the outcome, and the lanes to hand over
-/// (only when it committed).
-///
-/// A batch of appends, outcomes and claims goes out in **one round trip** when this writer knows
-/// the audit chain head (its own last commit left it there, see `Conn::head`): `BEGIN`, the
-/// statements and `COMMIT` are sent together, the rows hashed onto the assumed head, and every
-/// assumption is checked by the statements themselves, which abort the transaction if one did
-/// not hold (`bulk::write`); `COMMIT` of an aborted transaction rolls it back. Then the batch
-/// runs again the careful way (head, repeats and leases read first, under the head's lock), and
-/// the one-round-trip form rests for [`ASSUME_AFTER_MISS`] (another node is writing, or
+/// Runs a batch the careful way in one transaction, again if the database aborted it for a
+/// deadlock or a race (see `retryable`); returns each command's answer, the outcome, and the
+/// lanes to hand over (only when it committed). Batches of appends, outcomes and claims go out
+/// in one round trip instead while this writer knows the audit chain head (see [`pipeline`]);
+/// this is the way for the others, for those that found an assumption broken, and for every
+/// batch during the [`ASSUME_AFTER_MISS`] that follows (another node is writing, or
 /// subscriptions exist).
 async fn run_batch(
     c: &mut Conn,
@@ -303,24 +477,9 @@ async fn run_batch(
 ) -> (Vec<Done>, Result<(), String>, Vec<Handed>) {
     let lanes = lanes_touched(&batch);
     let seals = writes_unchained_audit(&batch);
-    let one_trip = batch.iter().all(|cmd| {
-        matches!(
-            cmd,
-            Command::Append(..) | Command::Record(..) | Command::Claim { .. }
-        )
-    });
     let mut last_err = String::new();
     for attempt in 1..=BATCH_TRIES {
-        let assumed = match &c.head {
-            Some(head) if one_trip && attempt == 1 && Instant::now() >= c.assume_from => {
-                Some(head.clone())
-            }
-            _ => None,
-        };
-        let (result, outs, handed, head) = match &assumed {
-            Some(head) => one_round_trip(c, &batch, &lanes, hand, head).await,
-            None => careful(c, &batch, &lanes, hand, seals).await,
-        };
+        let (result, outs, handed, head) = careful(c, &batch, &lanes, hand, seals).await;
         match result {
             Ok(()) => {
                 if seals {
@@ -341,12 +500,6 @@ async fn run_batch(
             }
             Err(e) => {
                 c.head = None;
-                if assumed.is_some() {
-                    tracing::debug!(error = %e, "a batch sent in one round trip did not hold; running it again");
-                    c.assume_from = Instant::now() + ASSUME_AFTER_MISS;
-                    last_err = e;
-                    continue;
-                }
                 let again = retryable(&e) && attempt < BATCH_TRIES;
                 if again {
                     tracing::debug!(error = %e, attempt, "batch aborted by the database; running it again");
@@ -366,6 +519,29 @@ async fn run_batch(
     )
 }
 
+/// Whether a batch may be sent in one round trip: only appends, outcomes and claims, whose
+/// statements check every assumption themselves (`bulk::write`).
+fn one_trip(batch: &[Command]) -> bool {
+    batch.iter().all(|cmd| {
+        matches!(
+            cmd,
+            Command::Append(..) | Command::Record(..) | Command::Claim { .. }
+        )
+    })
+}
+
+impl Conn {
+    /// The chain head to send `batch` on in one round trip, if it may go that way now.
+    fn assumable(&self, batch: &[Command]) -> Option<bulk::Head> {
+        match &self.head {
+            Some(head) if one_trip(batch) && Instant::now() >= self.assume_from => {
+                Some(head.clone())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// How long a writer sends its batches the careful way after one sent in one round trip found
 /// an assumption broken.
 const ASSUME_AFTER_MISS: Duration = Duration::from_secs(1);
@@ -379,19 +555,22 @@ type Tried = (
     Option<bulk::Head>,
 );
 
-/// The batch with `BEGIN` and `COMMIT` in one round trip, on the assumed chain head.
+/// The batch with `BEGIN` and `COMMIT` in one round trip, on the assumed chain head; `tell`
+/// learns the head its rows will leave once they are hashed (see `bulk::OnHead`).
 async fn one_round_trip(
-    c: &Conn,
+    client: &Client,
+    s: &Stmts,
     batch: &[Command],
     lanes: &Lanes,
     hand: bulk::HandOver<'_>,
     head: &bulk::Head,
+    tell: Option<oneshot::Sender<bulk::Head>>,
 ) -> Tried {
-    let Conn { client, s, .. } = c;
+    let assumed = bulk::OnHead { head, tell };
     // Each is sent on its first poll, and `tokio::join!` polls them first in this order.
     let (begun, applied, committed) = tokio::join!(
         client.batch_execute("BEGIN"),
-        apply_batch(client, s, batch, lanes, hand, Some(head)),
+        apply_batch(client, s, batch, lanes, hand, Some(assumed)),
         client.batch_execute("COMMIT"),
     );
     let root = match begun {
@@ -474,7 +653,7 @@ async fn apply_batch(
     batch: &[Command],
     lanes: &Lanes,
     hand: bulk::HandOver<'_>,
-    assumed: Option<&bulk::Head>,
+    assumed: Option<bulk::OnHead<'_>>,
 ) -> Applied {
     let lease_ms = hand.lease_ms;
     let mut appends = Vec::new();

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 
+use tokio::sync::oneshot;
 use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 
@@ -48,9 +49,16 @@ pub async fn write(
     recs: &[&AttemptRecord],
     lock_anyway: bool,
     hand: HandOver<'_>,
-    assumed: Option<&Head>,
+    assumed: Option<OnHead<'_>>,
 ) -> Written {
     if evs.is_empty() && recs.is_empty() {
+        if let Some(OnHead {
+            head,
+            tell: Some(tell),
+        }) = assumed
+        {
+            let _ = tell.send(head.clone());
+        }
         if lock_anyway {
             // A failure aborts the transaction; the subscription writes then report it.
             let _ = tx.query_one(&s.lock_chain_head, &[]).await;
@@ -70,6 +78,14 @@ pub async fn write(
 
 /// A position and hash in the audit chain.
 pub type Head = (i64, String);
+
+/// A batch sent in one round trip: the chain head it assumes, and who is told the head its rows
+/// will leave as soon as they are hashed, before the server has answered (the writer sends its
+/// next batch on that head meanwhile, see `writer::pipeline`).
+pub struct OnHead<'a> {
+    pub head: &'a Head,
+    pub tell: Option<oneshot::Sender<Head>>,
+}
 
 /// Where a batch's opened lanes go: the node's dispatchers (`None`: nothing is handed over, as
 /// in tests of the journal alone), and how long their lease lasts.
@@ -94,8 +110,12 @@ async fn write_chained(
     evs: &[&NewEvent],
     recs: &[&AttemptRecord],
     hand: HandOver<'_>,
-    assumed: Option<&Head>,
+    assumed: Option<OnHead<'_>>,
 ) -> Result<Written, JournalError> {
+    let (assumed, tell) = match assumed {
+        Some(a) => (Some(a.head), a.tell),
+        None => (None, None),
+    };
     let (mut chain, appended, valid) = match assumed {
         Some((seq, hash)) => (
             Chain {
@@ -143,6 +163,9 @@ async fn write_chained(
     ap_params.push(&expect_stored);
     let rc = RecordColumns::of(&applied, &mut chain, hand, now);
     let expect_applied = assumed.map(|_| applied.len() as i64);
+    if let Some(tell) = tell {
+        let _ = tell.send((chain.seq, chain.hash.clone()));
+    }
     let mut rc_params = rc.params().to_vec();
     rc_params.push(&expect_applied);
     // Pipelined: the head moves in the same round trip as the rows that moved it; on the
@@ -469,7 +492,12 @@ pub const APPEND_ALL_SQL: &str = "WITH i AS (
 /// many it applied (fewer than sent means a lease moved after [`holding`] read it: the batch runs
 /// again). Verdicts: 0 delivered, 1 retry, 2 dead letter. The parts of one statement share a
 /// snapshot, so the lane's next head must skip the recorded delivery explicitly (it still reads
-/// as pending there). Where `$20` holds (the destination's dispatcher takes hand-offs), a lane that
+/// as pending there): it is searched *after* it, as the recorded delivery is the lane's head and
+/// every other pending delivery of the lane has a larger id (replays re-enter at the tail).
+/// Searching from the lane's start instead walked the index entries of every delivered row that
+/// vacuum had not removed yet, more of them the longer a lane's backlog.
+/// `nx` is `MATERIALIZED` so the search runs once per record: inlined, each of the three uses
+/// of `next_head` in the lane update ran its own. Where `$20` holds (the destination's dispatcher takes hand-offs), a lane that
 /// moves on to a next head is leased until `$21` at once, and the head is returned with what its
 /// delivery needs (arrays, by record position), so it goes out without waiting for a claim.
 /// `$22`, when not null, is the number of outcomes the writer expects to hold their lease
@@ -505,12 +533,12 @@ pub const RECORD_ALL_SQL: &str = "WITH r AS (
                 NULL::FLOAT8, ok.detail2, ok.seq2, ok.hash2)
         ) AS x(kind, latency_ms, detail, seq, hash)
         ORDER BY x.seq
-     ), nx AS (
+     ), nx AS MATERIALIZED (
         SELECT ok.*, CASE WHEN ok.verdict = 1 THEN NULL
                      ELSE COALESCE((SELECT min(p.id) FROM deliveries p
                                     WHERE p.dest = ok.dest AND p.class = ok.class
                                       AND p.lane_key = ok.lane_key AND p.state = 'pending'
-                                      AND p.id <> ok.delivery_id), 0) END AS next_head
+                                      AND p.id > ok.delivery_id), 0) END AS next_head
         FROM ok
      ), l AS (
         UPDATE lanes SET
