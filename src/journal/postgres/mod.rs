@@ -414,6 +414,15 @@ impl Journal for PostgresJournal {
         &self,
         op: crate::journal::subs::SubsOp,
     ) -> Result<crate::journal::subs::SubsOut, JournalError> {
+        use crate::journal::subs::{SubsOp, SubsOut};
+        // The notifier claims several times a second, mostly finding nothing; a claim is a
+        // writer command that cannot go in a batch sent in one round trip, so it cost its batch
+        // the careful way and emptied the writer's pipeline. Look first, on a pooled connection.
+        if let SubsOp::Claim { now_ms, .. } = &op
+            && !subs::any_due(&**self.client().await?, *now_ms).await?
+        {
+            return Ok(SubsOut::Subs(Vec::new()));
+        }
         self.queue.subs(op).await
     }
 

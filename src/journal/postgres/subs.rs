@@ -43,6 +43,18 @@ pub fn sub_row(r: &Row) -> SubscriptionRow {
     }
 }
 
+/// When a subscription is due for a notifier attempt (`$1`: now, ms): not leased, its backoff
+/// over, and a handshake, events or a heartbeat to send. The writer's claim leases these.
+pub const DUE: &str = "lease_until < $1 AND next_attempt_at <= $1
+    AND (NOT handshake_done OR events > delivered
+         OR (heartbeat_s > 0 AND last_sent_at + heartbeat_s * 1000 <= $1))";
+
+/// Whether any subscription is [`DUE`] at `now_ms`, read without the writer.
+pub async fn any_due(c: &impl GenericClient, now_ms: i64) -> Result<bool, JournalError> {
+    let sql = format!("SELECT EXISTS (SELECT 1 FROM subscriptions WHERE {DUE})");
+    Ok(c.query_one(&sql, &[&now_ms]).await?.get(0))
+}
+
 pub async fn read(c: &impl GenericClient, q: SubsRead) -> Result<SubsOut, JournalError> {
     Ok(match q {
         SubsRead::Get(id) => SubsOut::Sub(

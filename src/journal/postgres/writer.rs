@@ -979,6 +979,9 @@ struct Stmts {
     insert_event: Statement,
     /// A batch's appends and attempt records (`bulk`).
     append_all: Statement,
+    /// [`bulk::APPEND_ALL_SQL`] without `ON CONFLICT` on `events`, for batches sent in one round
+    /// trip, which assume no repeats (see `bulk::fresh_appends`).
+    append_fresh: Statement,
     record_all: Statement,
     find_repeats: Statement,
     find_holders: Statement,
@@ -1013,6 +1016,7 @@ impl Stmts {
                 )
                 .await?,
             append_all: c.prepare(bulk::APPEND_ALL_SQL).await?,
+            append_fresh: c.prepare(&bulk::fresh_appends()).await?,
             record_all: c.prepare(bulk::RECORD_ALL_SQL).await?,
             find_repeats: c.prepare(bulk::FIND_REPEATS_SQL).await?,
             find_holders: c.prepare(bulk::FIND_HOLDERS_SQL).await?,

@@ -183,7 +183,13 @@ async fn write_chained(
         async {
             match new.is_empty() {
                 true => Ok(None),
-                false => tx.query_one(&s.append_all, &ap_params).await.map(Some),
+                false => {
+                    let append = match assumed {
+                        Some(_) => &s.append_fresh,
+                        None => &s.append_all,
+                    };
+                    tx.query_one(append, &ap_params).await.map(Some)
+                }
             }
         },
         async {
@@ -487,6 +493,17 @@ pub const APPEND_ALL_SQL: &str = "WITH i AS (
         CASE WHEN $30::BIGINT IS NULL
                   OR ((SELECT count(*) FROM ev) = $30 AND NOT EXISTS (SELECT 1 FROM subscriptions))
              THEN true ELSE knutepunkt_raced('the events of a batch sent in one round trip') END";
+
+const WITH_CONFLICT: &str = "ON CONFLICT DO NOTHING RETURNING seq, id";
+
+/// [`APPEND_ALL_SQL`] for a batch sent in one round trip, which takes every event as new: a plain
+/// insert, without `ON CONFLICT`. A repeat then fails the statement on the unique index (the
+/// transaction aborts and the batch runs the careful way, as when the count check fails), and
+/// the insert skips the separate probe of the three unique indexes before each row that
+/// `ON CONFLICT` makes (about 6 % of the statement's time in the bench).
+pub fn fresh_appends() -> String {
+    APPEND_ALL_SQL.replacen(WITH_CONFLICT, "RETURNING seq, id", 1)
+}
 
 /// Applies the batch's records whose lease holds, with their chained audit rows; returns how
 /// many it applied (fewer than sent means a lease moved after [`holding`] read it: the batch runs
@@ -828,5 +845,22 @@ impl<'a> RecordColumns<'a> {
             &self.offer,
             &self.lease_until,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_appends_drop_the_events_conflict_clause_and_nothing_else() {
+        assert_eq!(APPEND_ALL_SQL.matches(WITH_CONFLICT).count(), 1);
+        let fresh = fresh_appends();
+        assert!(!fresh.contains("ON CONFLICT DO NOTHING"), "{fresh}");
+        assert!(fresh.contains("ON CONFLICT (dest, class, lane_key) DO UPDATE"));
+        assert_eq!(
+            fresh.len(),
+            APPEND_ALL_SQL.len() - "ON CONFLICT DO NOTHING ".len()
+        );
     }
 }

@@ -7,7 +7,7 @@ use tokio_postgres::Client;
 use super::{Stmts, audit};
 use crate::journal::JournalError;
 use crate::journal::command::AuditRow;
-use crate::journal::postgres::subs::{SUB_COLS, sub_row};
+use crate::journal::postgres::subs::{DUE, SUB_COLS, sub_row};
 use crate::journal::subs::{MatchFacts, NewSubscription, SubOutcome, SubsOp, SubsOut};
 use crate::normalise::Envelope;
 
@@ -70,10 +70,7 @@ pub async fn apply(tx: &Client, s: &Stmts, op: &SubsOp) -> Result<SubsOut, Journ
                 .query(
                     &format!(
                         "UPDATE subscriptions SET lease_until = $1 + $2 + timeout_s * 1000
-                         WHERE id IN (SELECT id FROM subscriptions
-                             WHERE lease_until < $1 AND next_attempt_at <= $1
-                               AND (NOT handshake_done OR events > delivered
-                                    OR (heartbeat_s > 0 AND last_sent_at + heartbeat_s * 1000 <= $1))
+                         WHERE id IN (SELECT id FROM subscriptions WHERE {DUE}
                              ORDER BY next_attempt_at LIMIT $3
                              FOR UPDATE SKIP LOCKED)
                          RETURNING {SUB_COLS}"
