@@ -74,7 +74,7 @@ struct Conn {
     client: Client,
     s: Stmts,
     /// The audit chain head as this writer's last commit left it, while no seal or failure has
-    /// made it uncertain: the next batch may be sent in one round trip on it (see `run_batch`).
+    /// made it uncertain: the next batch may be sent in one round trip on it (see `pipeline`).
     head: Option<bulk::Head>,
     /// Until when batches are sent the careful way after an assumption failed.
     assume_from: Instant,
@@ -234,7 +234,7 @@ async fn fly(
     tell: oneshot::Sender<bulk::Head>,
 ) -> Flown {
     let lanes = lanes_touched(&batch);
-    let tried = one_round_trip(client, s, &batch, &lanes, hand, &head, Some(tell)).await;
+    let tried = one_round_trip(client, s, &batch, &lanes, hand, &head, tell).await;
     Flown { batch, tried }
 }
 
@@ -568,7 +568,7 @@ async fn one_round_trip(
     lanes: &Lanes,
     hand: bulk::HandOver<'_>,
     head: &bulk::Head,
-    tell: Option<oneshot::Sender<bulk::Head>>,
+    tell: oneshot::Sender<bulk::Head>,
 ) -> Tried {
     let assumed = bulk::OnHead { head, tell };
     // Each is sent on its first poll, and `tokio::join!` polls them first in this order.

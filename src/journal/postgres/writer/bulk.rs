@@ -38,7 +38,7 @@ const RACED: &str = "40001: a concurrent transaction changed what the batch had 
 /// returned as hand-offs (see [`Offers`]), to be sent only once the batch has committed.
 ///
 /// `assumed`: the chain head this writer's last commit left, when the batch is sent in one round
-/// trip (see `run_batch`). Then nothing is read first: every event is taken as new, every outcome
+/// trip (see `writer::pipeline`). Then nothing is read first: every event is taken as new, every outcome
 /// as holding its lease, and the rows are hashed onto the assumed head; the statements still lock
 /// the head first, and abort the transaction as a serialization failure if any assumption did not
 /// hold (another writer moved the head, a repeat, a moved lease, a subscription).
@@ -52,11 +52,7 @@ pub async fn write(
     assumed: Option<OnHead<'_>>,
 ) -> Written {
     if evs.is_empty() && recs.is_empty() {
-        if let Some(OnHead {
-            head,
-            tell: Some(tell),
-        }) = assumed
-        {
+        if let Some(OnHead { head, tell }) = assumed {
             let _ = tell.send(head.clone());
         }
         if lock_anyway {
@@ -84,7 +80,7 @@ pub type Head = (i64, String);
 /// next batch on that head meanwhile, see `writer::pipeline`).
 pub struct OnHead<'a> {
     pub head: &'a Head,
-    pub tell: Option<oneshot::Sender<Head>>,
+    pub tell: oneshot::Sender<Head>,
 }
 
 /// Where a batch's opened lanes go: the node's dispatchers (`None`: nothing is handed over, as
@@ -113,7 +109,7 @@ async fn write_chained(
     assumed: Option<OnHead<'_>>,
 ) -> Result<Written, JournalError> {
     let (assumed, tell) = match assumed {
-        Some(a) => (Some(a.head), a.tell),
+        Some(a) => (Some(a.head), Some(a.tell)),
         None => (None, None),
     };
     let (mut chain, appended, valid) = match assumed {
@@ -512,11 +508,12 @@ pub fn fresh_appends() -> String {
 /// as pending there): it is searched *after* it, as the recorded delivery is the lane's head and
 /// every other pending delivery of the lane has a larger id (replays re-enter at the tail).
 /// Searching from the lane's start instead walked the index entries of every delivered row that
-/// vacuum had not removed yet, more of them the longer a lane's backlog.
-/// `nx` is `MATERIALIZED` so the search runs once per record: inlined, each of the three uses
-/// of `next_head` in the lane update ran its own. Where `$20` holds (the destination's dispatcher takes hand-offs), a lane that
-/// moves on to a next head is leased until `$21` at once, and the head is returned with what its
-/// delivery needs (arrays, by record position), so it goes out without waiting for a claim.
+/// vacuum had not removed yet, more of them the longer a lane's backlog. `nx` is `MATERIALIZED`
+/// so the search runs once per record: inlined, each of the three uses of `next_head` in the
+/// lane update ran its own. Where `$20` holds (the destination's dispatcher takes hand-offs), a
+/// lane that moves on to a next head is leased until `$21` at once, and the head is returned
+/// with what its delivery needs (arrays, by record position), so it goes out without waiting
+/// for a claim.
 /// `$22`, when not null, is the number of outcomes the writer expects to hold their lease
 /// without having read the leases: fewer abort the transaction as a serialization failure.
 pub const RECORD_ALL_SQL: &str = "WITH r AS (
