@@ -869,6 +869,13 @@ impl Harness {
         prop_assert_eq!(stats.delivered, count(St::Delivered), "delivered");
         prop_assert_eq!(stats.dead, count(St::Dead), "dead");
 
+        // The gauges' cheaper read agrees with the model on everything still queued.
+        let queue = j
+            .queue_figures()
+            .await
+            .map_err(|e| TestCaseError::fail(format!("queue figures: {e}")))?;
+        prop_assert_eq!(queue.quarantined, stats.quarantined);
+
         let dests = j
             .destinations()
             .await
@@ -892,6 +899,26 @@ impl Harness {
                 }
                 None => prop_assert!(m.dels.iter().all(|x| x.dest != d)),
             }
+            let got = queue
+                .destinations
+                .iter()
+                .find(|x| x.destination == d)
+                .map(|q| {
+                    (
+                        q.lanes,
+                        q.pending,
+                        q.dead,
+                        q.oldest_pending_age_ms.is_some(),
+                    )
+                })
+                .unwrap_or_default();
+            let pending = of(St::Pending);
+            prop_assert_eq!(
+                got,
+                (lanes, pending, of(St::Dead), pending > 0),
+                "queue of {}",
+                d
+            );
         }
 
         let read_lo = wall();

@@ -92,6 +92,8 @@ pub trait Journal: Send + Sync + 'static {
     async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>, JournalError>;
     async fn event(&self, id: &str) -> Result<Option<EventDetail>, JournalError>;
     async fn stats(&self) -> Result<JournalStats, JournalError>;
+    /// The queue gauges' figures (see [`QueueFigures`]): cheap enough to read every few seconds.
+    async fn queue_figures(&self) -> Result<QueueFigures, JournalError>;
 
     // ---- Device registry (devices assigned to patients for a period), liveness, quarantine.
     // Writes go through the writer queue (durable before they answer); reads use the read side.

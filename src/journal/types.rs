@@ -133,6 +133,25 @@ pub struct DestinationStats {
     pub oldest_pending_age_ms: Option<i64>,
 }
 
+/// What the queue gauges show: per destination only what is still queued or dead, and the open
+/// quarantine. Unlike [`DestinationStats`] it never counts delivered history, so reading it costs
+/// in proportion to the queue, not to the journal's retention.
+#[derive(Debug, Clone, Default)]
+pub struct QueueFigures {
+    pub destinations: Vec<DestinationQueue>,
+    pub quarantined: i64,
+}
+
+/// One destination's queue: its non-empty lanes, pending and dead deliveries, oldest pending.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DestinationQueue {
+    pub destination: String,
+    pub lanes: i64,
+    pub pending: i64,
+    pub dead: i64,
+    pub oldest_pending_age_ms: Option<i64>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct DeadLetterQuery {
     pub destination: Option<String>,

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use super::kv;
 use super::names::{self, MetricDef};
 use crate::clock::now_ms;
-use crate::journal::{DestinationStats, Journal};
+use crate::journal::{DestinationQueue, Journal};
 
 /// How often the background task re-reads the journal.
 pub const REFRESH: Duration = Duration::from_secs(2);
@@ -32,7 +32,7 @@ pub struct Snapshot {
 #[derive(Default, Clone)]
 struct Figures {
     taken_at_ms: Option<i64>,
-    destinations: Vec<DestinationStats>,
+    destinations: Vec<DestinationQueue>,
     quarantined: i64,
     devices_silent: i64,
 }
@@ -49,17 +49,13 @@ impl Snapshot {
         journal: &dyn Journal,
         configured: &[String],
     ) -> Result<(), crate::journal::JournalError> {
-        let mut dests = journal.destinations().await?;
-        let stats = journal.stats().await?;
+        let figures = journal.queue_figures().await?;
+        let mut dests = figures.destinations;
         for name in configured {
             if !dests.iter().any(|d| &d.destination == name) {
-                dests.push(DestinationStats {
+                dests.push(DestinationQueue {
                     destination: name.clone(),
-                    lanes: 0,
-                    pending: 0,
-                    delivered: 0,
-                    dead: 0,
-                    oldest_pending_age_ms: None,
+                    ..Default::default()
                 });
             }
         }
@@ -85,7 +81,7 @@ impl Snapshot {
             *g = Figures {
                 taken_at_ms: Some(now_ms()),
                 destinations: dests,
-                quarantined: stats.quarantined,
+                quarantined: figures.quarantined,
                 devices_silent,
             };
         }
@@ -105,7 +101,7 @@ impl Snapshot {
             if let Err(e) = self.refresh(journal.as_ref(), &configured).await {
                 tracing::warn!(error = %e, "metrics snapshot: cannot read the journal");
             }
-            // The figures come from aggregate queries over the journal; on a large journal they
+            // The figures come from aggregate queries over the queue; with a large backlog they
             // take a while, so the task never spends more than a tenth of its time on them.
             let wait = REFRESH.max(started.elapsed() * 10);
             tokio::select! {
@@ -155,7 +151,7 @@ fn per_destination(
     meter: &Meter,
     snap: &Arc<Snapshot>,
     def: MetricDef,
-    value: fn(&DestinationStats) -> f64,
+    value: fn(&DestinationQueue) -> f64,
 ) {
     let s = Arc::clone(snap);
     gauge(meter, def, move |obs| {

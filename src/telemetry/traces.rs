@@ -96,7 +96,12 @@ pub fn init(ops: &ValidOps) -> Result<TraceGuard, opentelemetry_otlp::ExporterBu
         .with_tracer(tracer)
         .with_level(true)
         .with_threads(false)
-        .with_location(false);
+        .with_location(false)
+        // Nothing here reads the OpenTelemetry context of the current thread, and nobody reads
+        // busy/idle times: both cost work on every poll of an instrumented future (about 3 % of
+        // the gateway's CPU at full load).
+        .with_context_activation(false)
+        .with_tracked_inactivity(false);
     // The tracing layer is unfiltered by level so spans exist even when logs say `warn`.
     let otel = otel.with_filter(tracing_subscriber::filter::filter_fn(|m| {
         m.target().starts_with("knutepunkt") && (m.is_span() || *m.level() <= tracing::Level::INFO)

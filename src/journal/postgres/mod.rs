@@ -36,7 +36,8 @@ use super::{
     Appended, Assignment, AssignmentQuery, AttemptRecord, AuditNote, Claimed, DeadLetter,
     DeadLetterQuery, DestinationStats, DeviceBeat, EventDetail, Journal, JournalError,
     JournalStats, LaneClass, LaneInfo, LaneQuery, Liveness, LivenessQuery, NewAssignment, NewEvent,
-    QuarantineInfo, QuarantineQuery, QuarantinedEvent, Release, ReplayFilter, Replayed,
+    QuarantineInfo, QuarantineQuery, QuarantinedEvent, QueueFigures, Release, ReplayFilter,
+    Replayed,
 };
 
 /// 1: events, deliveries, lanes, audit (`schema.sql`). 2: device registry, device liveness,
@@ -317,6 +318,10 @@ impl Journal for PostgresJournal {
 
     async fn stats(&self) -> Result<JournalStats, JournalError> {
         read::stats(&**self.client().await?).await
+    }
+
+    async fn queue_figures(&self) -> Result<QueueFigures, JournalError> {
+        read::queue_figures(&**self.client().await?).await
     }
 
     async fn assign_device(&self, a: NewAssignment) -> Result<Assignment, JournalError> {

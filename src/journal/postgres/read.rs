@@ -4,8 +4,8 @@ use tokio_postgres::GenericClient;
 
 use crate::clock::now_ms;
 use crate::journal::{
-    AuditEntry, DeadLetter, DeadLetterQuery, DeliveryInfo, DestinationStats, EventDetail,
-    JournalError, JournalStats, LaneClass, LaneInfo, LaneQuery,
+    AuditEntry, DeadLetter, DeadLetterQuery, DeliveryInfo, DestinationQueue, DestinationStats,
+    EventDetail, JournalError, JournalStats, LaneClass, LaneInfo, LaneQuery, QueueFigures,
 };
 
 fn opt_i64(v: Option<i32>) -> Option<i64> {
@@ -188,6 +188,50 @@ pub async fn event(c: &impl GenericClient, id: &str) -> Result<Option<EventDetai
         })
         .collect();
     Ok(Some(detail))
+}
+
+/// The queue gauges' figures. Each part reads a partial index (pending, dead, open quarantine) or
+/// the non-empty lanes, so the cost follows the queue, not the delivered history.
+pub async fn queue_figures(c: &impl GenericClient) -> Result<QueueFigures, JournalError> {
+    let now = now_ms();
+    let rows = c
+        .query(
+            "SELECT dest, sum(lanes)::BIGINT, sum(pending)::BIGINT, sum(dead)::BIGINT, min(oldest)
+             FROM (SELECT dest, count(*) AS lanes, 0 AS pending, 0 AS dead, NULL::BIGINT AS oldest
+                     FROM lanes WHERE head_id <> 0 GROUP BY dest
+                   UNION ALL
+                   SELECT dest, 0, count(*), 0, min(created_at)
+                     FROM deliveries WHERE state = 'pending' GROUP BY dest
+                   UNION ALL
+                   SELECT dest, 0, 0, count(*), NULL
+                     FROM deliveries WHERE state = 'dead' GROUP BY dest) q
+             GROUP BY dest ORDER BY dest",
+            &[],
+        )
+        .await?;
+    let destinations = rows
+        .iter()
+        .map(|r| {
+            let oldest: Option<i64> = r.get(4);
+            DestinationQueue {
+                destination: r.get(0),
+                lanes: r.get(1),
+                pending: r.get(2),
+                dead: r.get(3),
+                oldest_pending_age_ms: oldest.map(|o| (now - o).max(0)),
+            }
+        })
+        .collect();
+    let q = c
+        .query_one(
+            "SELECT count(*) FROM quarantine WHERE released_at IS NULL",
+            &[],
+        )
+        .await?;
+    Ok(QueueFigures {
+        destinations,
+        quarantined: q.get(0),
+    })
 }
 
 pub async fn stats(c: &impl GenericClient) -> Result<JournalStats, JournalError> {

@@ -27,7 +27,8 @@ use super::{
     Appended, Assignment, AssignmentQuery, AttemptRecord, AuditNote, Claimed, DeadLetter,
     DeadLetterQuery, DestinationStats, DeviceBeat, EventDetail, Journal, JournalError,
     JournalStats, LaneClass, LaneInfo, LaneQuery, Liveness, LivenessQuery, NewAssignment, NewEvent,
-    QuarantineInfo, QuarantineQuery, QuarantinedEvent, Release, ReplayFilter, Replayed,
+    QuarantineInfo, QuarantineQuery, QuarantinedEvent, QueueFigures, Release, ReplayFilter,
+    Replayed,
 };
 
 /// 1: events, deliveries, lanes, audit. 2: device registry, device liveness, quarantine.
@@ -233,6 +234,10 @@ impl Journal for SqliteJournal {
 
     async fn stats(&self) -> Result<JournalStats, JournalError> {
         self.read(read::stats).await
+    }
+
+    async fn queue_figures(&self) -> Result<QueueFigures, JournalError> {
+        self.read(read::queue_figures).await
     }
 
     async fn assign_device(&self, a: NewAssignment) -> Result<Assignment, JournalError> {

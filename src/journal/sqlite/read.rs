@@ -4,8 +4,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::clock::now_ms;
 use crate::journal::{
-    AuditEntry, DeadLetter, DeadLetterQuery, DeliveryInfo, DestinationStats, EventDetail,
-    JournalStats, LaneClass, LaneInfo, LaneQuery,
+    AuditEntry, DeadLetter, DeadLetterQuery, DeliveryInfo, DestinationQueue, DestinationStats,
+    EventDetail, JournalStats, LaneClass, LaneInfo, LaneQuery, QueueFigures,
 };
 
 pub fn lanes(c: &Connection, q: &LaneQuery) -> Result<Vec<LaneInfo>, rusqlite::Error> {
@@ -172,6 +172,43 @@ pub fn event(c: &Connection, id: &str) -> Result<Option<EventDetail>, rusqlite::
         })?
         .collect::<Result<_, _>>()?;
     Ok(Some(detail))
+}
+
+/// The queue gauges' figures. Each part reads a partial index (pending, dead, open quarantine) or
+/// the lanes table, so the cost follows the queue, not the delivered history.
+pub fn queue_figures(c: &Connection) -> Result<QueueFigures, rusqlite::Error> {
+    let now = now_ms();
+    let mut stmt = c.prepare_cached(
+        "SELECT dest, sum(lanes), sum(pending), sum(dead), min(oldest) FROM (
+             SELECT dest, count(*) AS lanes, 0 AS pending, 0 AS dead, NULL AS oldest
+               FROM lanes GROUP BY dest
+             UNION ALL
+             SELECT dest, 0, count(*), 0, min(created_at)
+               FROM deliveries WHERE state = 'pending' GROUP BY dest
+             UNION ALL
+             SELECT dest, 0, 0, count(*), NULL
+               FROM deliveries WHERE state = 'dead' GROUP BY dest)
+         GROUP BY dest ORDER BY dest",
+    )?;
+    let destinations = stmt
+        .query_map([], |r| {
+            let oldest: Option<i64> = r.get(4)?;
+            Ok(DestinationQueue {
+                destination: r.get(0)?,
+                lanes: r.get(1)?,
+                pending: r.get(2)?,
+                dead: r.get(3)?,
+                oldest_pending_age_ms: oldest.map(|o| (now - o).max(0)),
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let quarantined = c
+        .prepare_cached("SELECT count(*) FROM quarantine WHERE released_at IS NULL")?
+        .query_row([], |r| r.get(0))?;
+    Ok(QueueFigures {
+        destinations,
+        quarantined,
+    })
 }
 
 pub fn stats(c: &Connection) -> Result<JournalStats, rusqlite::Error> {
