@@ -2,6 +2,7 @@
 //! this test. One event is one trace: the vendor's `traceparent` → `ingest` → `journal.commit`,
 //! and one `deliver` span per attempt, children of `ingest` although they run later from the
 //! journal; the destination receives each attempt's `traceparent`.
+//! Without an endpoint a lighter layer carries the same trace context (last test).
 
 mod common;
 
@@ -199,4 +200,99 @@ async fn one_trace_from_vendor_traceparent_through_every_delivery_attempt() {
             .any(|s| s.contains("knutepunkt-test")),
         "service.name from config"
     );
+}
+
+/// Parts of a W3C `traceparent` as (trace id, span id, flags).
+fn parts(traceparent: &str) -> (String, String, String) {
+    let p: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(p.len(), 4, "traceparent {traceparent:?}");
+    assert_eq!(p[0], "00", "version");
+    assert!(
+        p[1].len() == 32 && p[2].len() == 16 && p[3].len() == 2,
+        "{traceparent:?}"
+    );
+    (p[1].to_string(), p[2].to_string(), p[3].to_string())
+}
+
+/// Without an OTLP endpoint nothing is exported, but trace context still travels: each attempt
+/// carries the vendor's trace id and sampled flag with its own span id; an event without a
+/// `traceparent` starts a trace of its own, shared by all its attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_export_the_vendor_trace_still_reaches_the_destination() {
+    let sink = Sink::start(Mode::Ok).await;
+    let gw = Gateway::start(&[Dest::new("epj", &sink.url)], "").await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let vendor_span = "00f067aa0ba902b7";
+
+    // Vendor trace, sampled; its first attempt fails, so two attempts carry it.
+    sink.script([Mode::status(503)]);
+    let (status, body) = gw
+        .post_as(
+            "fhir",
+            &observation("13097248022", "plain-1"),
+            &[("traceparent", &format!("00-{trace_id}-{vendor_span}-01"))],
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let first = body["id"].as_str().expect("id").to_string();
+    // Vendor trace, not sampled: the flag is kept.
+    let unsampled = "0af7651916cd43dd8448eb211c80319c";
+    let (status, body) = gw
+        .post_as(
+            "fhir",
+            &observation("13097248022", "plain-2"),
+            &[(
+                "traceparent",
+                &format!("00-{unsampled}-b7ad6b7169203331-00"),
+            )],
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let second = body["id"].as_str().expect("id").to_string();
+    // No vendor trace, and a malformed one: each starts its own.
+    let (_, body) = gw
+        .post_as("fhir", &observation("13097248022", "plain-3"), &[])
+        .await;
+    let third = body["id"].as_str().expect("id").to_string();
+    let (_, body) = gw
+        .post_as(
+            "fhir",
+            &observation("13097248022", "plain-4"),
+            &[("traceparent", "00-zz-b7ad6b7169203331-01")],
+        )
+        .await;
+    let fourth = body["id"].as_str().expect("id").to_string();
+    sink.wait_for(Duration::from_secs(30), "every event delivered", |r| {
+        [&first, &second, &third, &fourth].iter().all(|id| {
+            r.iter()
+                .any(|x| &&x.idempotency_key == id && x.mode == Mode::Ok)
+        })
+    })
+    .await;
+
+    let got = sink.received();
+    let of = |id: &str| -> Vec<(String, String, String)> {
+        got.iter()
+            .filter(|r| r.idempotency_key == id)
+            .map(|r| parts(&r.traceparent))
+            .collect()
+    };
+    let a = of(&first);
+    assert_eq!(a.len(), 2, "a failed and a delivered attempt");
+    assert_ne!(a[0].1, a[1].1, "each attempt has its own span");
+    for (t, s, f) in &a {
+        assert_eq!(t, trace_id, "the vendor's trace id");
+        assert_ne!(s, vendor_span, "the attempt's own span, a child");
+        assert_eq!(f, "01", "sampled flag kept");
+    }
+    let b = of(&second);
+    assert_eq!(b[0].0, unsampled);
+    assert_eq!(b[0].2, "00", "unsampled flag kept");
+    for own in [of(&third), of(&fourth)] {
+        assert_ne!(own[0].0, trace_id);
+        assert_ne!(own[0].0, unsampled);
+        assert_ne!(own[0].0, "0".repeat(32));
+        assert_eq!(own[0].2, "01", "sampling_ratio 1 by default");
+    }
+    assert_ne!(of(&third)[0].0, of(&fourth)[0].0, "a trace per event");
 }

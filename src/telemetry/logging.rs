@@ -5,10 +5,8 @@
 
 use std::fmt;
 
-use opentelemetry::trace::TraceContextExt;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -16,6 +14,20 @@ use tracing_subscriber::registry::LookupSpan;
 
 use super::redact::redact;
 use crate::config::ops::LogFormat;
+
+/// Span fields formatter that writes nothing: [`Format`] prints span names only, so the text the
+/// fmt layer would otherwise build for every new span (three per event) is never read.
+pub struct NoSpanFields;
+
+impl<'writer> FormatFields<'writer> for NoSpanFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        _writer: Writer<'writer>,
+        _fields: R,
+    ) -> fmt::Result {
+        Ok(())
+    }
+}
 
 pub struct Format {
     format: LogFormat,
@@ -98,13 +110,9 @@ where
             .event_scope()
             .map(|s| s.from_root().map(|span| span.name()).collect())
             .unwrap_or_default();
-        let ids = ctx.lookup_current().and_then(|_| {
-            let cx = tracing::Span::current().context();
-            let span = cx.span();
-            let sc = span.span_context();
-            sc.is_valid()
-                .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
-        });
+        let ids = ctx
+            .lookup_current()
+            .and_then(|_| super::traces::current_ids());
         match self.format {
             LogFormat::Json => {
                 let mut obj = serde_json::Map::new();

@@ -12,6 +12,7 @@ pub mod logging;
 pub mod names;
 pub mod redact;
 pub mod snapshot;
+pub mod trace_ids;
 pub mod traces;
 
 use std::collections::HashMap;

@@ -1,9 +1,10 @@
 //! Traces and logs: one `tracing` subscriber with two layers.
 //!
-//! - An OpenTelemetry layer (tracing-opentelemetry) backed by an `SdkTracerProvider`. With
-//!   `[telemetry] otlp_endpoint` set, spans are exported over OTLP/HTTP (protobuf) through
-//!   [`Redacting`]; without it nothing is exported, but every span still has W3C trace context,
-//!   so a vendor's `traceparent` reaches the destinations.
+//! - With `[telemetry] otlp_endpoint` set, an OpenTelemetry layer (tracing-opentelemetry) backed
+//!   by an `SdkTracerProvider` exports spans over OTLP/HTTP (protobuf) through [`Redacting`].
+//!   Without it nothing is exported and [`super::trace_ids::IdLayer`] takes its place: every span
+//!   still has W3C trace context, so a vendor's `traceparent` reaches the destinations, at a
+//!   fraction of the cost of building SDK spans nobody reads.
 //! - A log formatter ([`super::logging`]) writing text or JSON lines to stderr, with the current
 //!   trace id and span id.
 //!
@@ -37,14 +38,15 @@ use crate::config::ops::{LogFormat, ValidOps};
 /// How often finished spans are sent: short, so a trace shows up while someone is looking.
 const EXPORT_DELAY: Duration = Duration::from_millis(500);
 
-/// Keeps the tracer provider alive; [`TraceGuard::shutdown`] flushes spans not yet exported.
+/// Keeps the tracer provider alive (when spans are exported); [`TraceGuard::shutdown`] flushes
+/// spans not yet exported.
 pub struct TraceGuard {
-    provider: SdkTracerProvider,
+    provider: Option<SdkTracerProvider>,
 }
 
 impl TraceGuard {
     pub fn shutdown(&self) {
-        if let Err(e) = self.provider.shutdown() {
+        if let Some(Err(e)) = self.provider.as_ref().map(SdkTracerProvider::shutdown) {
             eprintln!("warning: trace provider shutdown: {e}");
         }
     }
@@ -60,29 +62,10 @@ pub fn resource(ops: &ValidOps) -> Resource {
 /// Installs the global subscriber (log format, `KNUTEPUNKT_LOG` filter, tracer). Call once,
 /// before the runtime starts: the OTLP client is a blocking one run by the exporter's thread.
 pub fn init(ops: &ValidOps) -> Result<TraceGuard, opentelemetry_otlp::ExporterBuildError> {
-    let mut builder = SdkTracerProvider::builder()
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            ops.sampling_ratio,
-        ))))
-        .with_resource(resource(ops));
-    if let Some(endpoint) = &ops.otlp_endpoint {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(format!("{endpoint}/v1/traces"))
-            .with_timeout(Duration::from_secs(10))
-            .build()?;
-        let processor = BatchSpanProcessor::builder(Redacting(exporter))
-            .with_batch_config(
-                BatchConfigBuilder::default()
-                    .with_scheduled_delay(EXPORT_DELAY)
-                    .build(),
-            )
-            .build();
-        builder = builder.with_span_processor(processor);
-    }
-    let provider = builder.build();
-    let tracer = provider.tracer("knutepunkt");
+    let provider = match &ops.otlp_endpoint {
+        Some(endpoint) => Some(exporting_provider(ops, endpoint)?),
+        None => None,
+    };
     let mut filter =
         EnvFilter::try_from_env("KNUTEPUNKT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // tokio-postgres logs every statement's parameters at debug level: raw bodies as byte
@@ -92,29 +75,67 @@ pub fn init(ops: &ValidOps) -> Result<TraceGuard, opentelemetry_otlp::ExporterBu
             filter = filter.add_directive(d);
         }
     }
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_level(true)
-        .with_threads(false)
-        .with_location(false)
-        // Nothing here reads the OpenTelemetry context of the current thread, and nobody reads
-        // busy/idle times: both cost work on every poll of an instrumented future (about 3 % of
-        // the gateway's CPU at full load).
-        .with_context_activation(false)
-        .with_tracked_inactivity(false);
-    // The tracing layer is unfiltered by level so spans exist even when logs say `warn`.
-    let otel = otel.with_filter(tracing_subscriber::filter::filter_fn(|m| {
-        m.target().starts_with("knutepunkt") && (m.is_span() || *m.level() <= tracing::Level::INFO)
-    }));
+    // Either layer sees our spans whatever the log level says, so trace context always exists.
+    let ours = || {
+        tracing_subscriber::filter::filter_fn(|m| {
+            m.target().starts_with("knutepunkt")
+                && (m.is_span() || *m.level() <= tracing::Level::INFO)
+        })
+    };
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("knutepunkt"))
+            .with_level(true)
+            .with_threads(false)
+            .with_location(false)
+            // Nothing here reads the OpenTelemetry context of the current thread, and nobody
+            // reads busy/idle times: both cost work on every poll of an instrumented future.
+            .with_context_activation(false)
+            .with_tracked_inactivity(false)
+            .with_filter(ours())
+    });
+    let ids = provider
+        .is_none()
+        .then(|| super::trace_ids::IdLayer::new(ops.sampling_ratio).with_filter(ours()));
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .event_format(super::logging::Format::new(log_format(ops)))
+        // The formatter never prints span fields; formatting them for every span is wasted.
+        .fmt_fields(super::logging::NoSpanFields)
         .with_filter(filter);
     let _ = tracing_subscriber::registry()
         .with(otel)
+        .with(ids)
         .with(logs)
         .try_init();
     Ok(TraceGuard { provider })
+}
+
+/// The tracer provider that samples by `sampling_ratio` and exports to `endpoint`.
+fn exporting_provider(
+    ops: &ValidOps,
+    endpoint: &str,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(format!("{endpoint}/v1/traces"))
+        .with_timeout(Duration::from_secs(10))
+        .build()?;
+    let processor = BatchSpanProcessor::builder(Redacting(exporter))
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_scheduled_delay(EXPORT_DELAY)
+                .build(),
+        )
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            ops.sampling_ratio,
+        ))))
+        .with_resource(resource(ops))
+        .with_span_processor(processor)
+        .build())
 }
 
 /// `[log] format`, unless the older `KNUTEPUNKT_LOG_FORMAT` environment variable says otherwise.
@@ -128,7 +149,24 @@ fn log_format(ops: &ValidOps) -> LogFormat {
 
 /// The W3C `traceparent` of the current span, when it has a valid context.
 pub fn current_traceparent() -> Option<String> {
-    traceparent_of(&tracing::Span::current().context())
+    let span = tracing::Span::current();
+    match super::trace_ids::of(&span) {
+        Some(ids) => Some(ids.traceparent()),
+        None => traceparent_of(&span.context()),
+    }
+}
+
+/// The current span's trace id and span id in hex, when it has a valid context (log lines).
+pub fn current_ids() -> Option<(String, String)> {
+    let span = tracing::Span::current();
+    if let Some(ids) = super::trace_ids::of(&span) {
+        return Some((ids.trace_id_hex(), ids.span_id_hex()));
+    }
+    let cx = span.context();
+    let otel = cx.span();
+    let sc = otel.span_context();
+    sc.is_valid()
+        .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
 }
 
 /// The W3C `traceparent` of a context's span, when valid.
@@ -153,6 +191,11 @@ pub fn parent_from(traceparent: Option<&str>) -> Option<Context> {
 
 /// Makes `span` a child of `traceparent` when it is a valid one.
 pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(parent) = traceparent.and_then(super::trace_ids::SpanIds::parse)
+        && super::trace_ids::set_parent(span, parent)
+    {
+        return;
+    }
     if let Some(cx) = parent_from(traceparent) {
         // Fails only when the span is disabled (no tracing layer): nothing to link then.
         let _ = span.set_parent(cx);
