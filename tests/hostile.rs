@@ -185,6 +185,58 @@ async fn absurd_nesting_is_refused_without_recursion() {
     assert_healthy(&gw).await;
 }
 
+/// A NUL character (which PostgreSQL text cannot hold and no FHIR string may) is refused with
+/// 400 before anything is stored, on every backend, while the events around it are stored: it
+/// never turns into a journal failure (503) that the vendor would retry forever.
+#[tokio::test]
+async fn nul_characters_are_refused_not_journaled() {
+    let gw = Gateway::start(&[], "").await;
+    // serde_json writes the NUL of this id as the escape `\u0000`.
+    let escaped = observation(PATIENT, "nul\u{0}id").to_string();
+    assert!(escaped.contains(r"nul\u0000id"), "{escaped}");
+    let sends = [
+        (
+            "fhir",
+            "application/fhir+json",
+            observation(PATIENT, "before").to_string().into_bytes(),
+        ),
+        ("fhir", "application/fhir+json", escaped.into_bytes()),
+        (
+            "fhir",
+            "application/fhir+json",
+            b"{\"resourceType\":\"Observation\",\"status\":\"fin\0al\"}".to_vec(),
+        ),
+        (
+            "homemeasure",
+            "application/json",
+            br#"{"uploadId":"u-\u0000","x":1}"#.to_vec(),
+        ),
+        (
+            "scaip",
+            "application/xml",
+            b"<mrq><ref>N\0</ref></mrq>".to_vec(),
+        ),
+        (
+            "fhir",
+            "application/fhir+json",
+            observation(PATIENT, "after").to_string().into_bytes(),
+        ),
+    ];
+    let answers = futures_util::future::join_all(
+        sends
+            .iter()
+            .map(|(v, ct, body)| send(&gw, v, ct, body.clone())),
+    )
+    .await;
+    assert_eq!(answers[0].status, 202, "{}", answers[0].body);
+    for a in &answers[1..5] {
+        assert_outcome(a, 400, "NUL character (U+0000)");
+    }
+    assert_eq!(answers[5].status, 202, "{}", answers[5].body);
+    assert_eq!(events(&gw).await, 2, "only the two clean events are stored");
+    assert_healthy(&gw).await;
+}
+
 #[tokio::test]
 async fn wide_and_long_xml_is_bounded_by_the_body_limit() {
     let gw = Gateway::start(&[], "[ingest]\nmax_body_bytes = 262144\n").await;

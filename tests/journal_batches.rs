@@ -72,6 +72,34 @@ fn delivered(task: DeliveryTask) -> AttemptRecord {
     }
 }
 
+/// Claims every ready head of destination `a` and records it delivered, round after round,
+/// until none is left; returns the event ids each lane handed out, in order.
+async fn drain_a(journal: &dyn Journal) -> HashMap<String, Vec<String>> {
+    let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+    let far = knutepunkt::clock::now_ms() + 3_600_000;
+    loop {
+        let claimed = journal
+            .claim("a", LaneClass::Normal, 1000, far)
+            .await
+            .expect("claim");
+        if claimed.tasks.is_empty() {
+            return seen;
+        }
+        for t in &claimed.tasks {
+            seen.entry(t.lane_key.clone())
+                .or_default()
+                .push(t.event_id.clone());
+        }
+        let outcomes = claimed
+            .tasks
+            .into_iter()
+            .map(|t| journal.record(delivered(t)));
+        for r in join_all(outcomes).await {
+            r.expect("outcome");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_appends_and_outcomes_keep_order_and_audit() {
     let (store, journal) = Store::open().await;
@@ -479,32 +507,7 @@ async fn pipelined_batches_that_lose_the_chain_head_run_again() {
     assert_eq!(first.stats().await.expect("stats").events, total as i64);
 
     // Drain: each round hands out every lane's head once; record them all delivered.
-    let mut seen: HashMap<String, Vec<String>> = HashMap::new();
-    let far = knutepunkt::clock::now_ms() + 3_600_000;
-    loop {
-        let claimed = first
-            .claim("a", LaneClass::Normal, 1000, far)
-            .await
-            .expect("claim");
-        if claimed.tasks.is_empty() {
-            break;
-        }
-        for t in &claimed.tasks {
-            seen.entry(t.lane_key.clone())
-                .or_default()
-                .push(t.event_id.clone());
-        }
-        for r in join_all(
-            claimed
-                .tasks
-                .into_iter()
-                .map(|t| first.record(delivered(t))),
-        )
-        .await
-        {
-            r.expect("outcome");
-        }
-    }
+    let seen = drain_a(&*first).await;
     for (key, ids) in &per_key {
         assert_eq!(seen.get(key), Some(ids), "{key}: delivered in append order");
     }
@@ -515,5 +518,101 @@ async fn pipelined_batches_that_lose_the_chain_head_run_again() {
             assert_eq!(rows as usize, total * (3 + 2), "one chained row per step")
         }
         other => panic!("audit chain: {other:?}"),
+    }
+}
+
+/// Makes every insert of a delivery to destination `boom` fail inside the database, after the
+/// append has already written its event row and first audit rows: a command that fails half
+/// way, as a full disk or a broken constraint would.
+async fn refuse_deliveries_to_boom(store: &Store) {
+    match store {
+        Store::Sqlite(dir) => {
+            let c = rusqlite::Connection::open(dir.path().join("journal.sqlite3")).expect("open");
+            c.execute_batch(
+                "CREATE TRIGGER boom BEFORE INSERT ON deliveries WHEN NEW.dest = 'boom'
+                 BEGIN SELECT RAISE(ABORT, 'boom refused'); END;",
+            )
+            .expect("trigger");
+        }
+        Store::Postgres(url) => {
+            let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            c.batch_execute(
+                "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN IF NEW.dest = 'boom' THEN RAISE EXCEPTION 'boom refused'; END IF;
+                 RETURN NEW; END $$;
+                 CREATE TRIGGER boom BEFORE INSERT ON deliveries
+                 FOR EACH ROW EXECUTE FUNCTION boom();",
+            )
+            .await
+            .expect("trigger");
+        }
+    }
+}
+
+/// Appends that fail half way share batches with appends that succeed. The failing ones leave
+/// no row and no audit record (their event, audit rows and chain positions are undone); the
+/// others are stored, queued and audited as if alone, and the chain stays gapless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_failing_half_way_leaves_nothing_and_spoils_nothing() {
+    let (store, journal) = Store::open().await;
+    refuse_deliveries_to_boom(&store).await;
+    let sends = (0..240).map(|i| {
+        let journal = Arc::clone(&journal);
+        async move {
+            let bad = i % 8 == 3;
+            let dests: &[&str] = if bad { &["a", "boom"] } else { &["a"] };
+            let ev = common::journal_event(
+                "test",
+                &format!("e-{i}"),
+                &format!("v-{i}"),
+                &format!("patient:{}", i % 11),
+                false,
+                dests,
+            );
+            (i, bad, journal.append(ev).await)
+        }
+    });
+    let results = join_all(sends).await;
+    let mut good = Vec::new();
+    for (i, bad, r) in results {
+        match (bad, r) {
+            (false, Ok(Appended::Stored { id })) => good.push(id),
+            (true, Err(e)) => assert!(e.to_string().contains("boom"), "e-{i}: {e}"),
+            (bad, other) => panic!("e-{i} (bad: {bad}): {other:?}"),
+        }
+    }
+    assert_eq!(good.len(), 210);
+    let stats = journal.stats().await.expect("stats");
+    assert_eq!(stats.events, 210, "no half-stored event");
+    for i in (0..240).filter(|i| i % 8 == 3) {
+        let id = format!("e-{i}");
+        assert!(
+            journal.event(&id).await.expect("event").is_none(),
+            "{id} left nothing behind"
+        );
+    }
+    // Every stored event is queued for `a`, in order per key, and fully audited.
+    let seen = drain_a(&*journal).await;
+    let handed: usize = seen.values().map(Vec::len).sum();
+    for (key, ids) in &seen {
+        let mut sorted = ids.clone();
+        sorted.sort_by_key(|id| id[2..].parse::<u32>().expect("number"));
+        assert_eq!(ids, &sorted, "{key}: in append order");
+    }
+    assert_eq!(handed, 210, "each stored event delivered once");
+    drop(journal);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    match store.verify_audit().await {
+        ChainVerdict::Intact { rows, .. } => {
+            assert_eq!(
+                rows,
+                210 * (3 + 2),
+                "one chained row per step, none of the failed"
+            )
+        }
+        broken => panic!("audit chain: {broken:?}"),
     }
 }

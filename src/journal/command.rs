@@ -98,17 +98,59 @@ impl Done {
     }
 }
 
+/// A command's result before its batch commits (paired with its reply slot by [`finish`]).
+pub enum Out {
+    Append(Result<Appended, JournalError>),
+    Claim(Result<Claimed, JournalError>),
+    Unit(Result<(), JournalError>),
+    Replay(Result<Vec<Replayed>, JournalError>),
+    Registry(Result<RegistryOut, JournalError>),
+    Subs(Result<super::subs::SubsOut, JournalError>),
+}
+
+impl Out {
+    /// `cmd`'s result when it failed with `err`.
+    pub fn failed(cmd: &Command, err: JournalError) -> Out {
+        match cmd {
+            Command::Append(..) => Out::Append(Err(err)),
+            Command::Claim { .. } => Out::Claim(Err(err)),
+            Command::Record(..) | Command::Ping(_) => Out::Unit(Err(err)),
+            Command::Replay(..) => Out::Replay(Err(err)),
+            Command::Registry(..) => Out::Registry(Err(err)),
+            Command::Subs(..) => Out::Subs(Err(err)),
+        }
+    }
+
+    /// The command's error, if it failed.
+    pub fn error(&self) -> Option<&JournalError> {
+        match self {
+            Out::Append(r) => r.as_ref().err(),
+            Out::Claim(r) => r.as_ref().err(),
+            Out::Unit(r) => r.as_ref().err(),
+            Out::Replay(r) => r.as_ref().err(),
+            Out::Registry(r) => r.as_ref().err(),
+            Out::Subs(r) => r.as_ref().err(),
+        }
+    }
+}
+
+/// Pairs a command's reply slot with its result.
+pub fn finish(cmd: Command, out: Out) -> Done {
+    match (cmd, out) {
+        (Command::Append(_, r), Out::Append(o)) => Done::Append(r, o),
+        (Command::Claim { reply, .. }, Out::Claim(o)) => Done::Claim(reply, o),
+        (Command::Record(_, r) | Command::Ping(r), Out::Unit(o)) => Done::Unit(r, o),
+        (Command::Replay(_, r), Out::Replay(o)) => Done::Replay(r, o),
+        (Command::Registry(_, r), Out::Registry(o)) => Done::Registry(r, o),
+        (Command::Subs(_, r), Out::Subs(o)) => Done::Subs(r, o),
+        (cmd, _) => fail(cmd, "internal error: result does not match command"),
+    }
+}
+
 /// Fails a command without running it (the store could not start a transaction).
 pub fn fail(cmd: Command, msg: &str) -> Done {
-    let err = || JournalError::Unavailable(msg.to_string());
-    match cmd {
-        Command::Append(_, r) => Done::Append(r, Err(err())),
-        Command::Claim { reply, .. } => Done::Claim(reply, Err(err())),
-        Command::Record(_, r) | Command::Ping(r) => Done::Unit(r, Err(err())),
-        Command::Replay(_, r) => Done::Replay(r, Err(err())),
-        Command::Registry(_, r) => Done::Registry(r, Err(err())),
-        Command::Subs(_, r) => Done::Subs(r, Err(err())),
-    }
+    let out = Out::failed(&cmd, JournalError::Unavailable(msg.to_string()));
+    finish(cmd, out)
 }
 
 /// Other commands a batch that carries alarm work takes along: enough to keep group commit

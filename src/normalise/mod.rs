@@ -13,6 +13,7 @@ mod fhir_passthrough;
 pub mod identity;
 pub mod json_depth;
 pub mod mapping;
+mod nul;
 pub mod path;
 pub mod r4;
 mod vendors;
@@ -176,6 +177,11 @@ pub fn normalise_with(
     raw: &RawEvent<'_>,
     resolver: &dyn PatientResolver,
 ) -> Result<Outcome, MapError> {
+    if let Some(at) = nul::find(raw.body, !matches!(spec.format, Format::Xml)) {
+        return Err(MapError::Malformed(format!(
+            "NUL character (U+0000) at byte {at}: no FHIR string may contain one"
+        )));
+    }
     match (&spec.format, &spec.mapping) {
         (Format::Fhir, _) => fhir_passthrough::normalise(spec, raw).map(Outcome::Event),
         (Format::Json | Format::Xml, Some(m)) => engine::run(spec, m, raw, resolver),

@@ -37,11 +37,10 @@ use tokio_postgres::{Client, Config, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::db_error_text;
-use crate::journal::command::{AuditRow, Command, Done, Inbox, fail};
+use crate::journal::command::{AuditRow, Command, Done, Inbox, Out, fail, finish};
 use crate::journal::handoff::{Handed, Handoff};
 use crate::journal::{
-    Appended, AttemptRecord, Claimed, DeliveryTask, JournalError, LaneClass, NewEvent,
-    ReplayFilter, Replayed,
+    AttemptRecord, Claimed, DeliveryTask, JournalError, LaneClass, NewEvent, ReplayFilter, Replayed,
 };
 
 /// How often emptied lane rows are removed.
@@ -359,43 +358,11 @@ const REPLAN_EVERY: Duration = Duration::from_secs(5);
 /// nodes; the batch was rolled back, so running it again is safe.
 const BATCH_TRIES: usize = 4;
 
-/// A command's result before its batch commits.
-enum Out {
-    Append(Result<Appended, JournalError>),
-    Claim(Result<Claimed, JournalError>),
-    Unit(Result<(), JournalError>),
-    Replay(Result<Vec<Replayed>, JournalError>),
-    Registry(Result<crate::journal::command::RegistryOut, JournalError>),
-    Subs(Result<crate::journal::subs::SubsOut, JournalError>),
-}
-
-impl Out {
-    fn store_error(&self) -> Option<&str> {
-        let err = match self {
-            Out::Append(r) => r.as_ref().err(),
-            Out::Claim(r) => r.as_ref().err(),
-            Out::Unit(r) => r.as_ref().err(),
-            Out::Replay(r) => r.as_ref().err(),
-            Out::Registry(r) => r.as_ref().err(),
-            Out::Subs(r) => r.as_ref().err(),
-        };
-        match err {
-            Some(JournalError::Unavailable(m)) => Some(m),
-            _ => None,
-        }
-    }
-}
-
-/// Pairs a command's reply slot with its result.
-fn finish(cmd: Command, out: Out) -> Done {
-    match (cmd, out) {
-        (Command::Append(_, r), Out::Append(o)) => Done::Append(r, o),
-        (Command::Claim { reply, .. }, Out::Claim(o)) => Done::Claim(reply, o),
-        (Command::Record(_, r) | Command::Ping(r), Out::Unit(o)) => Done::Unit(r, o),
-        (Command::Replay(_, r), Out::Replay(o)) => Done::Replay(r, o),
-        (Command::Registry(_, r), Out::Registry(o)) => Done::Registry(r, o),
-        (Command::Subs(_, r), Out::Subs(o)) => Done::Subs(r, o),
-        (cmd, _) => fail(cmd, "internal error: result does not match command"),
+/// The store's own failure in a command's result (the ones that fail the whole batch).
+fn store_error(out: &Out) -> Option<&str> {
+    match out.error() {
+        Some(JournalError::Unavailable(m)) => Some(m),
+        _ => None,
     }
 }
 
@@ -474,16 +441,60 @@ fn retryable(err: &str) -> bool {
 /// this is the way for the others, for those that found an assumption broken, and for every
 /// batch during the [`ASSUME_AFTER_MISS`] that follows (another node is writing, or
 /// subscriptions exist).
+///
+/// A batch's appends and outcomes are written by shared statements, so one command the database
+/// refuses for reasons of its own (a value it cannot store, say) would fail all the others with
+/// it, and again whenever they are sent with it. When a batch of several fails that way, its
+/// commands run once more one by one, in order: only the refused one fails.
 async fn run_batch(
     c: &mut Conn,
     batch: Vec<Command>,
     hand: bulk::HandOver<'_>,
 ) -> (Vec<Done>, Result<(), String>, Vec<Handed>) {
-    let lanes = lanes_touched(&batch);
-    let seals = writes_unchained_audit(&batch);
+    let err = match try_batch(c, &batch, hand).await {
+        Ok((outs, handed)) => {
+            let done = batch.into_iter().zip(outs).map(|(c, o)| finish(c, o));
+            return (done.collect(), Ok(()), handed);
+        }
+        Err(e) => e,
+    };
+    if batch.len() < 2 || retryable(&err) {
+        let msg = format!("batch rolled back: {err}");
+        let done = batch.into_iter().map(|cmd| fail(cmd, &msg)).collect();
+        return (done, Err(msg), Vec::new());
+    }
+    tracing::warn!(error = %err, commands = batch.len(), "batch refused; running its commands one by one");
+    let mut done = Vec::with_capacity(batch.len());
+    let mut handed = Vec::new();
+    for cmd in batch {
+        match try_batch(c, std::slice::from_ref(&cmd), hand).await {
+            Ok((outs, h)) => {
+                let out = outs
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| Out::Unit(no_result()));
+                done.push(finish(cmd, out));
+                handed.extend(h);
+            }
+            Err(e) => done.push(fail(cmd, &format!("batch rolled back: {e}"))),
+        }
+    }
+    // Each command's answer already says whether its own transaction committed.
+    (done, Ok(()), handed)
+}
+
+/// [`run_batch`]'s transaction: each command's result and the lanes to hand over when it
+/// committed, else the error that rolled it back.
+async fn try_batch(
+    c: &mut Conn,
+    batch: &[Command],
+    hand: bulk::HandOver<'_>,
+) -> Result<(Vec<Out>, Vec<Handed>), String> {
+    let lanes = lanes_touched(batch);
+    let seals = writes_unchained_audit(batch);
     let mut last_err = String::new();
     for attempt in 1..=BATCH_TRIES {
-        let (result, outs, handed, head) = careful(c, &batch, &lanes, hand, seals).await;
+        let (result, outs, handed, head) = careful(c, batch, &lanes, hand, seals).await;
         match result {
             Ok(()) => {
                 if seals {
@@ -492,15 +503,7 @@ async fn run_batch(
                 } else if head.is_some() {
                     c.head = head;
                 }
-                return (
-                    batch
-                        .into_iter()
-                        .zip(outs)
-                        .map(|(c, o)| finish(c, o))
-                        .collect(),
-                    Ok(()),
-                    handed,
-                );
+                return Ok((outs, handed));
             }
             Err(e) => {
                 c.head = None;
@@ -515,12 +518,7 @@ async fn run_batch(
             }
         }
     }
-    let msg = format!("batch rolled back: {last_err}");
-    (
-        batch.into_iter().map(|cmd| fail(cmd, &msg)).collect(),
-        Err(msg),
-        Vec::new(),
-    )
+    Err(last_err)
 }
 
 /// Whether a batch may be sent in one round trip: only appends, outcomes and claims, whose
@@ -633,7 +631,7 @@ fn root_error(applied: &Applied) -> Option<String> {
     if let Err(e) = &applied.locked {
         return Some(db_error_text(e));
     }
-    let errors: Vec<&str> = applied.outs.iter().filter_map(Out::store_error).collect();
+    let errors: Vec<&str> = applied.outs.iter().filter_map(store_error).collect();
     errors
         .iter()
         .find(|e| !e.starts_with("25P02"))

@@ -1,6 +1,6 @@
 //! The single writer: drains queued commands into one transaction, commits (one fsync), and only
-//! then answers each caller. Each command runs in its own savepoint so one failing command never
-//! leaves partial rows nor spoils the others in its batch.
+//! then answers each caller. One failing command never leaves partial rows nor spoils the others
+//! in its batch: a batch with a failure runs again with a savepoint per command ([`run_batch`]).
 
 mod alarm;
 mod registry;
@@ -11,10 +11,10 @@ pub use registry::assignment_row;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::journal::audit_chain::{Content, GENESIS, row_hash};
-use crate::journal::command::{AuditRow, Command, Done, Inbox, fail};
+use crate::journal::command::{AuditRow, Command, Done, Inbox, Out, fail, finish};
 use crate::journal::handoff::{Handed, Handoff};
 use crate::journal::{
     Appended, AttemptRecord, Claimed, DeliveryTask, JournalError, LaneClass, NewEvent,
@@ -63,26 +63,9 @@ fn run(
 ) {
     let tokens = &LEASE_TOKENS;
     tokens.fetch_max(lease_epoch(), Ordering::Relaxed);
-    while let Some(mut batch) = waiter.block_on(inbox.next_batch(max_batch)) {
-        let mut done = Vec::with_capacity(batch.len());
-        let mut handed = Vec::new();
-        let w = Writes { tokens, handoff };
-        let commit = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        {
-            Ok(mut tx) => {
-                for cmd in batch.drain(..) {
-                    done.push(apply(&mut tx, cmd, w, &mut handed));
-                }
-                tx.commit().map_err(|e| e.to_string())
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                for cmd in batch.drain(..) {
-                    done.push(fail(cmd, &msg));
-                }
-                Err(msg)
-            }
-        };
+    let w = Writes { tokens, handoff };
+    while let Some(batch) = waiter.block_on(inbox.next_batch(max_batch)) {
+        let (done, handed, commit) = run_batch(&mut conn, batch, w);
         match &commit {
             // Hand-offs first: their deliveries start while the callers are being answered.
             Ok(()) => handoff.send(handed),
@@ -97,6 +80,93 @@ fn run(
         for d in done {
             d.send(&commit);
         }
+    }
+}
+
+/// What one pass over a batch left.
+enum Pass {
+    /// The transaction could not start (or a failed plain pass could not be rolled back).
+    Unavailable(String),
+    /// A command failed in a plain pass; the transaction was rolled back.
+    Failed,
+    /// Every command has its result; `commit` says whether the transaction committed.
+    Ran {
+        outs: Vec<Out>,
+        handed: Vec<Handed>,
+        commit: Result<(), String>,
+    },
+}
+
+/// Runs a batch in one transaction: first plainly, which nearly always succeeds, and only when
+/// a command fails again with a savepoint per command. A savepoint copies every page a command
+/// touches into the statement journal before changing it (the same hot index and table pages,
+/// command after command): about a quarter of the writer's time under load, spent to undo
+/// failures that are rare (a stale lease, a conflicting registry write). So a failure in the
+/// plain pass rolls everything back and the careful pass runs the batch again, where the
+/// failing command undoes only its own writes and the others commit.
+fn run_batch(
+    conn: &mut Connection,
+    batch: Vec<Command>,
+    w: Writes<'_>,
+) -> (Vec<Done>, Vec<Handed>, Result<(), String>) {
+    let head = CHAIN_HEAD.with(|h| h.borrow().clone());
+    let mut pass = one_pass(conn, &batch, w, false);
+    if matches!(pass, Pass::Failed) {
+        // The rolled-back rows took their chain positions with them.
+        CHAIN_HEAD.with(|h| *h.borrow_mut() = head);
+        pass = one_pass(conn, &batch, w, true);
+    }
+    match pass {
+        Pass::Ran {
+            outs,
+            handed,
+            commit,
+        } => {
+            let done = batch.into_iter().zip(outs).map(|(c, o)| finish(c, o));
+            (done.collect(), handed, commit)
+        }
+        Pass::Unavailable(msg) => {
+            let done = batch.into_iter().map(|c| fail(c, &msg)).collect();
+            (done, Vec::new(), Err(msg))
+        }
+        // The careful pass never stops early; should it ever, nothing was committed.
+        Pass::Failed => {
+            let msg = "internal error: careful pass stopped early".to_string();
+            let done = batch.into_iter().map(|c| fail(c, &msg)).collect();
+            (done, Vec::new(), Err(msg))
+        }
+    }
+}
+
+/// One pass over the batch in its own transaction, with a savepoint per command when
+/// `savepoints`; without, it stops at the first failing command and rolls back.
+fn one_pass(conn: &mut Connection, batch: &[Command], w: Writes<'_>, savepoints: bool) -> Pass {
+    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return Pass::Unavailable(e.to_string()),
+    };
+    let mut outs = Vec::with_capacity(batch.len());
+    let mut handed = Vec::new();
+    for cmd in batch {
+        let out = if savepoints {
+            in_savepoint(&tx, cmd, w, &mut handed)
+        } else {
+            execute(&tx, cmd, w, &mut handed)
+        };
+        if !savepoints && out.error().is_some() {
+            // Dropping `handed` returns the slots its leases had reserved.
+            return match tx.rollback() {
+                Ok(()) => Pass::Failed,
+                Err(e) => Pass::Unavailable(e.to_string()),
+            };
+        }
+        outs.push(out);
+    }
+    let commit = tx.commit().map_err(|e| e.to_string());
+    Pass::Ran {
+        outs,
+        handed,
+        commit,
     }
 }
 
@@ -200,66 +270,50 @@ fn head_task(c: &Connection, head_id: i64) -> Result<HeadTask, JournalError> {
         })?)
 }
 
-/// Runs `f` in a savepoint with its own list of hand-offs, kept only if the command succeeds
-/// (a rolled-back command's leases are undone with it).
-fn with_handoffs<T>(
-    tx: &mut Transaction<'_>,
-    handed: &mut Vec<Handed>,
-    f: impl FnOnce(&Connection, &mut Vec<Handed>) -> Result<T, JournalError>,
-) -> Result<T, JournalError> {
-    let mut mine = Vec::new();
-    let out = in_savepoint(tx, |t| f(t, &mut mine))?;
-    handed.append(&mut mine);
-    Ok(out)
-}
-
-fn apply(tx: &mut Transaction<'_>, cmd: Command, w: Writes<'_>, handed: &mut Vec<Handed>) -> Done {
+fn execute(c: &Connection, cmd: &Command, w: Writes<'_>, handed: &mut Vec<Handed>) -> Out {
     match cmd {
-        Command::Append(ev, r) => {
-            Done::Append(r, with_handoffs(tx, handed, |t, h| append(t, &ev, w, h)))
-        }
+        Command::Append(ev, _) => Out::Append(append(c, ev, w, handed)),
         Command::Claim {
             dest,
             class,
             limit,
             now_ms,
-            reply,
-        } => Done::Claim(
-            reply,
-            in_savepoint(tx, |t| claim(t, &dest, class, limit, now_ms, w.tokens)),
-        ),
-        Command::Record(rec, r) => {
-            Done::Unit(r, with_handoffs(tx, handed, |t, h| record(t, &rec, w, h)))
-        }
-        Command::Replay(f, r) => Done::Replay(r, in_savepoint(tx, |t| replay(t, &f))),
-        Command::Ping(r) => Done::Unit(r, Ok(())),
-        Command::Registry(op, r) => Done::Registry(r, in_savepoint(tx, |t| registry::apply(t, op))),
-        Command::Subs(op, r) => Done::Subs(r, in_savepoint(tx, |t| subs::apply(t, op))),
+            ..
+        } => Out::Claim(claim(c, dest, *class, *limit, *now_ms, w.tokens)),
+        Command::Record(rec, _) => Out::Unit(record(c, rec, w, handed)),
+        Command::Replay(f, _) => Out::Replay(replay(c, f)),
+        Command::Ping(_) => Out::Unit(Ok(())),
+        Command::Registry(op, _) => Out::Registry(registry::apply(c, op)),
+        Command::Subs(op, _) => Out::Subs(subs::apply(c, op)),
     }
 }
 
-/// Runs one command inside a savepoint so that its failure undoes only its own writes. The
-/// savepoint statements are prepared once and cached: parsing them for every command cost about
-/// a quarter of the writer's time under load.
-fn in_savepoint<T>(
-    tx: &mut Transaction<'_>,
-    f: impl FnOnce(&Connection) -> Result<T, JournalError>,
-) -> Result<T, JournalError> {
-    let c: &Connection = tx;
-    c.prepare_cached("SAVEPOINT command")?.execute([])?;
+/// Runs one command inside a savepoint so that its failure undoes only its own writes, and
+/// keeps its hand-offs only if it succeeds (a rolled-back command's leases are undone with it).
+/// The savepoint statements are prepared once and cached: parsing them for every command cost
+/// about a quarter of the writer's time under load.
+fn in_savepoint(c: &Connection, cmd: &Command, w: Writes<'_>, handed: &mut Vec<Handed>) -> Out {
+    let run = |sql: &str| c.prepare_cached(sql).and_then(|mut s| s.execute([]));
+    if let Err(e) = run("SAVEPOINT command") {
+        return Out::failed(cmd, e.into());
+    }
     let head_before = CHAIN_HEAD.with(|h| h.borrow().clone());
-    match f(c) {
-        Ok(out) => {
-            c.prepare_cached("RELEASE command")?.execute([])?;
-            Ok(out)
-        }
-        Err(e) => {
-            // The command's audit rows are undone with it, and so is its move of the head.
-            CHAIN_HEAD.with(|h| *h.borrow_mut() = head_before);
-            c.prepare_cached("ROLLBACK TO command")?.execute([])?;
-            c.prepare_cached("RELEASE command")?.execute([])?;
-            Err(e)
-        }
+    let mut mine = Vec::new();
+    let out = execute(c, cmd, w, &mut mine);
+    if out.error().is_none() {
+        return match run("RELEASE command") {
+            Ok(_) => {
+                handed.append(&mut mine);
+                out
+            }
+            Err(e) => Out::failed(cmd, e.into()),
+        };
+    }
+    // The command's audit rows are undone with it, and so is its move of the head.
+    CHAIN_HEAD.with(|h| *h.borrow_mut() = head_before);
+    match run("ROLLBACK TO command").and_then(|_| run("RELEASE command")) {
+        Ok(_) => out,
+        Err(e) => Out::failed(cmd, e.into()),
     }
 }
 

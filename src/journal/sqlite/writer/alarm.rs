@@ -14,27 +14,27 @@ use crate::journal::sqlite::alarm::{
 };
 use crate::journal::{JournalError, LaneClass};
 
-pub fn apply(c: &Connection, op: AlarmOp) -> Result<AlarmOut, JournalError> {
+pub fn apply(c: &Connection, op: &AlarmOp) -> Result<AlarmOut, JournalError> {
     match op {
         AlarmOp::Escalate {
             rules,
             now_ms,
             limit,
-        } => escalate(c, &rules, now_ms, limit).map(AlarmOut::Escalated),
+        } => escalate(c, rules, *now_ms, *limit).map(AlarmOut::Escalated),
         AlarmOp::Acknowledge {
             id,
             by,
             note,
             at_ms,
-        } => acknowledge(c, id, &by, note.as_deref(), at_ms).map(AlarmOut::Escalation),
-        AlarmOp::Deactivate(d) => deactivate(c, &d).map(AlarmOut::Deactivation),
+        } => acknowledge(c, *id, by, note.as_deref(), *at_ms).map(AlarmOut::Escalation),
+        AlarmOp::Deactivate(d) => deactivate(c, d).map(AlarmOut::Deactivation),
         AlarmOp::EndDeactivation {
             vendor,
             device_id,
             by,
             at_ms,
-        } => end_deactivation(c, &vendor, &device_id, &by, at_ms).map(AlarmOut::Deactivation),
-        AlarmOp::DeactivationSweep { now_ms, lead_ms } => sweep(c, now_ms, lead_ms),
+        } => end_deactivation(c, vendor, device_id, by, *at_ms).map(AlarmOut::Deactivation),
+        AlarmOp::DeactivationSweep { now_ms, lead_ms } => sweep(c, *now_ms, *lead_ms),
     }
 }
 

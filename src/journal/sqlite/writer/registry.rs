@@ -11,18 +11,18 @@ use crate::journal::{
     Release,
 };
 
-pub fn apply(c: &Connection, op: RegistryOp) -> Result<RegistryOut, JournalError> {
+pub fn apply(c: &Connection, op: &RegistryOp) -> Result<RegistryOut, JournalError> {
     match op {
-        RegistryOp::Assign(a) => assign(c, &a).map(RegistryOut::Assignment),
+        RegistryOp::Assign(a) => assign(c, a).map(RegistryOut::Assignment),
         RegistryOp::End {
             id,
             vendor,
             device_id,
             at_ms,
-        } => end(c, id, &vendor, &device_id, at_ms).map(RegistryOut::Assignment),
-        RegistryOp::Beat(b) => beat(c, &b).map(|()| RegistryOut::Unit),
-        RegistryOp::Quarantine(ev, info) => quarantine(c, &ev, &info).map(RegistryOut::Appended),
-        RegistryOp::Release(r) => release(c, &r).map(|()| RegistryOut::Unit),
+        } => end(c, *id, vendor, device_id, *at_ms).map(RegistryOut::Assignment),
+        RegistryOp::Beat(b) => beat(c, b).map(|()| RegistryOut::Unit),
+        RegistryOp::Quarantine(ev, info) => quarantine(c, ev, info).map(RegistryOut::Appended),
+        RegistryOp::Release(r) => release(c, r).map(|()| RegistryOut::Unit),
         RegistryOp::Alarm(op) => super::alarm::apply(c, op).map(RegistryOut::Alarm),
         RegistryOp::Note(n) => audit(
             c,

@@ -38,10 +38,10 @@ pub fn on_append(c: &Connection, env: &Envelope, now: i64) -> Result<(), Journal
     Ok(())
 }
 
-pub fn apply(c: &Connection, op: SubsOp) -> Result<SubsOut, JournalError> {
+pub fn apply(c: &Connection, op: &SubsOp) -> Result<SubsOut, JournalError> {
     match op {
-        SubsOp::Create(s) => create(c, &s).map(|()| SubsOut::Unit),
-        SubsOp::Delete(id) => delete(c, &id).map(|()| SubsOut::Unit),
+        SubsOp::Create(s) => create(c, s).map(|()| SubsOut::Unit),
+        SubsOp::Delete(id) => delete(c, id).map(|()| SubsOut::Unit),
         SubsOp::Claim {
             now_ms,
             lease_ms,
@@ -56,10 +56,10 @@ pub fn apply(c: &Connection, op: SubsOp) -> Result<SubsOut, JournalError> {
                      ORDER BY next_attempt_at LIMIT ?3)
                  RETURNING {SUB_COLS}"
             ))?;
-            let rows = stmt.query_map(params![now_ms, lease_ms, limit as i64], sub_row)?;
+            let rows = stmt.query_map(params![now_ms, lease_ms, *limit as i64], sub_row)?;
             Ok(SubsOut::Subs(rows.collect::<Result<_, _>>()?))
         }
-        SubsOp::Outcome(o) => outcome(c, &o).map(|()| SubsOut::Unit),
+        SubsOp::Outcome(o) => outcome(c, o).map(|()| SubsOut::Unit),
         SubsOp::FeedRead { event_ids, at_ms } => {
             let mut stmt = c.prepare_cached(
                 "INSERT INTO feed_acks (event_id, state, updated_at) VALUES (?1, 'read', ?2)
