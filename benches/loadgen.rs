@@ -32,6 +32,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use clap::Parser;
 use serde::Deserialize;
+use sha2::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -772,6 +773,19 @@ impl Cpu {
 }
 
 impl CpuSplit {
+    /// CPU time per event at `rate` events/s, in µs: comparable across runs at other rates.
+    fn per_event(&self, rate: f64) -> String {
+        let us = |cores: f64| cores * 1e6 / rate.max(1e-9);
+        format!(
+            "gateway {:.0} µs (journal-writer {:.0}, rest {:.0}) | sink {:.0} µs | generator {:.0} µs",
+            us(self.gateway),
+            us(self.writer),
+            us(self.gateway - self.writer),
+            us(self.sink),
+            us(self.generator)
+        )
+    }
+
     fn line(&self) -> String {
         format!(
             "gateway {:.2} (journal-writer thread {:.2}, rest {:.2}) | sink {:.2} | generator {:.2} | bench other {:.2} | other processes {:.2}",
@@ -784,6 +798,32 @@ impl CpuSplit {
             self.others
         )
     }
+}
+
+/// A fixed single-threaded workload, timed before the gateway starts: a serde_json round trip
+/// of one bench Observation and a SHA-256 of 4 KiB, in µs each (best of three rounds). Machines
+/// of the same kind have differed fourfold in speed from one session to the next; this puts a
+/// number on it, so that runs on different machines can be set side by side.
+fn reference_work() -> (f64, f64) {
+    const N: u32 = 10_000;
+    let body = observation("reference", 1, 1);
+    let block = [0x5au8; 4096];
+    let (mut json_us, mut sha_us) = (f64::MAX, f64::MAX);
+    for _ in 0..3 {
+        let t = Instant::now();
+        for _ in 0..N {
+            let v: serde_json::Value = serde_json::from_str(std::hint::black_box(&body))
+                .expect("the bench's own body parses");
+            std::hint::black_box(serde_json::to_vec(&v).expect("serialises"));
+        }
+        json_us = json_us.min(t.elapsed().as_secs_f64() * 1e6 / f64::from(N));
+        let t = Instant::now();
+        for _ in 0..N {
+            std::hint::black_box(sha2::Sha256::digest(std::hint::black_box(&block)));
+        }
+        sha_us = sha_us.min(t.elapsed().as_secs_f64() * 1e6 / f64::from(N));
+    }
+    (json_us, sha_us)
 }
 
 /// (comm, utime + stime) from a /proc stat line.
@@ -1052,6 +1092,11 @@ fn run(args: Args) -> Result<bool> {
         .thread_name("bench-gen")
         .enable_all()
         .build()?;
+    // Before anything else runs, so that nothing of ours competes with it.
+    let (ref_json_us, ref_sha_us) = reference_work();
+    let reference = format!(
+        "reference work {ref_json_us:.2} µs per JSON round trip, {ref_sha_us:.2} µs per SHA-256 of 4 KiB (one thread; lower is faster)"
+    );
     let (sink, sink_addr) = start_sink(&sink_rt)?;
     if args.nodes > 1 && args.pg_server.is_none() {
         bail!("--nodes > 1 needs --pg-server: several nodes share a PostgreSQL database");
@@ -1083,6 +1128,7 @@ fn run(args: Args) -> Result<bool> {
         "machine: {nproc} CPUs, load average {load_start} at start; sink on {sink_addr} ({} thread), generator {} thread",
         args.sink_threads, args.gen_threads
     );
+    println!("machine: {reference}");
     let duration = Duration::from_secs(args.duration_s);
     let drain_timeout = Duration::from_secs(args.drain_timeout_s);
     let mut ok = true;
@@ -1143,9 +1189,14 @@ fn run(args: Args) -> Result<bool> {
             acks.len() - during
         ));
         report.push(format!("  ingest->delivery      {}", e2e_lat.line()));
+        let load_cpu = cpu0.split(&cpu1, tck);
         report.push(format!(
             "  CPU during load (cores of {nproc}): {}",
-            cpu0.split(&cpu1, tck).line()
+            load_cpu.line()
+        ));
+        report.push(format!(
+            "  CPU per event (at the durable ingest rate): {}",
+            load_cpu.per_event(ingest_rate)
         ));
         let drain_s = cpu2.at.duration_since(cpu1.at).as_secs_f64();
         if drain_s >= 0.5 {
@@ -1242,9 +1293,14 @@ fn run(args: Args) -> Result<bool> {
         ));
         report.push(format!("  alarm ingest latency  {}", al_ingest.line()));
         report.push(format!("  ALARM ingest->delivery {}", al_e2e.line()));
+        let load_cpu = cpu0.split(&cpu1, tck);
         report.push(format!(
             "  CPU during load (cores of {nproc}): {}",
-            cpu0.split(&cpu1, tck).line()
+            load_cpu.line()
+        ));
+        report.push(format!(
+            "  CPU per event (background and alarms): {}",
+            load_cpu.per_event(all.len() as f64 / window)
         ));
         report.push(format!("  load average after load {load_mid}"));
     }
@@ -1274,7 +1330,7 @@ fn run(args: Args) -> Result<bool> {
         peak.join(" / ")
     ));
     report.push(format!(
-        "MACHINE  {nproc} CPUs; load average at start {load_start}, at end {}",
+        "MACHINE  {nproc} CPUs; load average at start {load_start}, at end {}; {reference}",
         loadavg()
     ));
     if let Some(p) = &p1 {
