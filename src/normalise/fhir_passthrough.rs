@@ -69,7 +69,9 @@ pub fn normalise(spec: &VendorSpec, raw: &RawEvent<'_>) -> Result<Envelope, MapE
         tenant,
         key,
         mapping_version: spec.version.clone(),
-        fhir: bundle.to_string(),
+        // Straight into a string: `Value`'s `Display` goes through the formatter machinery.
+        fhir: serde_json::to_string(&bundle)
+            .map_err(|e| MapError::Malformed(format!("cannot serialise the Bundle: {e}")))?,
     })
 }
 
@@ -224,14 +226,19 @@ fn rekey_bundle(mut root: Map<String, Value>, event_id: &str) -> Value {
     Value::Object(root)
 }
 
+/// A `collection` Bundle around the resource. Built field by field: `json!` would copy the
+/// resource through `to_value`, a second walk of the whole tree.
 fn wrap(resource: Value, event_id: &str) -> Value {
-    json!({
-        "resourceType": "Bundle",
-        "id": event_id,
-        "identifier": stable_identifier(event_id),
-        "type": "collection",
-        "entry": [{ "fullUrl": super::full_url(event_id, 0), "resource": resource }]
-    })
+    let mut entry = Map::with_capacity(2);
+    entry.insert("fullUrl".into(), super::full_url(event_id, 0).into());
+    entry.insert("resource".into(), resource);
+    let mut bundle = Map::with_capacity(5);
+    bundle.insert("resourceType".into(), "Bundle".into());
+    bundle.insert("id".into(), event_id.into());
+    bundle.insert("identifier".into(), stable_identifier(event_id));
+    bundle.insert("type".into(), "collection".into());
+    bundle.insert("entry".into(), Value::Array(vec![Value::Object(entry)]));
+    Value::Object(bundle)
 }
 
 #[cfg(test)]
