@@ -1333,11 +1333,18 @@ fn run(args: Args) -> Result<bool> {
         "MACHINE  {nproc} CPUs; load average at start {load_start}, at end {}; {reference}",
         loadavg()
     ));
-    if let Some(p) = &p1 {
+    // Issue targets: 15 000/s on the embedded store, 8 000/s on PostgreSQL with one node; none
+    // is set for several nodes.
+    let target = match (&args.pg_server, args.nodes.max(1)) {
+        (None, _) => Some(15_000.0),
+        (Some(_), 1) => Some(8_000.0),
+        (Some(_), _) => None,
+    };
+    if let (Some(p), Some(target)) = (&p1, target) {
         report.push(format!(
-            "TARGETS  end-to-end durable >= 15000 events/s: {:.0} -> {}; durable ingest alone {:.0}",
+            "TARGETS  end-to-end durable >= {target:.0} events/s ({storage}): {:.0} -> {}; durable ingest alone {:.0}",
             p.e2e_rate,
-            if p.e2e_rate >= 15_000.0 && p.all_delivered {
+            if p.e2e_rate >= target && p.all_delivered {
                 "met"
             } else {
                 "NOT met"
