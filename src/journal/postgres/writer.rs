@@ -434,6 +434,16 @@ fn retryable(err: &str) -> bool {
     err.starts_with("40P01") || err.starts_with("40001")
 }
 
+/// Whether the database refused a statement for the data it was given (SQLSTATE classes 22 data
+/// exception, 23 integrity constraint, 44 check option, P0 raised by a function): something one
+/// command brought, which its batch companions may not share. A lost connection, a shutdown or
+/// a full disk is none of these: running each command alone would only repeat the wait.
+fn refused_for_its_data(err: &str) -> bool {
+    ["22", "23", "44", "P0"]
+        .iter()
+        .any(|class| err.starts_with(class) && err.as_bytes().get(5) == Some(&b':'))
+}
+
 /// Runs a batch the careful way in one transaction, again if the database aborted it for a
 /// deadlock or a race (see `retryable`); returns each command's answer, the outcome, and the
 /// lanes to hand over (only when it committed). Batches of appends, outcomes and claims go out
@@ -445,7 +455,8 @@ fn retryable(err: &str) -> bool {
 /// A batch's appends and outcomes are written by shared statements, so one command the database
 /// refuses for reasons of its own (a value it cannot store, say) would fail all the others with
 /// it, and again whenever they are sent with it. When a batch of several fails that way, its
-/// commands run once more one by one, in order: only the refused one fails.
+/// commands run once more one by one, in order: only the refused one fails (only for errors
+/// about the data, see [`refused_for_its_data`]).
 async fn run_batch(
     c: &mut Conn,
     batch: Vec<Command>,
@@ -458,7 +469,7 @@ async fn run_batch(
         }
         Err(e) => e,
     };
-    if batch.len() < 2 || retryable(&err) {
+    if batch.len() < 2 || !refused_for_its_data(&err) {
         let msg = format!("batch rolled back: {err}");
         let done = batch.into_iter().map(|cmd| fail(cmd, &msg)).collect();
         return (done, Err(msg), Vec::new());
@@ -1119,5 +1130,31 @@ impl Stmts {
                 .await?,
             subs_number: c.prepare(subs::NUMBER_SQL).await?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refused_for_its_data;
+
+    #[test]
+    fn only_data_errors_split_a_batch() {
+        for data in [
+            "22021: invalid byte sequence for encoding \"UTF8\": 0x00",
+            "23505: duplicate key value violates unique constraint",
+            "P0001: boom refused",
+        ] {
+            assert!(refused_for_its_data(data), "{data}");
+        }
+        for other in [
+            "40001: could not serialize access",
+            "57P01: terminating connection due to administrator command",
+            "53100: could not extend file: No space left on device",
+            "connection closed",
+            "22",
+            "",
+        ] {
+            assert!(!refused_for_its_data(other), "{other}");
+        }
     }
 }
