@@ -33,6 +33,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use super::redact::redact;
+use super::trace_ids::SpanIds;
 use crate::config::ops::{LogFormat, ValidOps};
 
 /// How often finished spans are sent: short, so a trace shows up while someone is looking.
@@ -149,34 +150,30 @@ fn log_format(ops: &ValidOps) -> LogFormat {
 
 /// The W3C `traceparent` of the current span, when it has a valid context.
 pub fn current_traceparent() -> Option<String> {
-    let span = tracing::Span::current();
-    match super::trace_ids::of(&span) {
-        Some(ids) => Some(ids.traceparent()),
-        None => traceparent_of(&span.context()),
-    }
+    current().map(|ids| ids.traceparent())
 }
 
 /// The current span's trace id and span id in hex, when it has a valid context (log lines).
 pub fn current_ids() -> Option<(String, String)> {
-    let span = tracing::Span::current();
-    if let Some(ids) = super::trace_ids::of(&span) {
-        return Some((ids.trace_id_hex(), ids.span_id_hex()));
-    }
-    let cx = span.context();
-    let otel = cx.span();
-    let sc = otel.span_context();
-    sc.is_valid()
-        .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+    current().map(|ids| (ids.trace_id_hex(), ids.span_id_hex()))
 }
 
-/// The W3C `traceparent` of a context's span, when valid.
-pub fn traceparent_of(cx: &Context) -> Option<String> {
-    if !cx.span().span_context().is_valid() {
-        return None;
-    }
-    let mut carrier = HashMap::new();
-    TraceContextPropagator::new().inject_context(cx, &mut carrier);
-    carrier.remove("traceparent")
+/// The current span's W3C ids: from [`super::trace_ids::IdLayer`] when nothing is exported,
+/// else from the span's OpenTelemetry context.
+fn current() -> Option<SpanIds> {
+    let span = tracing::Span::current();
+    super::trace_ids::of(&span).or_else(|| ids_of(&span.context()))
+}
+
+/// The W3C ids of a context's span, when valid.
+fn ids_of(cx: &Context) -> Option<SpanIds> {
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| SpanIds {
+        trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
+        span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
+        sampled: sc.is_sampled(),
+    })
 }
 
 /// A remote parent from a W3C `traceparent` value (a vendor's header, or one stored in the
@@ -191,7 +188,7 @@ pub fn parent_from(traceparent: Option<&str>) -> Option<Context> {
 
 /// Makes `span` a child of `traceparent` when it is a valid one.
 pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
-    if let Some(parent) = traceparent.and_then(super::trace_ids::SpanIds::parse)
+    if let Some(parent) = traceparent.and_then(SpanIds::parse)
         && super::trace_ids::set_parent(span, parent)
     {
         return;
@@ -250,7 +247,7 @@ mod tests {
     fn traceparent_round_trips_and_bad_ones_are_ignored() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let cx = parent_from(Some(tp)).expect("valid");
-        assert_eq!(traceparent_of(&cx).as_deref(), Some(tp));
+        assert_eq!(ids_of(&cx).map(|i| i.traceparent()).as_deref(), Some(tp));
         assert!(parent_from(Some("00-zz-00f067aa0ba902b7-01")).is_none());
         assert!(
             parent_from(Some(
