@@ -802,7 +802,7 @@ impl CpuSplit {
 
 /// A fixed single-threaded workload, timed before the gateway starts: a serde_json round trip
 /// of one bench Observation and a SHA-256 of 4 KiB, in µs each (best of three rounds). Machines
-/// of the same kind have differed fourfold in speed from one session to the next; this puts a
+/// of the same kind have differed about fivefold in speed between sessions; this puts a
 /// number on it, so that runs on different machines can be set side by side.
 fn reference_work() -> (f64, f64) {
     const N: u32 = 10_000;
