@@ -12,7 +12,8 @@
 //! sink has the whole delivery (same process, same monotonic clock).
 //!
 //! The generator uses a minimal HTTP/1.1 keep-alive client written here (not reqwest) so that as
-//! little of the shared 2-core budget as possible goes to the generator; the sink is axum/hyper.
+//! little of the shared 2-core budget as possible goes to the generator; the sink is a minimal
+//! HTTP/1.1 keep-alive server, for the same reason.
 //! The two run on separate runtimes with named threads so their CPU use can be told apart.
 
 use std::collections::hash_map::Entry;
@@ -26,15 +27,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
 use clap::Parser;
 use serde::Deserialize;
 use sha2::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// The allocator the gateway uses, so the generator and sink cost what a lean client and server
+/// would.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Longest one ingest request may take before the generator counts it as an error.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -147,49 +149,151 @@ impl Sink {
     }
 }
 
-async fn receive(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let at = Instant::now();
-    sink.requests.fetch_add(1, Relaxed);
-    let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) else {
-        sink.malformed.fetch_add(1, Relaxed);
-        return StatusCode::BAD_REQUEST;
-    };
-    if find(&body, key.as_bytes()).is_none() {
-        sink.malformed.fetch_add(1, Relaxed);
-    }
-    let fresh = {
-        let mut map = sink.arrivals.lock().expect("sink lock");
-        match map.entry(key.to_owned()) {
-            Entry::Vacant(e) => {
-                e.insert(at);
-                true
-            }
-            Entry::Occupied(_) => false,
+impl Sink {
+    /// Records one delivery that arrived at `at`; returns the status to answer.
+    fn record(&self, at: Instant, key: Option<&str>, body: &[u8]) -> u16 {
+        self.requests.fetch_add(1, Relaxed);
+        let Some(key) = key else {
+            self.malformed.fetch_add(1, Relaxed);
+            return 400;
+        };
+        if find(body, key.as_bytes()).is_none() {
+            self.malformed.fetch_add(1, Relaxed);
         }
-    };
-    if fresh {
-        sink.distinct.fetch_add(1, Relaxed);
-    } else {
-        sink.duplicates.fetch_add(1, Relaxed);
+        let fresh = {
+            let mut map = self.arrivals.lock().expect("sink lock");
+            match map.entry(key.to_owned()) {
+                Entry::Vacant(e) => {
+                    e.insert(at);
+                    true
+                }
+                Entry::Occupied(_) => false,
+            }
+        };
+        if fresh {
+            self.distinct.fetch_add(1, Relaxed);
+        } else {
+            self.duplicates.fetch_add(1, Relaxed);
+        }
+        200
     }
-    StatusCode::OK
 }
 
+/// The sink's HTTP/1.1 server: keep-alive, `Content-Length` bodies only (what the gateway's
+/// client sends). Written here rather than on axum for the same reason as the generator's
+/// client: the sink shares the 2-core budget with the gateway. Anything it does not understand
+/// (a chunked body, a bad head) is answered 400 and counted as malformed, so the bench fails
+/// loudly instead of mismeasuring.
 fn start_sink(rt: &tokio::runtime::Runtime) -> Result<(Arc<Sink>, SocketAddr)> {
     let sink = Arc::new(Sink::default());
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .context("bind sink")?;
     let addr = listener.local_addr()?;
-    let app = axum::Router::new()
-        .route("/fhir", post(receive))
-        .with_state(Arc::clone(&sink));
+    let shared = Arc::clone(&sink);
     rt.spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            eprintln!("sink stopped: {e}");
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(serve_sink_conn(Arc::clone(&shared), stream));
+                }
+                Err(e) => eprintln!("sink accept: {e}"),
+            }
         }
     });
     Ok((sink, addr))
+}
+
+async fn serve_sink_conn(sink: Arc<Sink>, mut stream: TcpStream) {
+    let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    loop {
+        let head_end = loop {
+            if let Some(pos) = find(&buf, b"\r\n\r\n") {
+                break pos;
+            }
+            buf.reserve(4096);
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        };
+        let head = match SinkHead::parse(&buf[..head_end]) {
+            Ok(h) => h,
+            Err(why) => {
+                sink.requests.fetch_add(1, Relaxed);
+                sink.malformed.fetch_add(1, Relaxed);
+                eprintln!("sink: malformed request: {why}");
+                let _ = stream.write_all(SINK_BAD_REQUEST).await;
+                return;
+            }
+        };
+        let total = head_end + 4 + head.content_length;
+        while buf.len() < total {
+            buf.reserve(total - buf.len());
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+        let at = Instant::now();
+        let key = head.idempotency_key.as_deref();
+        let status = sink.record(at, key, &buf[head_end + 4..total]);
+        buf.drain(..total);
+        let answer = if status == 200 {
+            SINK_OK
+        } else {
+            SINK_BAD_REQUEST
+        };
+        if stream.write_all(answer).await.is_err() || head.close || status != 200 {
+            return;
+        }
+    }
+}
+
+const SINK_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+const SINK_BAD_REQUEST: &[u8] =
+    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// What the sink needs from a request head.
+struct SinkHead {
+    content_length: usize,
+    idempotency_key: Option<String>,
+    close: bool,
+}
+
+impl SinkHead {
+    fn parse(head: &[u8]) -> std::result::Result<SinkHead, String> {
+        let text = std::str::from_utf8(head).map_err(|_| "non-UTF-8 request head".to_string())?;
+        let mut lines = text.split("\r\n");
+        let request_line = lines.next().unwrap_or_default();
+        if !request_line.starts_with("POST /fhir ") {
+            return Err(format!("unexpected request line {request_line:?}"));
+        }
+        let mut h = SinkHead {
+            content_length: 0,
+            idempotency_key: None,
+            close: false,
+        };
+        for line in lines {
+            let Some((k, v)) = line.split_once(':') else {
+                return Err(format!("bad header line {line:?}"));
+            };
+            let v = v.trim();
+            if k.eq_ignore_ascii_case("content-length") {
+                h.content_length = v.parse().map_err(|_| format!("bad content-length {v:?}"))?;
+            } else if k.eq_ignore_ascii_case("idempotency-key") {
+                h.idempotency_key = Some(v.to_string());
+            } else if k.eq_ignore_ascii_case("transfer-encoding") {
+                return Err(format!(
+                    "transfer-encoding {v:?} is not supported by the sink"
+                ));
+            } else if k.eq_ignore_ascii_case("connection") {
+                h.close = v.eq_ignore_ascii_case("close");
+            }
+        }
+        Ok(h)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
