@@ -138,6 +138,7 @@ pub async fn serve(config: ValidConfig, vendors: VendorRegistry) -> anyhow::Resu
         destinations = config.destinations.len(),
         routes = config.routes.len(),
         storage = storage_label(&config.storage),
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "knutepunkt ready"
     );
     // The port line is machine-readable: tests and scripts that bind port 0 read it.

@@ -128,7 +128,9 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cfg.worker_threads(cores))
                 .enable_all()
                 .build()
             {

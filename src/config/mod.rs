@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub shutdown_grace_s: u64,
     /// Accept a non-loopback `listen` address without `[tls]` (TLS terminated by a proxy).
     pub allow_plaintext: bool,
+    /// Worker threads of the async runtime; unset: see [`ValidConfig::worker_threads`].
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +62,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".into(),
             shutdown_grace_s: 10,
             allow_plaintext: false,
+            worker_threads: None,
         }
     }
 }

@@ -57,11 +57,30 @@ impl PgUrl {
     }
 }
 
+const MAX_WORKER_THREADS: usize = 256;
+
+impl ValidConfig {
+    /// Worker threads for the async runtime on a machine with `cores` cores: as configured, else
+    /// one per core, less the one the embedded journal's writer thread needs to itself. On two
+    /// cores a second worker preempted the writer, which every event passes twice, and cost
+    /// 6–12 % of the end-to-end throughput (BENCHMARKS.md, 2026-12-05). With PostgreSQL the
+    /// writing happens in the database server.
+    pub fn worker_threads(&self, cores: usize) -> usize {
+        let cores = cores.max(1);
+        self.worker_threads.unwrap_or(match self.storage {
+            Storage::Sqlite { .. } => (cores - 1).max(1),
+            Storage::Postgres { .. } => cores,
+        })
+    }
+}
+
 /// A config that passed validation; `build` code may rely on every invariant checked here.
 #[derive(Debug, Clone)]
 pub struct ValidConfig {
     pub listen: SocketAddr,
     pub shutdown_grace: Duration,
+    /// `server.worker_threads` as set (1..=256); `None` for the default of `worker_threads(cores)`.
+    pub worker_threads: Option<usize>,
     pub storage: Storage,
     pub max_batch: usize,
     pub queue_capacity: usize,
@@ -188,6 +207,14 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
         );
         SocketAddr::from(([127, 0, 0, 1], 8080))
     });
+    if let Some(n) = raw.server.worker_threads
+        && !(1..=MAX_WORKER_THREADS).contains(&n)
+    {
+        errs.push(
+            "server.worker_threads",
+            format!("{n} is out of range: 1 to {MAX_WORKER_THREADS}, or leave it unset"),
+        );
+    }
     let storage = match raw.storage.kind.as_str() {
         "sqlite" => {
             if raw.storage.data_dir.as_os_str().is_empty() {
@@ -309,6 +336,7 @@ pub fn validate(raw: &RawConfig, source: &Source) -> Result<ValidConfig, Vec<Con
     Ok(ValidConfig {
         listen,
         shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_s),
+        worker_threads: raw.server.worker_threads,
         storage,
         max_batch: raw.storage.max_batch,
         queue_capacity: raw.storage.queue_capacity,
@@ -705,6 +733,33 @@ mod tests {
         assert!(fields.contains(&"route[0] (r).tenants"), "{errs:?}");
         assert!(fields.contains(&"route[0] (r).destinations"), "{errs:?}");
         assert!(errs.iter().all(|e| e.file == "t.toml"));
+    }
+
+    #[test]
+    fn worker_threads_leave_the_embedded_writer_a_core() {
+        let embedded = parse("").expect("valid");
+        assert_eq!(embedded.worker_threads(2), 1);
+        assert_eq!(embedded.worker_threads(8), 7);
+        assert_eq!(embedded.worker_threads(1), 1);
+        assert_eq!(embedded.worker_threads(0), 1);
+        let pg = parse(
+            r#"
+            [storage]
+            kind = "postgres"
+            url = "host=db"
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(pg.worker_threads(2), 2);
+        let set = parse("server.worker_threads = 3").expect("valid");
+        assert_eq!(set.worker_threads(2), 3);
+        for bad in ["0", "257"] {
+            let errs = parse(&format!("server.worker_threads = {bad}")).expect_err("invalid");
+            assert!(
+                errs.iter().any(|e| e.field == "server.worker_threads"),
+                "{errs:?}"
+            );
+        }
     }
 
     #[test]
