@@ -57,23 +57,6 @@ impl PgUrl {
     }
 }
 
-const MAX_WORKER_THREADS: usize = 256;
-
-impl ValidConfig {
-    /// Worker threads for the async runtime on a machine with `cores` cores: as configured, else
-    /// one per core, less the one the embedded journal's writer thread needs to itself. On two
-    /// cores a second worker preempted the writer, which every event passes twice, and cost
-    /// 6–12 % of the end-to-end throughput (BENCHMARKS.md, 2026-12-05). With PostgreSQL the
-    /// writing happens in the database server.
-    pub fn worker_threads(&self, cores: usize) -> usize {
-        let cores = cores.max(1);
-        self.worker_threads.unwrap_or(match self.storage {
-            Storage::Sqlite { .. } => (cores - 1).max(1),
-            Storage::Postgres { .. } => cores,
-        })
-    }
-}
-
 /// A config that passed validation; `build` code may rely on every invariant checked here.
 #[derive(Debug, Clone)]
 pub struct ValidConfig {
@@ -104,6 +87,23 @@ pub struct ValidConfig {
     pub alarm: super::alarm::ValidAlarm,
     /// `[telemetry]`, `[log]`, `[audit]`.
     pub ops: super::ops::ValidOps,
+}
+
+const MAX_WORKER_THREADS: usize = 256;
+
+impl ValidConfig {
+    /// Worker threads for the async runtime on a machine with `cores` cores: as configured, else
+    /// one per core, less the one the embedded journal's writer thread needs to itself. On two
+    /// cores a second worker preempted the writer, which every event passes twice, and cost
+    /// 6–12 % of the end-to-end throughput (BENCHMARKS.md, 2026-12-05). With PostgreSQL the
+    /// writing happens in the database server.
+    pub fn worker_threads(&self, cores: usize) -> usize {
+        let cores = cores.max(1);
+        self.worker_threads.unwrap_or(match self.storage {
+            Storage::Sqlite { .. } => (cores - 1).max(1),
+            Storage::Postgres { .. } => cores,
+        })
+    }
 }
 
 /// `[tls]` after validation: both server files set; the vendor port has a CA; revocation
