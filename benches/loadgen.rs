@@ -147,9 +147,7 @@ impl Sink {
     fn arrival(&self, id: &str) -> Option<Instant> {
         self.arrivals.lock().expect("sink lock").get(id).copied()
     }
-}
 
-impl Sink {
     /// Records one delivery that arrived at `at`; returns the status to answer.
     fn record(&self, at: Instant, key: Option<&str>, body: &[u8]) -> u16 {
         self.requests.fetch_add(1, Relaxed);
@@ -198,7 +196,11 @@ fn start_sink(rt: &tokio::runtime::Runtime) -> Result<(Arc<Sink>, SocketAddr)> {
                     let _ = stream.set_nodelay(true);
                     tokio::spawn(serve_sink_conn(Arc::clone(&shared), stream));
                 }
-                Err(e) => eprintln!("sink accept: {e}"),
+                Err(e) => {
+                    // E.g. out of file descriptors: say so, and do not spin on it.
+                    eprintln!("sink accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
         }
     });
@@ -211,6 +213,13 @@ async fn serve_sink_conn(sink: Arc<Sink>, mut stream: TcpStream) {
         let head_end = loop {
             if let Some(pos) = find(&buf, b"\r\n\r\n") {
                 break pos;
+            }
+            if buf.len() > SINK_MAX_HEAD {
+                sink.requests.fetch_add(1, Relaxed);
+                sink.malformed.fetch_add(1, Relaxed);
+                eprintln!("sink: request head longer than {SINK_MAX_HEAD} bytes");
+                let _ = stream.write_all(SINK_BAD_REQUEST).await;
+                return;
             }
             buf.reserve(4096);
             match stream.read_buf(&mut buf).await {
@@ -251,6 +260,8 @@ async fn serve_sink_conn(sink: Arc<Sink>, mut stream: TcpStream) {
     }
 }
 
+/// A request head longer than this is refused (the gateway's are a few hundred bytes).
+const SINK_MAX_HEAD: usize = 64 * 1024;
 const SINK_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
 const SINK_BAD_REQUEST: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
