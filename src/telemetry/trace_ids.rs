@@ -13,7 +13,7 @@ use tracing::span::{Attributes, Id};
 use tracing::{Span, Subscriber};
 use tracing_subscriber::Registry;
 use tracing_subscriber::layer::{Context, Layer};
-use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::registry::{LookupSpan, SpanRef};
 
 /// One span's place in a W3C trace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,30 +139,29 @@ where
     }
 }
 
+/// Runs `f` on `span`'s registry data; `None` when the span is disabled or the subscriber has
+/// no registry.
+fn with_data<T>(span: &Span, f: impl FnOnce(SpanRef<'_, Registry>) -> Option<T>) -> Option<T> {
+    span.with_subscriber(|(id, dispatch)| f(dispatch.downcast_ref::<Registry>()?.span(id)?))
+        .flatten()
+}
+
 /// The ids [`IdLayer`] gave `span`; `None` when that layer is not installed or the span is
 /// disabled.
 pub fn of(span: &Span) -> Option<SpanIds> {
-    span.with_subscriber(|(id, dispatch)| {
-        let registry = dispatch.downcast_ref::<Registry>()?;
-        let data = registry.span(id)?;
-        data.extensions().get::<SpanIds>().copied()
-    })
-    .flatten()
+    with_data(span, |data| data.extensions().get::<SpanIds>().copied())
 }
 
 /// Makes `span` part of `parent`'s trace (keeping its own span id). Call right after creating
 /// the span, before it has children. Returns whether `span` carries [`SpanIds`].
 pub fn set_parent(span: &Span, parent: SpanIds) -> bool {
-    span.with_subscriber(|(id, dispatch)| {
-        let registry = dispatch.downcast_ref::<Registry>()?;
-        let data = registry.span(id)?;
+    with_data(span, |data| {
         let mut ext = data.extensions_mut();
         let ids = ext.get_mut::<SpanIds>()?;
         ids.trace_id = parent.trace_id;
         ids.sampled = parent.sampled;
         Some(())
     })
-    .flatten()
     .is_some()
 }
 
