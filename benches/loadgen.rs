@@ -193,7 +193,6 @@ fn start_sink(rt: &tokio::runtime::Runtime) -> Result<(Arc<Sink>, SocketAddr)> {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
                     tokio::spawn(serve_sink_conn(Arc::clone(&shared), stream));
                 }
                 Err(e) => {
@@ -207,61 +206,49 @@ fn start_sink(rt: &tokio::runtime::Runtime) -> Result<(Arc<Sink>, SocketAddr)> {
     Ok((sink, addr))
 }
 
-async fn serve_sink_conn(sink: Arc<Sink>, mut stream: TcpStream) {
-    let mut buf: Vec<u8> = Vec::with_capacity(8192);
+async fn serve_sink_conn(sink: Arc<Sink>, stream: TcpStream) {
+    let Ok(mut conn) = Conn::on(stream) else {
+        return;
+    };
     loop {
-        let head_end = loop {
-            if let Some(pos) = find(&buf, b"\r\n\r\n") {
-                break pos;
-            }
-            if buf.len() > SINK_MAX_HEAD {
-                sink.requests.fetch_add(1, Relaxed);
-                sink.malformed.fetch_add(1, Relaxed);
-                eprintln!("sink: request head longer than {SINK_MAX_HEAD} bytes");
-                let _ = stream.write_all(SINK_BAD_REQUEST).await;
-                return;
-            }
-            buf.reserve(4096);
-            match stream.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
+        let head = match conn.read_head().await {
+            Ok(end) => SinkHead::parse(&conn.buf[..end]).map(|h| (end, h)),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(e.to_string()),
+            // The gateway closed the connection.
+            Err(_) => return,
         };
-        let head = match SinkHead::parse(&buf[..head_end]) {
+        let (head_end, head) = match head {
             Ok(h) => h,
             Err(why) => {
                 sink.requests.fetch_add(1, Relaxed);
                 sink.malformed.fetch_add(1, Relaxed);
                 eprintln!("sink: malformed request: {why}");
-                let _ = stream.write_all(SINK_BAD_REQUEST).await;
+                let _ = conn.stream.write_all(SINK_BAD_REQUEST).await;
                 return;
             }
         };
         let total = head_end + 4 + head.content_length;
-        while buf.len() < total {
-            buf.reserve(total - buf.len());
-            match stream.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
+        if conn.read_to(total).await.is_err() {
+            return;
         }
         let at = Instant::now();
         let key = head.idempotency_key.as_deref();
-        let status = sink.record(at, key, &buf[head_end + 4..total]);
-        buf.drain(..total);
+        let status = sink.record(at, key, &conn.buf[head_end + 4..total]);
+        conn.buf.drain(..total);
         let answer = if status == 200 {
             SINK_OK
         } else {
             SINK_BAD_REQUEST
         };
-        if stream.write_all(answer).await.is_err() || head.close || status != 200 {
+        if conn.stream.write_all(answer).await.is_err() || head.close || status != 200 {
             return;
         }
     }
 }
 
-/// A request head longer than this is refused (the gateway's are a few hundred bytes).
-const SINK_MAX_HEAD: usize = 64 * 1024;
+/// A message head longer than this is refused by the sink and the generator (the gateway's are
+/// a few hundred bytes).
+const MAX_HEAD: usize = 64 * 1024;
 const SINK_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
 const SINK_BAD_REQUEST: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
@@ -560,6 +547,11 @@ struct Response {
 impl Conn {
     async fn open(addr: SocketAddr) -> std::io::Result<Conn> {
         let stream = TcpStream::connect(addr).await?;
+        Conn::on(stream)
+    }
+
+    /// A connection on `stream` (the generator's, or one the sink accepted).
+    fn on(stream: TcpStream) -> std::io::Result<Conn> {
         stream.set_nodelay(true)?;
         Ok(Conn {
             stream,
@@ -569,20 +561,38 @@ impl Conn {
 
     async fn exchange(&mut self, request: &[u8]) -> std::io::Result<Response> {
         self.stream.write_all(request).await?;
-        let head_end = loop {
-            if let Some(pos) = find(&self.buf, b"\r\n\r\n") {
-                break pos;
-            }
-            self.fill().await?;
-        };
+        let head_end = self.read_head().await?;
         let (status, len) = parse_head(&self.buf[..head_end])?;
         let total = head_end + 4 + len;
-        while self.buf.len() < total {
-            self.fill().await?;
-        }
+        self.read_to(total).await?;
         let body = self.buf[head_end + 4..total].to_vec();
         self.buf.drain(..total);
         Ok(Response { status, body })
+    }
+
+    /// Reads until the buffer holds a whole message head; returns where it ends (the blank
+    /// line). A head longer than [`MAX_HEAD`] is `InvalidData`.
+    async fn read_head(&mut self) -> std::io::Result<usize> {
+        loop {
+            if let Some(pos) = find(&self.buf, b"\r\n\r\n") {
+                return Ok(pos);
+            }
+            if self.buf.len() > MAX_HEAD {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("message head longer than {MAX_HEAD} bytes"),
+                ));
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Reads until the buffer holds at least `total` bytes.
+    async fn read_to(&mut self, total: usize) -> std::io::Result<()> {
+        while self.buf.len() < total {
+            self.fill().await?;
+        }
+        Ok(())
     }
 
     async fn fill(&mut self) -> std::io::Result<()> {
