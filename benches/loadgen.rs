@@ -42,6 +42,8 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A background send later than this behind its schedule counts as late.
 const LATE: Duration = Duration::from_millis(5);
+/// Sink map room reserved per second of phase 1: above any closed-loop rate seen on two cores.
+const PHASE1_ROOM_PER_S: usize = 50_000;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -144,6 +146,13 @@ struct Sink {
 }
 
 impl Sink {
+    /// Makes room for `more` arrivals before a phase starts: growing a map of a few hundred
+    /// thousand keys under the lock stalls every sink connection for tens of milliseconds, and
+    /// the bench would charge that stall to the gateway's delivery latency.
+    fn reserve(&self, more: usize) {
+        self.arrivals.lock().expect("sink lock").reserve(more);
+    }
+
     fn arrival(&self, id: &str) -> Option<Instant> {
         self.arrivals.lock().expect("sink lock").get(id).copied()
     }
@@ -1190,6 +1199,29 @@ fn deliveries(sink: &Sink, acks: &[&Ack]) -> (Vec<Duration>, Option<Instant>) {
     (lat, last)
 }
 
+/// The `n` alarms with the longest ingest-to-delivery latency: when each was sent (seconds into
+/// the phase), its ingest and its ingest-to-delivery latency, to tell a stall of the journal
+/// (both long) from one of delivery (only the second long).
+fn slowest(sink: &Sink, acks: &[&Ack], t0: Instant, n: usize) -> String {
+    let mut lat: Vec<(Duration, &Ack)> = acks
+        .iter()
+        .filter_map(|a| Some((sink.arrival(&a.id)?.saturating_duration_since(a.sent), *a)))
+        .collect();
+    lat.sort_by(|x, y| y.0.cmp(&x.0));
+    lat.iter()
+        .take(n)
+        .map(|(e2e, a)| {
+            format!(
+                "t={:.2}s ingest {:.1} ms e2e {:.1} ms",
+                a.sent.saturating_duration_since(t0).as_secs_f64(),
+                ms(a.acked - a.sent),
+                ms(*e2e)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn arrivals_before(sink: &Sink, acks: &[&Ack], until: Instant) -> usize {
     acks.iter()
         .filter(|a| sink.arrival(&a.id).is_some_and(|t| t <= until))
@@ -1268,6 +1300,7 @@ fn run(args: Args) -> Result<bool> {
             args.connections, args.duration_s, args.keys
         );
         let conns = gen_rt.block_on(open_all(&addrs, args.connections))?;
+        sink.reserve(PHASE1_ROOM_PER_S * args.duration_s as usize);
         let cpu0 = Cpu::sample(&pids);
         let start = Instant::now();
         let tally = gen_rt.block_on(closed_loop(Arc::clone(&ctx), conns, start + duration));
@@ -1355,6 +1388,11 @@ fn run(args: Args) -> Result<bool> {
         let bg_conns = gen_rt.block_on(open_all(&addrs, args.bg_connections))?;
         let alarm_conns = gen_rt.block_on(open_all(&addrs, 8))?;
         let before = sink.distinct.load(Relaxed);
+        // Twice the background and alarm counts: the open loop never sends more than its schedule.
+        sink.reserve(
+            2 * (bg_rate as usize + 1000 / args.alarm_interval_ms.max(1) as usize)
+                * args.duration_s as usize,
+        );
         let cpu0 = Cpu::sample(&pids);
         let t0 = Instant::now() + Duration::from_millis(20);
         let end = t0 + duration;
@@ -1418,6 +1456,10 @@ fn run(args: Args) -> Result<bool> {
         ));
         report.push(format!("  alarm ingest latency  {}", al_ingest.line()));
         report.push(format!("  ALARM ingest->delivery {}", al_e2e.line()));
+        report.push(format!(
+            "  slowest alarms        {}",
+            slowest(&sink, &al_acks, t0, 3)
+        ));
         let load_cpu = cpu0.split(&cpu1, tck);
         report.push(format!(
             "  CPU during load (cores of {nproc}): {}",
