@@ -1207,7 +1207,7 @@ fn slowest(sink: &Sink, acks: &[&Ack], t0: Instant, n: usize) -> String {
         .iter()
         .filter_map(|a| Some((sink.arrival(&a.id)?.saturating_duration_since(a.sent), *a)))
         .collect();
-    lat.sort_by(|x, y| y.0.cmp(&x.0));
+    lat.sort_by_key(|l| std::cmp::Reverse(l.0));
     lat.iter()
         .take(n)
         .map(|(e2e, a)| {

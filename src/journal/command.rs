@@ -170,12 +170,31 @@ impl Inbox {
     /// Waits for work and returns the group of one commit (at most `max` commands); `None` when
     /// every sender is gone.
     pub async fn next_batch(&mut self, max: usize) -> Option<Vec<Command>> {
-        let (first, mut urgent) = tokio::select! {
+        let (first, urgent) = tokio::select! {
             biased;
             Some(c) = self.urgent.recv() => (c, true),
             Some(c) = self.normal.recv() => (c, false),
             else => return None,
         };
+        Some(self.fill(first, urgent, max))
+    }
+
+    /// Like [`next_batch`](Self::next_batch), but only alarm work starts the batch: what a
+    /// writer holding back a small batch still waits for (the batch then takes other work along
+    /// as usual). Pending while no alarm work comes, also after every sender is gone.
+    pub async fn next_alarm_batch(&mut self, max: usize) -> Vec<Command> {
+        match self.urgent.recv().await {
+            Some(first) => self.fill(first, true, max),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Commands waiting: alarm work, other work.
+    pub fn waiting(&self) -> (usize, usize) {
+        (self.urgent.len(), self.normal.len())
+    }
+
+    fn fill(&mut self, first: Command, mut urgent: bool, max: usize) -> Vec<Command> {
         let mut batch = vec![first];
         while batch.len() < max {
             match self.urgent.try_recv() {
@@ -197,7 +216,7 @@ impl Inbox {
                 Err(_) => break,
             }
         }
-        Some(batch)
+        batch
     }
 }
 
@@ -449,5 +468,29 @@ mod tests {
             inbox.next_batch(512).await.is_none(),
             "closed when every sender is gone"
         );
+    }
+
+    /// A writer holding back a small batch waits for alarm work only: other work stays queued
+    /// (and counted) until an alarm arrives, which then leaves at once with companions.
+    #[tokio::test]
+    async fn a_held_batch_leaves_for_alarm_work_only() {
+        let (queue, mut inbox) = Queue::new(64);
+        for _ in 0..40 {
+            queue.tx.try_send(ping().0).expect("normal");
+        }
+        assert_eq!(inbox.waiting(), (0, 40));
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            inbox.next_alarm_batch(512),
+        )
+        .await;
+        assert!(waited.is_err(), "other work alone must not start it");
+        assert_eq!(inbox.waiting(), (0, 40), "nothing taken while waiting");
+
+        queue.urgent.try_send(ping().0).expect("urgent");
+        assert_eq!(inbox.waiting(), (1, 40));
+        let batch = inbox.next_alarm_batch(512).await;
+        assert_eq!(batch.len(), 1 + URGENT_COMPANIONS);
+        assert_eq!(inbox.waiting(), (0, 40 - URGENT_COMPANIONS));
     }
 }

@@ -218,6 +218,25 @@ struct Feed<'a> {
 /// running one's `COMMIT`.
 const PIPELINE_DEPTH: usize = 2;
 
+/// A batch that would queue behind one still running leaves once this many commands wait, or
+/// [`HOLD`] after it could first have left, or at once when alarm work arrives. Each batch costs
+/// the server a transaction's fixed work (statement start-up, commit), and a batch that only
+/// waits at the server behind the running one gains nothing by leaving early: in the bench at
+/// 64 connections, batches grew from 14 to 22 events per commit and throughput by 4-7 %.
+const FILL: usize = 24;
+const HOLD: Duration = Duration::from_millis(1);
+
+impl Feed<'_> {
+    /// Whether the next batch would be small: no alarm work and fewer than [`FILL`] commands
+    /// waiting. A busy inbox (another writer of this node taking a batch) counts as not thin.
+    fn thin(&self) -> bool {
+        self.inbox.try_lock().is_ok_and(|i| {
+            let (urgent, normal) = i.waiting();
+            urgent == 0 && normal < FILL
+        })
+    }
+}
+
 /// One batch sent in one round trip, with what comes back.
 struct Flown {
     batch: Vec<Command>,
@@ -267,16 +286,25 @@ async fn pipeline(
     let mut carried = None;
     let mut failed = Vec::new();
     let mut closed = false;
+    let mut hold: Option<tokio::time::Instant> = None;
     loop {
-        let may_send = failed.is_empty()
+        let room = failed.is_empty()
             && carried.is_none()
             && !closed
             && !waiting_tip
             && tip.is_some()
             && flying.len() < PIPELINE_DEPTH
             && !feed.chores.due();
+        // Hold back a small batch while the one before it still runs (see FILL).
+        if room && !flying.is_empty() && feed.thin() {
+            hold.get_or_insert_with(|| tokio::time::Instant::now() + HOLD);
+        } else {
+            hold = None;
+        }
+        let held = hold.filter(|h| tokio::time::Instant::now() < *h);
         tokio::select! {
             biased;
+            () = tokio::time::sleep_until(held.unwrap_or_else(tokio::time::Instant::now)), if held.is_some() => {}
             Some(f) = flying.next() => {
                 let Flown { batch, tried: (result, outs, handed, moved) } = f;
                 match result {
@@ -307,7 +335,7 @@ async fn pipeline(
                 waiting_tip = false;
                 tip = t.ok();
             }
-            b = next_batch(feed.inbox, feed.max_batch), if may_send => {
+            b = next_batch(feed.inbox, feed.max_batch, held.is_some()), if room => {
                 let Some(b) = b else {
                     // Shutting down: answer what was sent, then the writer ends.
                     closed = true;
@@ -332,8 +360,14 @@ async fn pipeline(
     carried
 }
 
-async fn next_batch(inbox: &Mutex<Inbox>, max_batch: usize) -> Option<Vec<Command>> {
-    inbox.lock().await.next_batch(max_batch).await
+/// The next batch; while a small batch is held back, only one that alarm work starts.
+async fn next_batch(inbox: &Mutex<Inbox>, max_batch: usize, held: bool) -> Option<Vec<Command>> {
+    let mut inbox = inbox.lock().await;
+    if held {
+        Some(inbox.next_alarm_batch(max_batch).await)
+    } else {
+        inbox.next_batch(max_batch).await
+    }
 }
 
 async fn open(config: &Config, tls: MakeRustlsConnect) -> Result<Conn, JournalError> {
