@@ -219,10 +219,11 @@ struct Feed<'a> {
 const PIPELINE_DEPTH: usize = 2;
 
 /// A batch that would queue behind one still running leaves once this many commands wait, or
-/// [`HOLD`] after it could first have left, or at once when alarm work arrives. Each batch costs
-/// the server a transaction's fixed work (statement start-up, commit), and a batch that only
-/// waits at the server behind the running one gains nothing by leaving early: in the bench at
-/// 64 connections, batches grew from 14 to 22 events per commit and throughput by 4-7 %.
+/// [`HOLD`] after it could first have left (up to a millisecond more: the runtime's timer ticks
+/// in milliseconds), or at once when alarm work arrives. Each batch costs the server a
+/// transaction's fixed work (statement start-up, commit), and a batch that only waits at the
+/// server behind the running one gains nothing by leaving early: in the bench at 64
+/// connections, batches grew from 14 to 22 events per commit and throughput by 2-10 %.
 const FILL: usize = 24;
 const HOLD: Duration = Duration::from_millis(1);
 
