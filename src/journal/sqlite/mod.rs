@@ -123,11 +123,11 @@ impl SqliteJournal {
     }
 }
 
-/// Page size of a new journal. Every commit writes each page it touched whole to the WAL, one
-/// `pwrite` per page, and every event touches the tail pages of several tables and indexes: with
-/// 8 KiB instead of SQLite's 4 KiB default the writer spent 39-40 µs per event instead of
-/// 41-44 and the bench gained 3-5 % (BENCHMARKS.md, 2026-12-05 morning; 1 KiB and 2 KiB were
-/// slower, 16 KiB no better). A journal that exists keeps the page size it was created with.
+/// Page size of a new journal. Every commit writes each page it touched whole to the WAL, page
+/// by page, and every event touches the tail pages of several tables and indexes: with 8 KiB
+/// instead of SQLite's 4 KiB default the writer spent 39-40 µs per event instead of 41-44 and
+/// the bench gained 2-6 % (BENCHMARKS.md, 2026-12-05 morning; 1 KiB and 2 KiB were slower,
+/// 16 KiB no better). A journal that exists keeps the page size it was created with.
 const PAGE_SIZE: u32 = 8192;
 
 fn open_conn(path: &Path) -> Result<Connection, JournalError> {
